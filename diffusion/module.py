@@ -1,0 +1,185 @@
+"""The LightningModule: backbone + objective + EMA, trained and validated (MDLM's recipe).
+
+It wires parts together and holds no sampler logic and no `if parameterization ==`.
+Validation and `ppl_eval` use the EMA weights and report the NELBO per token,
+accumulated in float64, and `ppl = exp(nelbo)` (an upper bound for diffusion
+objectives, exact for AR). Checkpoints carry the EMA, the config and the RNG
+state so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+
+from diffusion.denoiser import ModelDenoiser
+from diffusion.ema import make_ema
+from diffusion.objectives.base import Objective
+
+
+class NLLMeter(nn.Module):
+    """Sums of NELBO and token counts in float64 (synced across processes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nll = SumMetric().set_dtype(torch.float64)
+        self.tokens = SumMetric().set_dtype(torch.float64)
+
+    def update(self, nll: Tensor, mask: Tensor) -> None:
+        self.nll.update((nll.double() * mask.double()).sum())
+        self.tokens.update(mask.double().sum())
+
+    def compute(self) -> dict[str, float]:
+        nll_sum, tokens = float(self.nll.compute()), float(self.tokens.compute())
+        nelbo = nll_sum / max(tokens, 1.0)
+        return {"nelbo": nelbo, "ppl": float(np.exp(nelbo)), "tokens": int(tokens)}
+
+    def reset(self) -> None:
+        self.nll.reset()
+        self.tokens.reset()
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains `objective` on `backbone`; validates with the EMA weights."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        objective: Objective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        ema_decay: float = 0.9999,
+        eval_mc_samples: int = 1,
+        eval_seed: int = 0,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.ema = make_ema(backbone, ema_decay) if ema_decay > 0 else None
+        self.eval_mc_samples = eval_mc_samples
+        self.eval_seed = eval_seed
+        self.config = config or {}
+        self.val_meter = NLLMeter()
+        self._rng_to_restore: dict | None = None
+        self._last_step_time: float | None = None
+
+    # ---- the weights used for evaluation and sampling ----------------------------------
+    @property
+    def eval_backbone(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.backbone
+
+    def denoiser(self) -> ModelDenoiser:
+        """The denoiser samplers call (EMA weights, eval mode)."""
+        self.eval_backbone.eval()
+        return ModelDenoiser(self.eval_backbone, self.objective)
+
+    # ---- training -----------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x0, attn = batch["input_ids"], batch["attention_mask"]
+        loss = self.objective.loss(self.backbone, x0, attn).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x0.shape[0])
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            # tokens per second of this process (each step is one micro-batch)
+            tok_s = attn.sum().item() / (now - self._last_step_time)
+            self.log("train/tok_s", tok_s, prog_bar=True, on_step=True, batch_size=x0.shape[0])
+        self._last_step_time = now
+        return loss
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        # after optimizer.step and before any checkpoint callback: the EMA is in step
+        if self.ema is not None:
+            self.ema.update_parameters(self.backbone)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.backbone.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def _eval_generator(self) -> torch.Generator:
+        # a private, seeded generator: every validation sees the same t and masks,
+        # and the training RNG stream is left untouched
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.eval_seed + 1000 * self.global_rank)
+        return g
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_meter.reset()
+        self._gen = self._eval_generator()
+
+    @torch.no_grad()
+    def eval_nll(self, batch: dict[str, Tensor], generator: torch.Generator | None = None):
+        """Per-token NELBO of a batch under the EMA weights, `eval_mc_samples` times per row."""
+        x0, attn = batch["input_ids"], batch["attention_mask"]
+        k = self.eval_mc_samples
+        if k > 1:  # each row seen k times, each time with its own t and mask
+            x0, attn = x0.repeat_interleave(k, 0), attn.repeat_interleave(k, 0)
+        out = self.objective.loss(self.eval_backbone, x0, attn, generator)
+        out.mask = out.mask / k
+        return out
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self.eval_nll(batch, self._gen)
+        self.val_meter.update(out.nll, out.mask)
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_meter.compute()
+        self.log("val/nll", stats["nelbo"], prog_bar=True, sync_dist=False)
+        self.log("val/ppl", stats["ppl"], prog_bar=True, sync_dist=False)
+        self._last_step_time = None  # do not count validation time as training time
+
+    def on_train_start(self) -> None:
+        self._last_step_time = None
+        if self._rng_to_restore is not None:
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["unmask_config"] = self.config
+        checkpoint["rng"] = capture_rng()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng")
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states as plain types (loadable with torch.load(weights_only=True))."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+    }
+    np_state = np.random.get_state()
+    state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = int(np_state[2])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,70 @@
+"""Noise schedules for the absorbing process (MDLM sec. 3).
+
+A schedule gives `alpha(t)`, the probability that a token is still clean at time
+`t in [0, 1]`, with `alpha(0) = 1`; `sigma(t) = -log alpha(t)` is the total noise
+the time-conditioned models see, and `dsigma(t)` its derivative, which sets the
+continuous-time loss weight `dsigma / expm1(sigma) = -alpha'(t) / (1 - alpha(t))`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class NoiseSchedule:
+    """Base: subclasses define `sigma` and `dsigma`; `alpha` and the weight follow."""
+
+    def sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dsigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(-self.sigma(t))
+
+    def move_chance(self, t: Tensor) -> Tensor:
+        """Probability that a token is masked at time t: 1 - alpha(t)."""
+        return -torch.expm1(-self.sigma(t))
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Continuous-time NELBO weight dsigma / expm1(sigma) (MDLM eq. 10)."""
+        return self.dsigma(t) / torch.expm1(self.sigma(t))
+
+
+class LogLinear(NoiseSchedule):
+    """alpha(t) = 1 - (1 - eps) t: masking probability linear in t (MDLM's default).
+
+    Its weight dsigma / expm1(sigma) is exactly 1 / t; `eps` keeps alpha(1) > 0 so
+    sigma(1) is finite.
+    """
+
+    def __init__(self, eps: float = 1e-3) -> None:
+        self.eps = eps
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.log1p(-(1 - self.eps) * t)
+
+    def dsigma(self, t: Tensor) -> Tensor:
+        return (1 - self.eps) / (1 - (1 - self.eps) * t)
+
+    def move_chance(self, t: Tensor) -> Tensor:
+        return (1 - self.eps) * t
+
+
+class Cosine(NoiseSchedule):
+    """alpha(t) = eps + (1 - eps) cos(pi t / 2): fewer masks early (MDLM appendix)."""
+
+    def __init__(self, eps: float = 1e-3) -> None:
+        self.eps = eps
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.log(self.eps + (1 - self.eps) * torch.cos(t * math.pi / 2))
+
+    def dsigma(self, t: Tensor) -> Tensor:
+        alpha = self.eps + (1 - self.eps) * torch.cos(t * math.pi / 2)
+        dalpha = -(1 - self.eps) * (math.pi / 2) * torch.sin(t * math.pi / 2)
+        return -dalpha / alpha

@@ -1,0 +1,1 @@
+"""Objectives (parameterizations): one class per objective, sharing `AbsorbingDiffusion`."""

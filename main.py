@@ -1,0 +1,283 @@
+"""unmask entry point: compose the config, validate it, build the parts once, dispatch on mode.
+
+    python main.py                                   # train the embedded default (CPU, minutes)
+    python main.py mode=ppl_eval eval.checkpoint_path=outputs/.../checkpoints/last.ckpt
+    python main.py mode=sample_eval eval.checkpoint_path=... sampler=ddpm sampler.steps=1000
+
+Every mode writes into Hydra's run directory (`hydra.run.dir=...` moves it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from config_utils import ConfigError, register_resolvers, validate_config
+from diffusion.checkpoint import AtomicCheckpointIO, load_weights, read_checkpoint
+from diffusion.evaluation import GenPPLJudge, sample_entropy
+from diffusion.module import DiffusionModule
+
+log = logging.getLogger("unmask")
+register_resolvers()
+
+
+# ---- building the parts (the same path for every mode) -------------------------------------
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    dm = instantiate(
+        cfg.data,
+        length=cfg.model.length,
+        batch_size=cfg.loader.batch_size,
+        eval_batch_size=cfg.loader.eval_batch_size,
+        num_workers=cfg.loader.num_workers,
+        seed=cfg.seed,
+    )
+    dm.setup()
+    return dm
+
+
+def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
+    backbone = instantiate(cfg.backbone, vocab_size=dm.vocab_size)
+    objective = instantiate(
+        cfg.parameterization,
+        noise=instantiate(cfg.noise),
+        mask_id=dm.mask_id,
+        vocab_size=dm.vocab_size,
+    )
+    scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
+    return DiffusionModule(
+        backbone,
+        objective,
+        optimizer=instantiate(cfg.optim),
+        lr_scheduler=scheduler,
+        ema_decay=cfg.training.ema,
+        eval_mc_samples=cfg.eval.mc_samples,
+        eval_seed=cfg.seed,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
+    strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
+    if for_eval:
+        limit = cfg.eval.max_batches if cfg.eval.max_batches else 1.0
+        return instantiate(
+            cfg.trainer,
+            strategy=strategy,
+            logger=False,
+            callbacks=[],
+            limit_val_batches=limit,
+            enable_checkpointing=False,
+            plugins=[AtomicCheckpointIO()],
+        )
+    save_dir = cfg.checkpointing.save_dir
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=save_dir,
+            filename="best",
+            monitor="val/nll",
+            mode="min",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        ModelCheckpoint(
+            dirpath=save_dir,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=cfg.checkpointing.every_n_train_steps,
+        ),
+    ]
+    logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
+    return instantiate(
+        cfg.trainer,
+        strategy=strategy,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    path = run_dir() / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    log.info("wrote %s", path)
+    return path
+
+
+# ---- the modes ----------------------------------------------------------------------------------
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from, or None; an explicit path that is missing is an error."""
+    if not cfg.checkpointing.resume_from_ckpt:
+        return None
+    path = Path(cfg.checkpointing.resume_ckpt_path)
+    default = Path(cfg.checkpointing.save_dir) / "last.ckpt"
+    if path.is_file():
+        read_checkpoint(path)  # fail early and clearly on a corrupt file
+        log.info("resuming from %s", path)
+        return str(path)
+    if path != default:
+        raise ConfigError(f"checkpointing.resume_ckpt_path={path} does not exist")
+    return None
+
+
+def evaluate_ppl(cfg: DictConfig, dm, module: DiffusionModule, split: str) -> dict[str, Any]:
+    """NELBO per token and its perplexity bound on `split` (EMA weights, float64 sums)."""
+    trainer = build_trainer(cfg, for_eval=True)
+    loader = dm.dataloader(split, batch_size=cfg.loader.eval_batch_size)
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    stats = module.val_meter.compute()
+    stats.update(
+        split=split,
+        unigram_ppl=dm.unigram_ppl(split),
+        mc_samples=cfg.eval.mc_samples,
+        parameterization=cfg.parameterization._target_.rsplit(".", 1)[-1],
+        T=cfg.T,
+        bound=module.objective.__class__.__name__ != "AR",
+    )
+    kind = "upper bound" if stats["bound"] else "exact"
+    log.info(
+        "%s: nelbo/token %.4f  ppl %.2f (%s)  unigram ppl %.2f  (%d tokens)",
+        split,
+        stats["nelbo"],
+        stats["ppl"],
+        kind,
+        stats["unigram_ppl"],
+        stats["tokens"],
+    )
+    return stats
+
+
+def generate(cfg: DictConfig, dm, module: DiffusionModule, num_samples: int) -> dict[str, Any]:
+    """Draw `num_samples` with the configured sampler; returns tokens, texts and timings."""
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    )
+    module.to(device)
+    denoiser = module.denoiser()
+    sampler = instantiate(cfg.sampler)
+    if hasattr(sampler, "validate"):
+        sampler.validate(denoiser)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.eval.sample_seed))
+    batch_size = int(getattr(sampler, "batch_size", num_samples) or num_samples)
+    tokens, nfe, n_batches = [], 0, 0
+    start = time.perf_counter()
+    for first in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - first)
+        out = sampler.sample(denoiser, num_samples=n, length=cfg.model.length, generator=generator)
+        tokens.append(out.tokens.cpu())
+        nfe += out.nfe
+        n_batches += 1
+    wall = time.perf_counter() - start
+    tokens_t = torch.cat(tokens)
+    return {
+        "tokens": tokens_t,
+        "texts": dm.decode(tokens_t),
+        "nfe": nfe / max(n_batches, 1),
+        "wall_s": wall,
+        "tokens_per_s": tokens_t.numel() / wall,
+        "sampler": cfg.sampler._target_.rsplit(".", 1)[-1],
+        "steps": cfg.sampler.get("steps"),
+    }
+
+
+def print_samples(texts: list[str], limit: int = 4) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    console = Console()
+    for i, text in enumerate(texts[:limit]):
+        console.print(Panel(text, title=f"sample {i}", expand=False))
+
+
+def train(cfg: DictConfig, dm, module: DiffusionModule) -> None:
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg))
+    trainer.save_checkpoint(Path(cfg.checkpointing.save_dir) / "last.ckpt")
+    if trainer.global_rank != 0:
+        return
+    stats = evaluate_ppl(cfg, dm, module, "validation")
+    stats.update(steps=trainer.global_step, checkpoint=str(Path(cfg.checkpointing.save_dir)))
+    write_json("ppl_eval.json", stats)
+    if cfg.eval.samples_after_train > 0:
+        result = generate(cfg, dm, module, cfg.eval.samples_after_train)
+        write_samples(result)
+        print_samples(result["texts"])
+
+
+def write_samples(result: dict[str, Any]) -> None:
+    with open(run_dir() / "samples.jsonl", "w") as f:
+        for text, row in zip(result["texts"], result["tokens"].tolist()):
+            f.write(json.dumps({"text": text, "tokens": row}) + "\n")
+
+
+def ppl_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
+    load_weights(module, cfg.eval.checkpoint_path)
+    stats = evaluate_ppl(cfg, dm, module, cfg.eval.split)
+    stats["checkpoint"] = str(cfg.eval.checkpoint_path)
+    write_json("ppl_eval.json", stats)
+
+
+def sample_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
+    load_weights(module, cfg.eval.checkpoint_path)
+    result = generate(cfg, dm, module, int(cfg.sampler.num_samples))
+    write_samples(result)
+    print_samples(result["texts"])
+    report = {k: v for k, v in result.items() if k not in ("tokens", "texts")}
+    report.update(
+        num_samples=len(result["texts"]),
+        length=cfg.model.length,
+        entropy=sample_entropy(result["tokens"]),
+        checkpoint=str(cfg.eval.checkpoint_path),
+    )
+    if cfg.eval.compute_generative_perplexity:
+        judge = GenPPLJudge(
+            cfg.eval.gen_ppl_eval_model_name_or_path,
+            device=result["tokens"].device,
+            batch_size=cfg.eval.gen_ppl_batch_size,
+        )
+        report.update(judge.score(result["texts"]))
+        report["judge"] = cfg.eval.gen_ppl_eval_model_name_or_path
+    log.info(
+        "%s steps=%s: nfe %.0f, %.1f tokens/s, entropy %.3f, gen_ppl %s",
+        report["sampler"],
+        report["steps"],
+        report["nfe"],
+        report["tokens_per_s"],
+        report["entropy"],
+        f"{report['gen_ppl']:.2f}" if "gen_ppl" in report else "n/a",
+    )
+    if not math.isfinite(report.get("gen_ppl", 0.0)):
+        log.warning("generative perplexity is not finite (no judged tokens?)")
+    write_json("sample_eval.json", report)
+
+
+MODES = {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    MODES[cfg.mode](cfg, dm, module)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The DiT backbone: a bidirectional (or causal) transformer over tokens.
+
+Follows MDLM's DiT (Peebles & Xie's adaLN-zero blocks, rotary positions) and is
+read top to bottom in the order data flows: rotary -> time embedding -> block ->
+final layer -> DiT. The call is the backbone seam of the project:
+
+    logits = dit(x_t, sigma=None, attention_mask=None)   # (B, L) long -> (B, L, V)
+
+`time_conditioning=False` builds plain pre-LayerNorm blocks; otherwise every
+block is modulated by a `cond_dim` embedding of `sigma` (adaLN-zero, so a fresh
+block starts as the identity). `causal=True` turns it into the AR backbone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional: used only on CUDA for unpadded half-precision batches
+    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, causal: bool) -> Tensor:
+    """Multi-head attention on (B, H, L, D) tensors; flash-attn when it applies, else SDPA.
+
+    `key_padding` is (B, L) bool, True for real tokens; padded keys get no weight.
+    """
+    use_flash = (
+        flash_attn_func is not None
+        and q.is_cuda
+        and key_padding is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+    )
+    if use_flash:
+        out = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+        )
+        return out.transpose(1, 2)
+    mask = None
+    if key_padding is not None:
+        mask = key_padding[:, None, None, :]  # (B, 1, 1, L) broadcast over heads and queries
+        if causal:
+            L = q.shape[-2]
+            tri = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            mask = mask & tri
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer), cos/sin cached per length."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        pos = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
+        freqs = torch.outer(pos, self.inv_freq)  # (L, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
+        return emb.cos()[None, None], emb.sin()[None, None]  # (1, 1, L, D)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, L, D) by position: x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of sigma followed by an MLP (DiT)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(
+            -math.log(10_000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
+        )
+        args = sigma.float()[:, None] * freqs[None]  # (B, half)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, cond_dim)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; adaLN-zero modulated when `cond_dim` is given."""
+
+    def __init__(
+        self, hidden_size: int, n_heads: int, cond_dim: int | None, mlp_ratio: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=cond_dim is None)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=cond_dim is None)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_ratio * hidden_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_ratio * hidden_size, hidden_size),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.adaLN = None
+        if cond_dim is not None:
+            # shift/scale/gate for attention and MLP; zero init -> block starts as identity
+            self.adaLN = nn.Linear(cond_dim, 6 * hidden_size)
+            nn.init.zeros_(self.adaLN.weight)
+            nn.init.zeros_(self.adaLN.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        rotary: tuple[Tensor, Tensor],
+        cond: Tensor | None,
+        key_padding: Tensor | None,
+        causal: bool,
+    ) -> Tensor:
+        B, L, C = x.shape
+        if self.adaLN is not None and cond is not None:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond).chunk(6, dim=-1)
+        else:
+            shift1 = scale1 = shift2 = scale2 = None
+            gate1 = gate2 = None
+
+        h = self.norm1(x)
+        if shift1 is not None:
+            h = modulate(h, shift1, scale1)
+        q, k, v = self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # (B, H, L, D)
+        a = attention(q, k, v, key_padding, causal).transpose(1, 2).reshape(B, L, C)
+        a = self.dropout(self.proj(a))
+        x = x + (a if gate1 is None else gate1[:, None] * a)
+
+        h = self.norm2(x)
+        if shift2 is not None:
+            h = modulate(h, shift2, scale2)
+        m = self.dropout(self.mlp(h))
+        return x + (m if gate2 is None else gate2[:, None] * m)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (adaLN-modulated when conditioned) and the projection to the vocabulary."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, cond_dim: int | None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=cond_dim is None)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.adaLN = None
+        if cond_dim is not None:
+            self.adaLN = nn.Linear(cond_dim, 2 * hidden_size)
+            nn.init.zeros_(self.adaLN.weight)
+            nn.init.zeros_(self.adaLN.bias)
+        # MDLM zero-inits the output: the first prediction is uniform over the vocabulary
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        h = self.norm(x)
+        if self.adaLN is not None and cond is not None:
+            shift, scale = self.adaLN(cond).chunk(2, dim=-1)
+            h = modulate(h, shift, scale)
+        return self.linear(h)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over token ids (MDLM's backbone; `causal=True` is its AR twin)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int = 768,
+        n_blocks: int = 12,
+        n_heads: int = 12,
+        max_length: int = 1024,
+        time_conditioning: bool = False,
+        cond_dim: int = 128,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        cond = cond_dim if time_conditioning else None
+        if hidden_size % n_heads != 0:
+            raise ValueError(
+                f"model.hidden_size={hidden_size} must be divisible by model.n_heads={n_heads}"
+            )
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.causal = causal
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.rotary = Rotary(hidden_size // n_heads)
+        self.sigma_embed = TimestepEmbedder(cond) if cond is not None else None
+        self.blocks = nn.ModuleList(
+            Block(hidden_size, n_heads, cond, mlp_ratio, dropout) for _ in range(n_blocks)
+        )
+        self.final = FinalLayer(hidden_size, vocab_size, cond)
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.sigma_embed is not None
+
+    def forward(
+        self, x_t: Tensor, sigma: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        B, L = x_t.shape
+        if L > self.max_length:
+            raise ValueError(
+                f"sequence length {L} exceeds the model's max_length={self.max_length} "
+                "(set model.length <= model.max_length)"
+            )
+        x = self.embed(x_t)  # (B, L, C)
+        cond = None
+        if self.sigma_embed is not None:
+            if sigma is None:
+                raise ValueError(
+                    "this DiT is time-conditioned (time_conditioning=true) and needs sigma"
+                )
+            cond = F.silu(self.sigma_embed(sigma.reshape(B)))  # (B, cond_dim)
+        key_padding = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_padding = attention_mask.bool()
+        rotary = self.rotary(L, x.device)
+        for block in self.blocks:
+            x = block(x, rotary, cond, key_padding, self.causal)
+        return self.final(x, cond)  # (B, L, V)

@@ -148,7 +148,7 @@ def evaluate_ppl(cfg: DictConfig, dm, module: DiffusionModule, split: str) -> di
         mc_samples=cfg.eval.mc_samples,
         parameterization=cfg.parameterization._target_.rsplit(".", 1)[-1],
         T=cfg.T,
-        bound=module.objective.__class__.__name__ != "AR",
+        bound=not module.objective.exact_likelihood,
     )
     kind = "upper bound" if stats["bound"] else "exact"
     log.info(

@@ -87,6 +87,9 @@ class DiffusionModule(L.LightningModule):
     # ---- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x0, attn = batch["input_ids"], batch["attention_mask"]
+        set_step = getattr(self.backbone, "set_training_step", None)
+        if set_step is not None:  # backbones with a schedule of their own (attention annealing)
+            set_step(self.global_step)
         loss = self.objective.loss(self.backbone, x0, attn).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x0.shape[0])
         now = time.perf_counter()

@@ -36,6 +36,7 @@ class Objective(nn.Module):
     """What every objective exposes to the LightningModule and the denoiser."""
 
     time_conditioned: bool = False
+    exact_likelihood: bool = False  # True for AR: its perplexity is exact, not a bound
 
     def loss(
         self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, generator=None

@@ -809,7 +809,8 @@ class TextDataModule(L.LightningDataModule):
                 f"than loader.batch_size={bs}"
             )
         return ResumableDataLoader(
-            data, sampler=sampler, batch_size=bs, drop_last=train, num_workers=self.num_workers
+            data, sampler=sampler, batch_size=bs, drop_last=train, num_workers=self.num_workers,
+            generator=self._loader_generator(),
         )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -831,8 +832,15 @@ class TextDataModule(L.LightningDataModule):
         stream = datasets.distributed.split_dataset_by_node(stream, rank=rank, world_size=world)
         rows = StreamingRows(stream, self._ready(), self.length, self.wrap)
         return torch.utils.data.DataLoader(
-            rows, batch_size=batch_size, num_workers=self.num_workers
+            rows, batch_size=batch_size, num_workers=self.num_workers,
+            generator=self._loader_generator(),
         )
+
+    def _loader_generator(self) -> torch.Generator:
+        # DataLoader draws its worker base seed from this generator at every iter();
+        # without one it would draw from the global RNG and shift the training noise
+        # stream whenever a loader is (re)started, breaking exact resumption
+        return torch.Generator().manual_seed(self.seed)
 
     # -- baselines and display ---------------------------------------------------------------
 

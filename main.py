@@ -25,7 +25,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from config_utils import ConfigError, register_resolvers, validate_config
-from diffusion.checkpoint import AtomicCheckpointIO, load_weights, read_checkpoint
+from diffusion.checkpoint import (
+    AtomicCheckpointIO,
+    FinalCheckpoint,
+    load_weights,
+    read_checkpoint,
+)
 from diffusion.evaluation import GenPPLJudge, sample_entropy
 from diffusion.module import DiffusionModule
 
@@ -98,6 +103,7 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
             save_last=True,
             every_n_train_steps=cfg.checkpointing.every_n_train_steps,
         ),
+        FinalCheckpoint(Path(save_dir) / "last.ckpt", cfg.checkpointing.every_n_train_steps),
     ]
     logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
     return instantiate(
@@ -208,7 +214,6 @@ def print_samples(texts: list[str], limit: int = 4) -> None:
 def train(cfg: DictConfig, dm, module: DiffusionModule) -> None:
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg))
-    trainer.save_checkpoint(Path(cfg.checkpointing.save_dir) / "last.ckpt")
     if trainer.global_rank != 0:
         return
     stats = evaluate_ppl(cfg, dm, module, "validation")

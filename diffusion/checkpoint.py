@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
@@ -41,6 +42,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location=map_location or "cpu")
 
 
+class FinalCheckpoint(L.Callback):
+    """Writes `last.ckpt` at the run's final step when the periodic cadence misses it.
+
+    It saves inside the step (like ModelCheckpoint), not after `fit` returns: by then the
+    loader has prefetched a batch, and the saved data position would skip it on resume.
+    """
+
+    def __init__(self, path: str | Path, every_n_train_steps: int) -> None:
+        self.path = Path(path)
+        self.every = every_n_train_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        final = trainer.max_steps > 0 and step >= trainer.max_steps
+        if final and (self.every <= 0 or step % self.every != 0):
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """torch.load with weights_only=True, turning failures into messages that name the file."""
     path = Path(path)
@@ -60,14 +79,15 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 def load_weights(module: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a checkpoint's weights into `module`; explain a mismatch by the config keys."""
     ckpt = read_checkpoint(path)
-    result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
         saved = ckpt.get("unmask_config", {})
         hint = {k: saved.get(k) for k in ("model", "backbone", "parameterization") if k in saved}
+        detail = " ".join(str(e).split())[:600]
         raise CheckpointError(
-            f"checkpoint {path} does not fit the configured model: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. "
+            f"checkpoint {path} does not fit the configured model ({detail}). "
             f"It was trained with {hint}; pass the same model/backbone/parameterization "
             "overrides (and time_conditioning) as in training."
-        )
+        ) from e
     return ckpt

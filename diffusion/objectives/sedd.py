@@ -1,0 +1,91 @@
+"""SEDD's score entropy for the absorbing process (Lou, Meng & Ermon 2024, eq. 8 and the
+absorbing "scale_by_sigma" parameterization of their code; MDLM's SEDD baseline).
+
+The network outputs log-ratios log s_theta(x_t)_v ≈ log p_t(x_t with v at i) / p_t(x_t) for
+every position i and value v. At a masked position the true ratio towards the clean x0 is
+r = alpha_t / (1 - alpha_t) = 1 / expm1(sigma) and 0 towards any other value, so the
+denoising score entropy, weighted by dsigma (SEDD eq. 8, its NELBO), is
+
+    dsigma * [ sum_{v != m} s_v - r log s_{x0} + r (log r - 1) ]
+
+which is >= 0 and equals 0 exactly at the true (x0-conditional) score. Continuous time only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.noise import NoiseSchedule
+from diffusion.objectives.base import AbsorbingDiffusion, LossOutput
+from diffusion.objectives.subs import subs_log_p_x0
+
+
+class SEDD(AbsorbingDiffusion):
+    """Score entropy discrete diffusion (absorbing): time-conditioned, continuous time."""
+
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_id: int,
+        vocab_size: int,
+        time_conditioning: bool = True,
+        T: int = 0,
+        sampling_eps: float = 1e-3,
+        antithetic: bool = True,
+    ) -> None:
+        super().__init__(noise, mask_id, vocab_size, time_conditioning, T, sampling_eps, antithetic)
+        if not time_conditioning:
+            raise ValueError(
+                "parameterization=sedd predicts a score that depends on sigma and needs "
+                "time_conditioning=true"
+            )
+        if T != 0:
+            raise ValueError(f"parameterization=sedd is continuous-time: set T=0 (got T={T})")
+
+    def log_score(self, logits: Tensor, x_t: Tensor, sigma: Tensor) -> Tensor:
+        """(B, L, V) logits, sigma (B,) -> (B, L, V) float32 log s_theta(x_t).
+
+        SEDD's absorbing parameterization: logits - log(expm1(sigma)) - log(V - 1), so a zero
+        network starts at the uniform score summing to 1 / expm1(sigma); the entry of x_t
+        itself is log 1 = 0 (at an unmasked position the score carries x_t over).
+        """
+        shift = torch.log(torch.expm1(sigma.float()))[:, None, None] + math.log(
+            logits.shape[-1] - 1
+        )
+        log_score = logits.float() - shift
+        return log_score.scatter(-1, x_t[..., None], 0.0)
+
+    def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:
+        """p(x0 = v | x_t) ∝ exp(log_score_v) over v != mask at masked positions, one-hot on
+        x_t elsewhere. The score is the logits minus one constant per row, so normalising it
+        is the SUBS map of the logits, whatever sigma was."""
+        return subs_log_p_x0(logits, x_t, self.mask_id)
+
+    def score_entropy(self, log_score: Tensor, x0: Tensor, x_t: Tensor, sigma: Tensor) -> Tensor:
+        """(B, L) denoising score entropy at masked positions (SEDD eq. 5), 0 elsewhere."""
+        ratio = 1.0 / torch.expm1(sigma.float())[:, None]  # (B, 1) r = alpha_t / (1 - alpha_t)
+        mask_col = torch.tensor([self.mask_id], device=log_score.device)
+        positive = log_score.index_fill(-1, mask_col, -torch.inf).exp().sum(-1)  # sum_{v != m} s_v
+        negative = ratio * log_score.gather(-1, x0[..., None]).squeeze(-1)  # r log s_{x0}
+        constant = ratio * (torch.log(ratio) - 1)  # K(r): makes the minimum exactly 0
+        masked = (x_t == self.mask_id).to(log_score.dtype)
+        return (positive - negative + constant) * masked
+
+    def nll_per_token(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """(B, L) dsigma-weighted score entropy; `model_out` is the log score."""
+        sigma, dsigma = self.noise.sigma(t), self.noise.dsigma(t)
+        return dsigma.float()[:, None] * self.score_entropy(model_out, x0, x_t, sigma)
+
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, generator=None
+    ) -> LossOutput:
+        """The base estimator with the log score (it needs sigma) in place of log p(x0 | x_t)."""
+        t = self.sample_t(x0.shape[0], x0.device, generator)  # (B,)
+        x_t = self.q_xt(x0, self.noise.move_chance(t)[:, None], generator)
+        sigma = self.noise.sigma(t)
+        logits = backbone(x_t, sigma, attention_mask)
+        nll = self.nll_per_token(self.log_score(logits, x_t, sigma), x0, x_t, t)
+        return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype))

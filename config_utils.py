@@ -41,6 +41,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"T={cfg.T}: use T=0 (continuous time) or a positive number of steps")
     if cfg.model.length < 1:
         raise ConfigError(f"model.length={cfg.model.length} must be positive")
+    validate_parameterization(cfg)
     sampler = _target(cfg.sampler)
     if sampler.endswith("DDPMCacheSampler") and cfg.time_conditioning:
         raise ConfigError(
@@ -58,3 +59,51 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if cfg.eval.mc_samples < 1:
         raise ConfigError(f"eval.mc_samples={cfg.eval.mc_samples} must be at least 1")
+
+
+# samplers a score-entropy (SEDD) model cannot drive: ddpm_cache needs a time-agnostic
+# denoiser, confidence samplers rank SUBS probabilities at a fixed t, ar needs a causal model
+SEDD_REFUSED_SAMPLERS = ("samplers.ddpm_cache.", "samplers.confidence.", "samplers.ar.")
+
+
+def validate_parameterization(cfg: DictConfig) -> None:
+    """Rules tying `parameterization` to T, time_conditioning, backbone.causal and the sampler."""
+    objective = _target(cfg.parameterization)
+    sampler = _target(cfg.sampler)
+    sampler_name = sampler.rsplit(".", 2)[-2] if sampler.count(".") >= 2 else sampler
+    is_ar_sampler = sampler.startswith("samplers.ar.")
+    if objective.endswith(".D3PM") and cfg.T <= 0:
+        raise ConfigError(
+            f"parameterization=d3pm is a discrete-time objective and needs T > 0 steps "
+            f"(e.g. T=1000); T={cfg.T} (continuous time) exists only for subs and sedd"
+        )
+    if objective.endswith(".SEDD"):
+        if not cfg.time_conditioning:
+            raise ConfigError(
+                "parameterization=sedd needs time_conditioning=true: its score depends on sigma"
+            )
+        if cfg.T != 0:
+            raise ConfigError(f"parameterization=sedd is continuous-time: set T=0 (got T={cfg.T})")
+        if sampler.startswith(SEDD_REFUSED_SAMPLERS):
+            raise ConfigError(
+                f"parameterization=sedd cannot be sampled with sampler={sampler_name}; "
+                "use sampler=ddpm or sampler=analytic"
+            )
+    if objective.endswith(".AR"):
+        if not cfg.backbone.get("causal", False):
+            raise ConfigError(
+                "parameterization=ar needs a causal backbone: set backbone.causal=true "
+                "(the recipes experiment=ar_lm1b / ar_owt / ar_shakespeare do)"
+            )
+        if cfg.time_conditioning:
+            raise ConfigError("parameterization=ar has no noise level: set time_conditioning=false")
+        if not is_ar_sampler:
+            raise ConfigError(
+                f"parameterization=ar generates left to right: use sampler=ar, not "
+                f"sampler={sampler_name}"
+            )
+    elif is_ar_sampler:
+        raise ConfigError(
+            f"sampler=ar needs parameterization=ar (a causal next-token model); "
+            f"parameterization={objective.rsplit('.', 1)[-1].lower()} is a diffusion model"
+        )

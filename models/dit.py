@@ -8,12 +8,15 @@ final layer -> DiT. The call is the backbone seam of the project:
 
 `time_conditioning=False` builds plain pre-LayerNorm blocks; otherwise every
 block is modulated by a `cond_dim` embedding of `sigma` (adaLN-zero, so a fresh
-block starts as the identity). `causal=True` turns it into the AR backbone.
+block starts as the identity). `causal=True` turns it into the AR backbone, and then
+`forward_cached(x_new, cache)` decodes with a KV cache (`init_cache`): each new token
+attends to the stored keys and values, so sampling L tokens costs O(L) block calls.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, causa
             mask = mask & tri
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every block for the tokens decoded so far (causal decoding only).
+
+    keys / values: one (B, H, max_length, D) buffer per block, filled in place;
+    length: how many positions hold real entries.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of n new queries (B, H, n, D) over all start + n cached keys.
+
+    Query i sits at position start + i and sees keys 0 .. start + i (SDPA's own
+    `is_causal` aligns the triangle top-left, which is wrong once start > 0).
+    """
+    n, total = q.shape[-2], k.shape[-2]
+    if n == 1:  # one new token sees everything cached: no mask needed
+        return F.scaled_dot_product_attention(q, k, v)
+    start = total - n
+    query_pos = start + torch.arange(n, device=q.device)[:, None]  # (n, 1)
+    mask = torch.arange(total, device=q.device)[None, :] <= query_pos  # (n, total)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Rotary(nn.Module):
@@ -129,7 +164,11 @@ class Block(nn.Module):
         cond: Tensor | None,
         key_padding: Tensor | None,
         causal: bool,
+        kv: tuple[Tensor, Tensor, int] | None = None,
     ) -> Tensor:
+        """x (B, L, C) -> (B, L, C). With `kv = (keys, values, start)` (causal decoding) x holds
+        the new positions start .. start + L - 1; their keys and values are written into the
+        buffers and attention runs over everything cached."""
         B, L, C = x.shape
         if self.adaLN is not None and cond is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond).chunk(6, dim=-1)
@@ -142,7 +181,15 @@ class Block(nn.Module):
             h = modulate(h, shift1, scale1)
         q, k, v = self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # (B, H, L, D)
-        a = attention(q, k, v, key_padding, causal).transpose(1, 2).reshape(B, L, C)
+        if kv is None:
+            a = attention(q, k, v, key_padding, causal)
+        else:
+            keys, values, start = kv
+            keys[:, :, start : start + L] = k
+            values[:, :, start : start + L] = v
+            seen_k = keys[:, :, : start + L].to(q.dtype)  # no copy unless autocast changed dtype
+            a = cached_attention(q, seen_k, values[:, :, : start + L].to(q.dtype))
+        a = a.transpose(1, 2).reshape(B, L, C)
         a = self.dropout(self.proj(a))
         x = x + (a if gate1 is None else gate1[:, None] * a)
 
@@ -225,13 +272,7 @@ class DiT(nn.Module):
                 "(set model.length <= model.max_length)"
             )
         x = self.embed(x_t)  # (B, L, C)
-        cond = None
-        if self.sigma_embed is not None:
-            if sigma is None:
-                raise ValueError(
-                    "this DiT is time-conditioned (time_conditioning=true) and needs sigma"
-                )
-            cond = F.silu(self.sigma_embed(sigma.reshape(B)))  # (B, cond_dim)
+        cond = self._condition(sigma, B)
         key_padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding = attention_mask.bool()
@@ -239,3 +280,53 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, rotary, cond, key_padding, self.causal)
         return self.final(x, cond)  # (B, L, V)
+
+    def _condition(self, sigma: Tensor | None, B: int) -> Tensor | None:
+        """(B, cond_dim) embedding of sigma, or None for a time-agnostic DiT."""
+        if self.sigma_embed is None:
+            return None
+        if sigma is None:
+            raise ValueError(
+                "this DiT is time-conditioned (time_conditioning=true) and needs sigma"
+            )
+        return F.silu(self.sigma_embed(sigma.reshape(B)))  # (B, cond_dim)
+
+    # ---- causal decoding with a KV cache (the AR sampler) -----------------------------------
+    def init_cache(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """Empty keys/values for `batch_size` sequences of up to `max_length` tokens."""
+        if not self.causal:
+            raise ValueError(
+                "a KV cache needs a causal DiT (backbone.causal=true): in a bidirectional model "
+                "every new token changes the states of the earlier ones"
+            )
+        ref = self.embed.weight
+        block = self.blocks[0]
+        head_dim = block.qkv.in_features // block.n_heads
+        shape = (batch_size, block.n_heads, self.max_length, head_dim)
+        kw = dict(device=device or ref.device, dtype=dtype or ref.dtype)
+        return KVCache(
+            keys=[torch.zeros(shape, **kw) for _ in self.blocks],
+            values=[torch.zeros(shape, **kw) for _ in self.blocks],
+        )
+
+    def forward_cached(self, x_new: Tensor, cache: KVCache, sigma: Tensor | None = None) -> Tensor:
+        """Logits (B, n, V) of n new tokens (B, n) that continue the `cache.length` cached ones.
+
+        Equal to `forward(x)[:, -n:]` on the whole sequence; the cache is extended in place.
+        """
+        B, n = x_new.shape
+        start = cache.length
+        if start + n > cache.capacity:
+            raise ValueError(
+                f"KV cache full: {start} cached + {n} new tokens exceed max_length={cache.capacity}"
+            )
+        x = self.embed(x_new)  # (B, n, C)
+        cond = self._condition(sigma, B)
+        cos, sin = self.rotary(start + n, x.device)
+        rotary = (cos[:, :, start:], sin[:, :, start:])  # positions start .. start + n - 1
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+            x = block(x, rotary, cond, None, True, kv=(keys, values, start))
+        cache.length = start + n
+        return self.final(x, cond)  # (B, n, V)

@@ -38,8 +38,12 @@ class ARSampler(Sampler):
         top_p: float | None = None,
         use_cache: bool = True,
         bos_id: int | None = None,
+        steps: int | None = None,
     ) -> None:
+        """`steps` is unused (AR makes exactly one network call per new token); it is accepted
+        so that configs setting `sampler.steps` for every sampler (debug=tiny_cpu) compose."""
         super().__init__(num_samples, batch_size, temperature, top_k, top_p, cfg_scale=0.0)
+        self.steps = steps
         self.use_cache = use_cache
         self.bos_id = bos_id
 

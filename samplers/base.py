@@ -90,15 +90,18 @@ def filter_log_probs(
     return torch.log_softmax(log_p, dim=-1)
 
 
-def guided_log_probs(cond: Tensor, uncond: Tensor, cfg_scale: float) -> Tensor:
+def guided_log_probs(
+    cond: Tensor, uncond: Tensor, cfg_scale: float, normalize: bool = True
+) -> Tensor:
     """Classifier-free guidance in log space, SMDM eq.: uncond + (1 + w) (cond - uncond).
 
     Entries that are -inf in either pass (the SUBS mask column, one-hot rows) keep `cond`,
-    so no -inf - -inf NaN appears. Renormalised over the vocabulary.
+    so no -inf - -inf NaN appears. Renormalised over the vocabulary unless `normalize` is
+    False (a SEDD log-score is a ratio, not a distribution).
     """
     finite = torch.isfinite(cond) & torch.isfinite(uncond)
-    mixed = uncond + (1.0 + cfg_scale) * (cond - uncond)
-    return torch.log_softmax(torch.where(finite, mixed, cond), dim=-1)
+    guided = torch.where(finite, uncond + (1.0 + cfg_scale) * (cond - uncond), cond)
+    return torch.log_softmax(guided, dim=-1) if normalize else guided
 
 
 class GuidedDenoiser:
@@ -130,7 +133,7 @@ class GuidedDenoiser:
         if self.cfg_scale == 0 or not bool(self.cond_mask.any()):
             return cond
         uncond = self._call(x_t.masked_fill(self.cond_mask, self.mask_id), t, method)
-        return guided_log_probs(cond, uncond, self.cfg_scale)
+        return guided_log_probs(cond, uncond, self.cfg_scale, normalize=method == "log_p_x0")
 
 
 # ----------------------------------------------------------------------------- base
@@ -203,6 +206,7 @@ class Sampler:
         self.validate(denoiser)
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
+        length = self._canvas_length(length)
         x, cond_mask = self._canvas(
             denoiser.mask_id,
             num_samples,
@@ -217,6 +221,10 @@ class Sampler:
         record = trajectory.append if trajectory is not None else None
         tokens = self._generate(model, x, generator, record)
         return SampleOutput(tokens=tokens, nfe=model.nfe, trajectory=trajectory)
+
+    def _canvas_length(self, length: int) -> int:
+        """Length of the sequences produced from a model window of `length` (semi_ar: longer)."""
+        return length
 
     def _canvas(
         self,

@@ -1,5 +1,5 @@
 """SEDD's analytic sampler (Tweedie tau-leaping) for the absorbing process (Lou et al. 2024,
-arXiv:2310.16834 sec. 4.2, `AnalyticPredictor`), written from the concrete score.
+arXiv:2310.16834, its `AnalyticPredictor`), written from the concrete score.
 
 From t to s the step multiplies the staggered score by the transposed transition over
 dsigma = sigma(t) - sigma(s), sigma = -log alpha. For a masked position with score ratios
@@ -24,7 +24,7 @@ TINY = 1e-30  # alpha_t floor: keeps log alpha_t finite at t = 1 for schedules w
 
 def log_score_from_log_p_x0(log_p_x0: Tensor, alpha_t: Tensor) -> Tensor:
     """(B, L, V), (B,) -> (B, L, V) float64 log s_v = log p(x0 = v) + log(alpha_t / (1 - alpha_t))
-    (MDLM sec. 3.2 / SEDD absorbing score); only masked rows are used."""
+    (the absorbing-score relation of MDLM and SEDD); only masked rows are used."""
     alpha_t = alpha_t.to(torch.float64).clamp(TINY, 1.0)
     return log_p_x0.to(torch.float64) + (alpha_t.log() - (-alpha_t).log1p())[:, None, None]
 

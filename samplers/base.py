@@ -1,8 +1,8 @@
 """The sampler seam: the `Denoiser` protocol, `SampleOutput`, and the plumbing every sampler shares.
 
 Owns the contract between a trained model and the samplers (MDLM's SUBS convention,
-arXiv:2406.07524 sec. 3.2), float64 categorical draws, temperature / top-k / top-p
-filtering, SMDM's unsupervised classifier-free guidance (arXiv:2410.18514 sec. 4), and
+arXiv:2406.07524), float64 categorical draws, temperature / top-k / top-p
+filtering, SMDM's unsupervised classifier-free guidance (arXiv:2410.18514), and
 the canvas set-up for prompts and infilling. Samplers import nothing from `diffusion/`
 or `models/`: they see the model only through `Denoiser`.
 """
@@ -93,7 +93,7 @@ def filter_log_probs(
 def guided_log_probs(
     cond: Tensor, uncond: Tensor, cfg_scale: float, normalize: bool = True
 ) -> Tensor:
-    """Classifier-free guidance in log space, SMDM eq.: uncond + (1 + w) (cond - uncond).
+    """Classifier-free guidance in log space, SMDM: uncond + (1 + w) (cond - uncond).
 
     Entries that are -inf in either pass (the SUBS mask column, one-hot rows) keep `cond`,
     so no -inf - -inf NaN appears. Renormalised over the vocabulary unless `normalize` is
@@ -143,8 +143,8 @@ class Sampler:
     """Loop plumbing shared by every sampler: validation, the canvas, guidance, trajectories.
 
     Subclasses set `name` (the yaml file name) and implement `_generate`, which turns a
-    canvas x (B, L) with masks into tokens; conditioning positions are never masked in x
-    and SUBS keeps unmasked tokens, so prompts and fixed tokens cannot change.
+    canvas x (B, L) with masks into tokens. Conditioning positions start unmasked and every
+    sampler writes masked positions only, so prompts and fixed tokens cannot change.
     """
 
     name: ClassVar[str] = "base"

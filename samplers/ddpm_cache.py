@@ -1,4 +1,4 @@
-"""MDLM's cached ancestral sampler (`ddpm_cache`, arXiv:2406.07524 sec. 3.5 / appendix).
+"""MDLM's cached ancestral sampler (`ddpm_cache`, arXiv:2406.07524).
 
 For a time-agnostic denoiser log p(x0 | x_t) depends on x_t only, so while a step leaves
 x_t unchanged the previous output is still exact and the network is not called again.

@@ -1,5 +1,5 @@
 """First-hitting sampler (Zheng et al. 2024, "Masked diffusion models are secretly time-agnostic
-masked models and exploit inaccurate categorical sampling", arXiv:2409.02908, sec. 4).
+masked models and exploit inaccurate categorical sampling", arXiv:2409.02908).
 
 Under the absorbing process the n masked tokens of x_t unmask at independent times, so
 the next (backward) event time s solves ((1 - alpha_s) / (1 - alpha_t))^n = u with u
@@ -64,7 +64,7 @@ class FirstHittingSampler(Sampler):
             is_mask = x == model.mask_id  # (B, L)
             n = is_mask.sum(1)  # (B,) masked tokens
             u = uniform((3, batch), generator, x.device)  # event time, which token, which value
-            # P(no unmasking in (s, t]) = ((1 - alpha_s) / (1 - alpha_t))^n  (Zheng et al. sec. 4)
+            # P(no unmasking in (s, t]) = ((1 - alpha_s) / (1 - alpha_t))^n  (Zheng et al.)
             alpha_s = 1.0 - (1.0 - alpha_t) * u[0] ** (1.0 / n.clamp_min(1))
             alpha_s = torch.where(n > 0, alpha_s, alpha_t)
             s = alpha_inverse(model, alpha_s, t) if model.time_conditioned else t

@@ -57,6 +57,17 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.accumulate_grad_batches ({cfg.trainer.accumulate_grad_batches}); "
             "choose a global batch divisible by the per-device batch"
         )
+    backbone = _target(cfg.backbone)
+    if backbone.startswith("models.hf."):
+        if cfg.time_conditioning:
+            raise ConfigError(
+                f"backbone={backbone.rsplit('.', 1)[-1]} ignores sigma; set time_conditioning=false"
+            )
+        if str(cfg.data.get("tokenizer")) != str(cfg.backbone.pretrained):
+            raise ConfigError(
+                f"backbone.pretrained={cfg.backbone.pretrained} needs its own tokenizer: set "
+                f"data.tokenizer={cfg.backbone.pretrained} (now {cfg.data.get('tokenizer')})"
+            )
     if cfg.eval.mc_samples < 1:
         raise ConfigError(f"eval.mc_samples={cfg.eval.mc_samples} must be at least 1")
 

@@ -809,7 +809,11 @@ class TextDataModule(L.LightningDataModule):
                 f"than loader.batch_size={bs}"
             )
         return ResumableDataLoader(
-            data, sampler=sampler, batch_size=bs, drop_last=train, num_workers=self.num_workers,
+            data,
+            sampler=sampler,
+            batch_size=bs,
+            drop_last=train,
+            num_workers=self.num_workers,
             generator=self._loader_generator(),
         )
 
@@ -832,7 +836,9 @@ class TextDataModule(L.LightningDataModule):
         stream = datasets.distributed.split_dataset_by_node(stream, rank=rank, world_size=world)
         rows = StreamingRows(stream, self._ready(), self.length, self.wrap)
         return torch.utils.data.DataLoader(
-            rows, batch_size=batch_size, num_workers=self.num_workers,
+            rows,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
             generator=self._loader_generator(),
         )
 

@@ -20,6 +20,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -31,8 +32,9 @@ from diffusion.checkpoint import (
     load_weights,
     read_checkpoint,
 )
-from diffusion.evaluation import GenPPLJudge, sample_entropy
+from diffusion.evaluation import GenPPLJudge, ModelJudge, sample_entropy
 from diffusion.module import DiffusionModule
+from samplers.render import render_gif
 
 log = logging.getLogger("unmask")
 register_resolvers()
@@ -169,7 +171,9 @@ def evaluate_ppl(cfg: DictConfig, dm, module: DiffusionModule, split: str) -> di
     return stats
 
 
-def generate(cfg: DictConfig, dm, module: DiffusionModule, num_samples: int) -> dict[str, Any]:
+def generate(
+    cfg: DictConfig, dm, module: DiffusionModule, num_samples: int, with_trajectory: bool = False
+) -> dict[str, Any]:
     """Draw `num_samples` with the configured sampler; returns tokens, texts and timings."""
     device = torch.device(
         "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
@@ -177,16 +181,24 @@ def generate(cfg: DictConfig, dm, module: DiffusionModule, num_samples: int) -> 
     module.to(device)
     denoiser = module.denoiser()
     sampler = instantiate(cfg.sampler)
-    if hasattr(sampler, "validate"):
-        sampler.validate(denoiser)
+    if getattr(sampler, "bos_id", 0) is None:  # AR: start from the tokenizer's BOS
+        sampler.bos_id = dm.tokenizer.bos_token_id
+    sampler.validate(denoiser)
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.sample_seed))
     batch_size = int(getattr(sampler, "batch_size", num_samples) or num_samples)
-    tokens, nfe, n_batches = [], 0, 0
+    tokens, nfe, n_batches, trajectory = [], 0, 0, None
     start = time.perf_counter()
     for first in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - first)
-        out = sampler.sample(denoiser, num_samples=n, length=cfg.model.length, generator=generator)
+        out = sampler.sample(
+            denoiser,
+            num_samples=n,
+            length=cfg.model.length,
+            generator=generator,
+            return_trajectory=with_trajectory and first == 0,
+        )
         tokens.append(out.tokens.cpu())
+        trajectory = trajectory or out.trajectory
         nfe += out.nfe
         n_batches += 1
     wall = time.perf_counter() - start
@@ -199,6 +211,7 @@ def generate(cfg: DictConfig, dm, module: DiffusionModule, num_samples: int) -> 
         "tokens_per_s": tokens_t.numel() / wall,
         "sampler": cfg.sampler._target_.rsplit(".", 1)[-1],
         "steps": cfg.sampler.get("steps"),
+        "trajectory": trajectory,
     }
 
 
@@ -238,26 +251,79 @@ def ppl_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
     write_json("ppl_eval.json", stats)
 
 
+def build_judge(cfg: DictConfig, device: torch.device):
+    """The generative-perplexity judge: a Hugging Face causal LM, or an AR checkpoint of ours."""
+    name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
+    if not name.endswith(".ckpt"):
+        return GenPPLJudge(name, device=device, batch_size=cfg.eval.gen_ppl_batch_size)
+    saved = OmegaConf.create(read_checkpoint(name).get("unmask_config") or {})
+    if "parameterization" not in saved:
+        raise ConfigError(f"eval.gen_ppl_eval_model_name_or_path={name} has no unmask config")
+    judge_dm = build_datamodule(saved)
+    judge = build_module(saved, judge_dm)
+    load_weights(judge, name)
+    if not judge.objective.exact_likelihood:
+        raise ConfigError(
+            f"eval.gen_ppl_eval_model_name_or_path={name} is not an AR checkpoint: a judge must "
+            "give exact likelihoods (train one with experiment=ar_shakespeare)"
+        )
+    return ModelJudge(
+        judge.eval_backbone.to(device),
+        judge.objective,
+        judge_dm.tokenizer,
+        length=int(saved.model.length),
+        batch_size=cfg.eval.gen_ppl_batch_size,
+    )
+
+
+def append_sweep_row(report: dict[str, Any]) -> None:
+    """Under Hydra multirun, one row per (sampler, steps) run in the sweep's rows file."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    row = {
+        k: report.get(k)
+        for k in (
+            "sampler",
+            "steps",
+            "nfe",
+            "wall_s",
+            "tokens_per_s",
+            "gen_ppl",
+            "entropy",
+            "num_samples",
+        )
+    }
+    with open(Path(hc.sweep.dir) / "sample_eval_rows.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def sample_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
     load_weights(module, cfg.eval.checkpoint_path)
-    result = generate(cfg, dm, module, int(cfg.sampler.num_samples))
+    result = generate(
+        cfg, dm, module, int(cfg.sampler.num_samples), with_trajectory=cfg.eval.trajectory_gif
+    )
     write_samples(result)
     print_samples(result["texts"])
-    report = {k: v for k, v in result.items() if k not in ("tokens", "texts")}
+    if result["trajectory"] is not None:
+        gif = render_gif(
+            result["trajectory"],
+            lambda i: dm.tokenizer.decode([i]),
+            run_dir() / "trajectory.gif",
+            mask_id=dm.mask_id,
+        )
+        log.info("wrote %s", gif)
+    report = {k: v for k, v in result.items() if k not in ("tokens", "texts", "trajectory")}
     report.update(
         num_samples=len(result["texts"]),
-        length=cfg.model.length,
+        length=result["tokens"].shape[1],
         entropy=sample_entropy(result["tokens"]),
         checkpoint=str(cfg.eval.checkpoint_path),
     )
     if cfg.eval.compute_generative_perplexity:
-        judge = GenPPLJudge(
-            cfg.eval.gen_ppl_eval_model_name_or_path,
-            device=result["tokens"].device,
-            batch_size=cfg.eval.gen_ppl_batch_size,
-        )
+        judge = build_judge(cfg, next(module.parameters()).device)
         report.update(judge.score(result["texts"]))
-        report["judge"] = cfg.eval.gen_ppl_eval_model_name_or_path
+        report["judge"] = str(cfg.eval.gen_ppl_eval_model_name_or_path)
     log.info(
         "%s steps=%s: nfe %.0f, %.1f tokens/s, entropy %.3f, gen_ppl %s",
         report["sampler"],
@@ -270,6 +336,7 @@ def sample_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
     if not math.isfinite(report.get("gen_ppl", 0.0)):
         log.warning("generative perplexity is not finite (no judged tokens?)")
     write_json("sample_eval.json", report)
+    append_sweep_row(report)
 
 
 MODES = {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}

@@ -79,3 +79,43 @@ class GenPPLJudge:
             n_tokens += int(m.sum())
         ppl = math.exp(nll_sum / n_tokens) if n_tokens else float("nan")
         return {"gen_ppl": ppl, "gen_ppl_tokens": n_tokens}
+
+
+class ModelJudge:
+    """An AR checkpoint of ours as the judge: the offline stand-in for `gpt2-large`.
+
+    Texts are re-tokenised with the judge's own tokenizer, prefixed with BOS, cut into windows
+    of the judge's training length and scored with its exact next-token loss.
+    """
+
+    def __init__(self, backbone, objective, tokenizer, length: int, batch_size: int = 8):
+        self.backbone = backbone.eval()
+        self.objective = objective
+        self.tokenizer = tokenizer
+        self.length = length
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, texts: Sequence[str]) -> dict[str, float]:
+        bos = self.tokenizer.bos_token_id
+        rows = []
+        for text in texts:
+            ids = [bos, *self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            for i in range(0, max(len(ids) - 1, 1), self.length - 1):
+                window = ids[i : i + self.length]
+                if len(window) > 1:
+                    rows.append(window)
+        device = next(self.backbone.parameters()).device
+        nll_sum, n_tokens = 0.0, 0
+        for i in range(0, len(rows), self.batch_size):
+            batch = rows[i : i + self.batch_size]
+            ids = torch.zeros(len(batch), self.length, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for j, r in enumerate(batch):
+                ids[j, : len(r)] = torch.tensor(r)
+                attn[j, : len(r)] = 1
+            out = self.objective.loss(self.backbone, ids.to(device), attn.to(device))
+            nll_sum += float((out.nll.double() * out.mask.double()).sum())
+            n_tokens += int(out.mask.sum())
+        ppl = math.exp(nll_sum / n_tokens) if n_tokens else float("nan")
+        return {"gen_ppl": ppl, "gen_ppl_tokens": n_tokens}

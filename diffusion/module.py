@@ -106,7 +106,8 @@ class DiffusionModule(L.LightningModule):
             self.ema.update_parameters(self.backbone)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.backbone.parameters())
+        trainable = [p for p in self.backbone.parameters() if p.requires_grad]  # LoRA: adapters
+        optimizer = self.optimizer_factory(params=trainable)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)

@@ -41,8 +41,13 @@ def tiny_judge(tmp_path_factory):
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     return str(folder)

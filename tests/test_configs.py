@@ -47,6 +47,8 @@ def test_every_option_composes(group, option):
         overrides += ["T=1000", "sampler=ddpm"]
     if (group, option) == ("parameterization", "ar"):
         overrides += ["sampler=ar", "backbone.causal=true"]
+    if group == "backbone" and option.startswith("hf_"):
+        overrides += ["data.tokenizer=${backbone.pretrained}"]
     if (group, option) == ("sampler", "ar"):
         overrides += ["parameterization=ar", "backbone.causal=true"]
     cfg = load(overrides)
@@ -68,6 +70,8 @@ def test_every_option_composes(group, option):
         (["T=-1"], "T=-1"),
         (["loader.global_batch_size=10", "loader.batch_size=4"], "global_batch_size=10"),
         (["eval.mc_samples=0"], "eval.mc_samples=0"),
+        (["backbone=hf_mlm"], "data.tokenizer=answerdotai/ModernBERT-base"),
+        (["backbone=hf_mlm", "time_conditioning=true", "sampler=ddpm"], "ignores sigma"),
     ],
 )
 def test_invalid_combinations_fail_with_a_clear_message(overrides, message):

@@ -130,18 +130,24 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 # ---- the modes ----------------------------------------------------------------------------------
 def resume_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from, or None; an explicit path that is missing is an error."""
+    """The checkpoint to resume from, or None; an explicit path that is missing is an error.
+
+    The newest of last.ckpt and Lightning's SLURM requeue checkpoints (hpc_ckpt_*.ckpt, written
+    on SIGUSR1 into the run directory) wins, so a preempted job continues from its last state.
+    """
     if not cfg.checkpointing.resume_from_ckpt:
         return None
     path = Path(cfg.checkpointing.resume_ckpt_path)
     default = Path(cfg.checkpointing.save_dir) / "last.ckpt"
-    if path.is_file():
-        read_checkpoint(path)  # fail early and clearly on a corrupt file
-        log.info("resuming from %s", path)
-        return str(path)
-    if path != default:
+    if not path.is_file() and path != default:
         raise ConfigError(f"checkpointing.resume_ckpt_path={path} does not exist")
-    return None
+    candidates = [p for p in [path, *run_dir().glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    read_checkpoint(newest)  # fail early and clearly on a corrupt file
+    log.info("resuming from %s", newest)
+    return str(newest)
 
 
 def evaluate_ppl(cfg: DictConfig, dm, module: DiffusionModule, split: str) -> dict[str, Any]:

@@ -6,9 +6,10 @@ final layer -> DiT. The call is the backbone seam of the project:
 
     logits = dit(x_t, sigma=None, attention_mask=None)   # (B, L) long -> (B, L, V)
 
-`time_conditioning=False` builds plain pre-LayerNorm blocks; otherwise every
-block is modulated by a `cond_dim` embedding of `sigma` (adaLN-zero, so a fresh
-block starts as the identity). `causal=True` turns it into the AR backbone, and then
+Every block is modulated by a `cond_dim` embedding of `sigma` (adaLN-zero, so a
+fresh block starts as the identity); `time_conditioning=False` embeds sigma = 0, as
+MDLM does, which keeps the zero-initialised gates (they speed up early training a lot on
+the embedded default) while making the output independent of t. `causal=True` turns it into the AR backbone, and then
 `forward_cached(x_new, cache)` decodes with a KV cache (`init_cache`): each new token
 attends to the stored keys and values, so sampling L tokens costs O(L) block calls.
 """
@@ -121,10 +122,11 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, sigma: Tensor) -> Tensor:
         half = self.freq_dim // 2
+        dtype = self.mlp[0].weight.dtype  # float32 params: features in float32 even under autocast
         freqs = torch.exp(
-            -math.log(10_000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
+            -math.log(10_000) * torch.arange(half, device=sigma.device, dtype=dtype) / half
         )
-        args = sigma.float()[:, None] * freqs[None]  # (B, half)
+        args = sigma.to(dtype)[:, None] * freqs[None]  # (B, half)
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, cond_dim)
 
 
@@ -241,7 +243,7 @@ class DiT(nn.Module):
         causal: bool = False,
     ) -> None:
         super().__init__()
-        cond = cond_dim if time_conditioning else None
+        cond = cond_dim  # adaLN-zero always: MDLM feeds sigma = 0 when time-agnostic
         if hidden_size % n_heads != 0:
             raise ValueError(
                 f"model.hidden_size={hidden_size} must be divisible by model.n_heads={n_heads}"
@@ -249,10 +251,11 @@ class DiT(nn.Module):
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.causal = causal
+        self.time_conditioning = time_conditioning
         self.embed = nn.Embedding(vocab_size, hidden_size)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.rotary = Rotary(hidden_size // n_heads)
-        self.sigma_embed = TimestepEmbedder(cond) if cond is not None else None
+        self.sigma_embed = TimestepEmbedder(cond)
         self.blocks = nn.ModuleList(
             Block(hidden_size, n_heads, cond, mlp_ratio, dropout) for _ in range(n_blocks)
         )
@@ -260,7 +263,7 @@ class DiT(nn.Module):
 
     @property
     def time_conditioned(self) -> bool:
-        return self.sigma_embed is not None
+        return self.time_conditioning
 
     def forward(
         self, x_t: Tensor, sigma: Tensor | None = None, attention_mask: Tensor | None = None
@@ -281,11 +284,12 @@ class DiT(nn.Module):
             x = block(x, rotary, cond, key_padding, self.causal)
         return self.final(x, cond)  # (B, L, V)
 
-    def _condition(self, sigma: Tensor | None, B: int) -> Tensor | None:
-        """(B, cond_dim) embedding of sigma, or None for a time-agnostic DiT."""
-        if self.sigma_embed is None:
-            return None
-        if sigma is None:
+    def _condition(self, sigma: Tensor | None, B: int) -> Tensor:
+        """(B, cond_dim) embedding of sigma; a time-agnostic DiT embeds sigma = 0 (as MDLM),
+        so its adaLN-zero gates are learned constants and every block starts as the identity."""
+        if not self.time_conditioning:
+            sigma = torch.zeros(B, device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+        elif sigma is None:
             raise ValueError(
                 "this DiT is time-conditioned (time_conditioning=true) and needs sigma"
             )

@@ -30,6 +30,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("overrides", nargs="*")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare_parameterizations")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep runs whose ppl_eval.json already exists"
+    )
     args = p.parse_args()
     rows = []
     for name, extra in RUNS.items():
@@ -43,13 +46,16 @@ def main() -> None:
             *extra,
             *args.overrides,
         ]
-        print("$", " ".join(cmd), flush=True)
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        if not (args.reuse and (run_dir / "ppl_eval.json").exists()):
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         stats = json.loads((run_dir / "ppl_eval.json").read_text())
         stats.update(name=name, minutes=(time.perf_counter() - start) / 60)
         rows.append(stats)
-    print("\n| parameterization | val ppl | kind | nelbo/token | steps | tokens scored | minutes |")
+    print(
+        "\n| parameterization | val ppl | kind | nelbo/token | steps | tokens scored | minutes* |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         kind = "bound" if r["bound"] else "exact"
@@ -58,6 +64,7 @@ def main() -> None:
             f"{r['tokens']} | {r['minutes']:.1f} |"
         )
     print(f"\nunigram ppl of the validation split: {rows[0]['unigram_ppl']:.2f}")
+    print("* wall minutes of this invocation (near 0 for reused runs)")
     (args.out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -59,8 +59,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
 
 
 def flops_per_token(backbone: torch.nn.Module, n_layers: int, d: int, length: int) -> float:
-    """Training FLOPs per token: 6 x (matmul parameters) + attention 12 n_layer d L (PaLM)."""
-    n_matmul = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Linear))
+    """Training FLOPs per token: 6 x (per-token matmul parameters) + attention 12 n_layer d L
+    (PaLM). The sigma embedding and adaLN projections act once per sequence, not per token."""
+    n_matmul = sum(
+        m.weight.numel()
+        for name, m in backbone.named_modules()
+        if isinstance(m, torch.nn.Linear) and "adaLN" not in name and "sigma_embed" not in name
+    )
     return 6 * n_matmul + 12 * n_layers * d * length
 
 

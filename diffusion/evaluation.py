@@ -25,6 +25,20 @@ def sample_entropy(tokens: Tensor) -> float:
     return sum(entropies) / max(len(entropies), 1)
 
 
+def judge_windows(tokenizer, texts: Sequence[str], bos: int | None, length: int) -> list[list[int]]:
+    """Re-tokenise `texts` with the judge's tokenizer, prefix BOS, cut into windows of `length`
+    that overlap by one token (so every token after the first is scored exactly once)."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [bos, *ids] if bos is not None else ids
+        for i in range(0, max(len(ids) - 1, 1), length - 1):
+            window = ids[i : i + length]
+            if len(window) > 1:
+                rows.append(window)
+    return rows
+
+
 class JudgeLoadError(RuntimeError):
     """The generative-perplexity judge cannot be loaded."""
 
@@ -55,14 +69,7 @@ class GenPPLJudge:
     def score(self, texts: Sequence[str]) -> dict[str, float]:
         """Generative perplexity of `texts`; each is scored after a BOS token, in windows."""
         nll_sum, n_tokens = 0.0, 0
-        rows = []
-        for text in texts:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids = [self.bos, *ids] if self.bos is not None else ids
-            for i in range(0, max(len(ids) - 1, 1), self.max_length - 1):
-                window = ids[i : i + self.max_length]
-                if len(window) > 1:
-                    rows.append(window)
+        rows = judge_windows(self.tokenizer, texts, self.bos, self.max_length)
         for i in range(0, len(rows), self.batch_size):
             batch = rows[i : i + self.batch_size]
             width = max(len(r) for r in batch)
@@ -97,14 +104,7 @@ class ModelJudge:
 
     @torch.no_grad()
     def score(self, texts: Sequence[str]) -> dict[str, float]:
-        bos = self.tokenizer.bos_token_id
-        rows = []
-        for text in texts:
-            ids = [bos, *self.tokenizer(text, add_special_tokens=False)["input_ids"]]
-            for i in range(0, max(len(ids) - 1, 1), self.length - 1):
-                window = ids[i : i + self.length]
-                if len(window) > 1:
-                    rows.append(window)
+        rows = judge_windows(self.tokenizer, texts, self.tokenizer.bos_token_id, self.length)
         device = next(self.backbone.parameters()).device
         nll_sum, n_tokens = 0.0, 0
         for i in range(0, len(rows), self.batch_size):

@@ -1,0 +1,86 @@
+"""Chat rendering for instruction tuning (SFT) and prompted generation.
+
+A conversation is a list of `{"role": "user" | "assistant" | "system", "content": str}`
+messages. Tokenizers that ship a chat template (Llama-3, Qwen, ...) keep theirs; those
+without one (ModernBERT, GPT-2, our char/BPE tokenizers) get ours, LLaDA's layout with
+role tokens of our own:
+
+    [BOS]<|user|>\\nWhat is 2+2?[EOS]<|assistant|>\\n4[EOS]
+
+Each turn ends with the tokenizer's EOS, so `tokenizer.eos_token_id` marks where an answer
+stops (SFT pads answers with EOS; a generator cuts its output at the first one). The role
+tokens are added as special tokens: whole tokens even for a character-level vocabulary, and
+the vocabulary grows by their count (the data module reports the new `vocab_size`, the
+backbone is built with it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import transformers
+
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+
+# Jinja, rendered by transformers' apply_chat_template; `bos_token`/`eos_token` are the
+# tokenizer's own. A role outside ROLE_TOKENS is an error, not silently dropped text.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('chat role must be system, user or assistant, got ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + '\\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' + '\\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+) -> transformers.PreTrainedTokenizerBase:
+    """Give `tokenizer` our chat template and role tokens unless it has a template already.
+
+    Changes the tokenizer in place (idempotent) and returns it. Call it before the model is
+    built: the added role tokens enlarge the vocabulary (`len(tokenizer)`).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token to end turns")
+    missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
+    if missing:
+        # special tokens are matched before pre-tokenization: one id each, never split
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def render_chat(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    """Token ids of a conversation under the tokenizer's chat template.
+
+    `add_generation_prompt` appends the assistant header, so the model continues with the
+    answer. The template writes BOS itself, so no special tokens are added on top.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template: build it through an "
+            "SFT data config (data=sft_local or data=alpaca), which calls "
+            "chat.ensure_chat_template before the model is built"
+        )
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer: transformers.PreTrainedTokenizerBase, user_text: str) -> list[int]:
+    """The clean prefix a prompted generator feeds the sampler: one user turn + assistant header."""
+    return render_chat(tokenizer, [{"role": "user", "content": user_text}], True)

@@ -37,7 +37,7 @@ class ModelDenoiser:
 
     @torch.no_grad()
     def log_p_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
-        logits = self.backbone(x_t, self.objective.backbone_sigma(t), None)
+        logits = self.backbone(x_t, self.objective.backbone_sigma(t, x_t), None)
         log_p = self.objective.log_p_x0(logits, x_t)
         return subs_log_p_x0(log_p, x_t, self.mask_id)  # the SUBS view (identity for SUBS)
 
@@ -50,7 +50,7 @@ class ModelDenoiser:
         rows 0 on x_t, log expm1(sigma) on the mask, -inf-like elsewhere.
         """
         sigma = self.objective.noise.sigma(t).float()  # (B,)
-        logits = self.backbone(x_t, self.objective.backbone_sigma(t), None)
+        logits = self.backbone(x_t, self.objective.backbone_sigma(t, x_t), None)
         own = getattr(self.objective, "log_score", None)
         if own is not None:
             return own(logits, x_t, sigma)

@@ -22,7 +22,7 @@ from torchmetrics import SumMetric
 
 from diffusion.denoiser import ModelDenoiser
 from diffusion.ema import make_ema
-from diffusion.objectives.base import Objective
+from diffusion.objectives.base import LossOutput, Objective
 
 
 class NLLMeter(nn.Module):
@@ -60,6 +60,9 @@ class DiffusionModule(L.LightningModule):
         eval_mc_samples: int = 1,
         eval_seed: int = 0,
         config: dict | None = None,
+        loss_norm: str = "token",
+        random_length_fraction: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -70,6 +73,14 @@ class DiffusionModule(L.LightningModule):
         self.eval_mc_samples = eval_mc_samples
         self.eval_seed = eval_seed
         self.config = config or {}
+        LossOutput(torch.zeros(1, 1), torch.ones(1, 1)).reduce(loss_norm)  # fail early on a typo
+        if not 0.0 <= random_length_fraction <= 1.0:
+            raise ValueError(
+                f"training.random_length_fraction={random_length_fraction}: expected a fraction"
+            )
+        self.loss_norm = loss_norm
+        self.random_length_fraction = random_length_fraction
+        self.seed = seed
         self.val_meter = NLLMeter()
         self._rng_to_restore: dict | None = None
         self._last_step_time: float | None = None
@@ -85,12 +96,59 @@ class DiffusionModule(L.LightningModule):
         return ModelDenoiser(self.eval_backbone, self.objective)
 
     # ---- training -----------------------------------------------------------------------
+    def step_generator(self) -> torch.Generator:
+        """The training noise of this optimizer step, seeded by (seed, step) on every rank.
+
+        Every rank and micro-batch draws the whole global batch's noise from it and keeps its
+        own rows, so training noise is the same for 1 or N devices at one global batch, times
+        are stratified over the global batch, and a resumed run needs no RNG state for it.
+        """
+        seed = np.random.SeedSequence([self.seed, self.global_step]).generate_state(1)[0]
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def global_rows(self, batch_size: int, batch_idx: int) -> tuple[Tensor, int]:
+        """(indices of this micro-batch's rows in the global batch, global batch size).
+
+        The loader shards rows `rank::world` of one shuffled order, so local row i of
+        accumulation step a on rank r is global row r + world * (a * B + i).
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank
+        accum = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        a = batch_idx % accum
+        local = torch.arange(batch_size, device=self.device)
+        return rank + world * (a * batch_size + local), batch_size * world * accum
+
+    def crop_length(self, length: int, generator: torch.Generator) -> int:
+        """SMDM/LLaDA stochastic length: a `random_length_fraction` of steps train on a
+        random prefix length in [2, length] (the same on every rank), the rest on all of it."""
+        if self.random_length_fraction <= 0:
+            return length
+        coin, u = torch.rand(2, generator=generator, device=generator.device).tolist()
+        if coin >= self.random_length_fraction:
+            return length
+        return 2 + int(u * (length - 1))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x0, attn = batch["input_ids"], batch["attention_mask"]
+        loss_mask = batch.get("loss_mask")
         set_step = getattr(self.backbone, "set_training_step", None)
         if set_step is not None:  # backbones with a schedule of their own (attention annealing)
             set_step(self.global_step)
-        loss = self.objective.loss(self.backbone, x0, attn).mean()
+        generator = self.step_generator()
+        keep = self.crop_length(x0.shape[1], generator)
+        if keep < x0.shape[1]:
+            x0, attn = x0[:, :keep], attn[:, :keep]
+            loss_mask = loss_mask[:, :keep] if loss_mask is not None else None
+        out = self.objective.loss(
+            self.backbone,
+            x0,
+            attn,
+            generator,
+            loss_mask=loss_mask,
+            rows=self.global_rows(x0.shape[0], batch_idx),
+        )
+        loss = out.reduce(self.loss_norm)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x0.shape[0])
         now = time.perf_counter()
         if self._last_step_time is not None:
@@ -132,10 +190,12 @@ class DiffusionModule(L.LightningModule):
     def eval_nll(self, batch: dict[str, Tensor], generator: torch.Generator | None = None):
         """Per-token NELBO of a batch under the EMA weights, `eval_mc_samples` times per row."""
         x0, attn = batch["input_ids"], batch["attention_mask"]
+        loss_mask = batch.get("loss_mask")
         k = self.eval_mc_samples
         if k > 1:  # each row seen k times, each time with its own t and mask
             x0, attn = x0.repeat_interleave(k, 0), attn.repeat_interleave(k, 0)
-        out = self.objective.loss(self.eval_backbone, x0, attn, generator)
+            loss_mask = loss_mask.repeat_interleave(k, 0) if loss_mask is not None else None
+        out = self.objective.loss(self.eval_backbone, x0, attn, generator, loss_mask=loss_mask)
         out.mask = out.mask / k
         return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from diffusion.noise import NoiseSchedule
-from diffusion.objectives.base import LossOutput, Objective
+from diffusion.objectives.base import LossOutput, Objective, Rows
 
 
 class AR(Objective):
@@ -36,9 +36,16 @@ class AR(Objective):
         return logits.float().log_softmax(dim=-1)
 
     def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, generator=None
+        self,
+        backbone: nn.Module,
+        x0: Tensor,
+        attention_mask: Tensor,
+        generator=None,
+        loss_mask: Tensor | None = None,
+        rows: Rows = None,
     ) -> LossOutput:
-        """(B, L - 1) per-token NLL of x0[:, 1:] given its prefix; `generator` is unused."""
+        """(B, L - 1) per-token NLL of x0[:, 1:] given its prefix (scored where `loss_mask`);
+        nothing is random, so `generator` and `rows` are unused."""
         if getattr(backbone, "causal", True) is False:
             raise ValueError(
                 "parameterization=ar needs a causal backbone (backbone.causal=true): a "
@@ -47,4 +54,5 @@ class AR(Objective):
         logits = backbone(x0[:, :-1], None, attention_mask[:, :-1])  # (B, L - 1, V)
         log_p = self.log_p_next(logits)
         nll = -log_p.gather(-1, x0[:, 1:, None]).squeeze(-1)  # position i predicts x0[i + 1]
-        return LossOutput(nll=nll, mask=attention_mask[:, 1:].to(nll.dtype))
+        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
+        return LossOutput(nll=nll, mask=scored[:, 1:].to(nll.dtype))

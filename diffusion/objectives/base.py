@@ -15,6 +15,9 @@ from torch import Tensor, nn
 
 from diffusion.noise import NoiseSchedule
 
+MIN_CLEAN = 1e-3  # caps the mask-fraction sigma at -log(1e-3), loglinear's sigma(1)
+Rows = tuple[Tensor, int] | None  # (this batch's row indices (B,), global batch size)
+
 
 @dataclass
 class LossOutput:
@@ -31,6 +34,20 @@ class LossOutput:
         """Loss normalised per token over the batch (MDLM's choice)."""
         return (self.nll * self.mask).sum() / self.mask.sum().clamp_min(1)
 
+    def mean_per_sequence(self) -> Tensor:
+        """Each row's loss divided by its scored tokens, averaged over rows (LLaDA's SFT
+        normalisation by answer length). Rows with nothing scored count as zero."""
+        per_row = (self.nll * self.mask).sum(-1) / self.mask.sum(-1).clamp_min(1)
+        return per_row.mean()
+
+    def reduce(self, norm: str) -> Tensor:
+        """`norm`: "token" (per token over the batch) or "sequence" (per row, then mean)."""
+        if norm == "token":
+            return self.mean()
+        if norm == "sequence":
+            return self.mean_per_sequence()
+        raise ValueError(f"training.loss_norm={norm!r}: expected 'token' or 'sequence'")
+
 
 class Objective(nn.Module):
     """What every objective exposes to the LightningModule and the denoiser."""
@@ -39,8 +56,17 @@ class Objective(nn.Module):
     exact_likelihood: bool = False  # True for AR: its perplexity is exact, not a bound
 
     def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, generator=None
+        self,
+        backbone: nn.Module,
+        x0: Tensor,
+        attention_mask: Tensor,
+        generator=None,
+        loss_mask: Tensor | None = None,
+        rows: Rows = None,
     ) -> LossOutput:
+        """Per-token NELBO terms of x0. `loss_mask` (B, L): the tokens scored (and, for
+        diffusion, the only ones noised); `rows=(index, total)`: the batch is those rows of
+        a global batch, whose random draws are made whole and indexed."""
         raise NotImplementedError
 
 
@@ -56,6 +82,7 @@ class AbsorbingDiffusion(Objective):
         T: int = 0,
         sampling_eps: float = 1e-3,
         antithetic: bool = True,
+        mask_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if T < 0:
@@ -69,33 +96,68 @@ class AbsorbingDiffusion(Objective):
         self.T = T
         self.sampling_eps = sampling_eps
         self.antithetic = antithetic
+        self.mask_conditioning = mask_conditioning and not time_conditioning
 
     # ---- time and forward process -------------------------------------------------
-    def sample_t(self, n: int, device: torch.device, generator=None) -> Tensor:
-        """n times in [eps, 1]: one uniform draw per stratum [i/n, (i+1)/n) (low discrepancy).
+    def sample_t(self, n: int, device: torch.device, generator=None, rows: Rows = None) -> Tensor:
+        """n times in [eps, 1]: one uniform draw per stratum [i/N, (i+1)/N) (low discrepancy).
 
-        With T > 0 the time is snapped up to the grid {1/T, ..., 1}.
+        `rows=(index, total)`: these n rows are rows `index` (n,) of a global batch of `total`;
+        the strata span the global batch and the draws are made for all `total` rows and
+        indexed, so a row's time does not depend on how the global batch is split over
+        devices and accumulation steps. With T > 0 the time is snapped up to {1/T, ..., 1}.
         """
-        u = torch.rand(n, device=device, generator=generator)
+        total = n if rows is None else rows[1]
+        u = torch.rand(total, device=device, generator=generator)
         if self.antithetic:
-            u = (u + torch.arange(n, device=device)) / n  # stratum i holds exactly one time
+            u = (u + torch.arange(total, device=device)) / total  # stratum i holds one time
+        if rows is not None:
+            u = u[rows[0].to(u.device)]
         if self.T > 0:
             return (torch.floor(u * self.T) + 1) / self.T
         return self.sampling_eps + (1 - self.sampling_eps) * u
 
-    def q_xt(self, x0: Tensor, move_chance: Tensor, generator=None) -> Tensor:
-        """Mask each token independently with probability move_chance (B, 1)."""
-        u = torch.rand(x0.shape, device=x0.device, generator=generator)
-        return torch.where(u < move_chance, torch.full_like(x0, self.mask_id), x0)
+    def q_xt(
+        self,
+        x0: Tensor,
+        move_chance: Tensor,
+        generator=None,
+        noisable: Tensor | None = None,
+        rows: Rows = None,
+    ) -> Tensor:
+        """Mask each token independently with probability move_chance (B, 1).
 
-    def backbone_sigma(self, t: Tensor) -> Tensor | None:
-        """What the backbone is conditioned on: sigma(t), or nothing when time-agnostic."""
-        return self.noise.sigma(t) if self.time_conditioned else None
+        Tokens where `noisable` (B, L) is False (an SFT prompt) are never masked; `rows` as in
+        `sample_t` (the uniforms are drawn for the whole global batch and indexed).
+        """
+        total = x0.shape[0] if rows is None else rows[1]
+        u = torch.rand((total, x0.shape[1]), device=x0.device, generator=generator)
+        if rows is not None:
+            u = u[rows[0].to(u.device)]
+        masked = u < move_chance
+        if noisable is not None:
+            masked &= noisable.bool()
+        return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+
+    def backbone_sigma(self, t: Tensor, x_t: Tensor | None = None) -> Tensor | None:
+        """What the backbone is conditioned on: sigma(t) when time-conditioned; else, with
+        `mask_conditioning`, -log(fraction of x_t unmasked), a statistic of x_t itself (the
+        denoiser stays a function of x_t alone, so ddpm_cache stays exact); else nothing."""
+        if self.time_conditioned:
+            return self.noise.sigma(t)
+        if self.mask_conditioning and x_t is not None:
+            masked = (x_t == self.mask_id).float().mean(-1)  # (B,)
+            return -torch.log1p(-masked.clamp(max=1 - MIN_CLEAN))
+        return None
 
     # ---- hooks ------------------------------------------------------------------------
     def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:
         """(B, L, V) backbone logits -> (B, L, V) float32 log p(x0 | x_t)."""
         raise NotImplementedError
+
+    def model_output(self, logits: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """What `nll_per_token` scores: log p(x0 | x_t) here; SEDD's log score needs t."""
+        return self.log_p_x0(logits, x_t)
 
     def nll_per_token(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """(B, L) weighted per-token NELBO terms from the processed model output."""
@@ -103,10 +165,25 @@ class AbsorbingDiffusion(Objective):
 
     # ---- the loss -----------------------------------------------------------------
     def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, generator=None
+        self,
+        backbone: nn.Module,
+        x0: Tensor,
+        attention_mask: Tensor,
+        generator=None,
+        loss_mask: Tensor | None = None,
+        rows: Rows = None,
     ) -> LossOutput:
-        t = self.sample_t(x0.shape[0], x0.device, generator)  # (B,)
-        x_t = self.q_xt(x0, self.noise.move_chance(t)[:, None], generator)
-        logits = backbone(x_t, self.backbone_sigma(t), attention_mask)
-        nll = self.nll_per_token(self.log_p_x0(logits, x_t), x0, x_t, t)
-        return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype))
+        """One-sample NELBO estimate per token (t and the mask drawn once per row).
+
+        loss_mask (B, L): 1 where a token may be noised and is scored (SFT: the answer and its
+        EOS padding); elsewhere tokens stay clean and only condition. None: every real token.
+        """
+        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
+        t = self.sample_t(x0.shape[0], x0.device, generator, rows)  # (B,)
+        move = self.noise.move_chance(t)[:, None]
+        x_t = self.q_xt(
+            x0, move, generator, noisable=scored if loss_mask is not None else None, rows=rows
+        )
+        logits = backbone(x_t, self.backbone_sigma(t, x_t), attention_mask)
+        nll = self.nll_per_token(self.model_output(logits, x_t, t), x0, x_t, t)
+        return LossOutput(nll=nll, mask=scored.to(nll.dtype))

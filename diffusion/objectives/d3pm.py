@@ -45,8 +45,18 @@ class D3PM(AbsorbingDiffusion):
         sampling_eps: float = 1e-3,
         antithetic: bool = True,
         subs_masking: bool = False,
+        mask_conditioning: bool = False,
     ) -> None:
-        super().__init__(noise, mask_id, vocab_size, time_conditioning, T, sampling_eps, antithetic)
+        super().__init__(
+            noise,
+            mask_id,
+            vocab_size,
+            time_conditioning,
+            T,
+            sampling_eps,
+            antithetic,
+            mask_conditioning,
+        )
         if T < 1:
             raise ValueError(
                 f"parameterization=d3pm is a discrete-time objective and needs T > 0 steps "

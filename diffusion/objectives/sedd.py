@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion.noise import NoiseSchedule
-from diffusion.objectives.base import AbsorbingDiffusion, LossOutput
+from diffusion.objectives.base import AbsorbingDiffusion
 from diffusion.objectives.subs import subs_log_p_x0
 
 
@@ -74,18 +74,11 @@ class SEDD(AbsorbingDiffusion):
         masked = (x_t == self.mask_id).to(log_score.dtype)
         return (positive - negative + constant) * masked
 
+    def model_output(self, logits: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The log score (it needs sigma) in place of log p(x0 | x_t)."""
+        return self.log_score(logits, x_t, self.noise.sigma(t))
+
     def nll_per_token(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """(B, L) dsigma-weighted score entropy; `model_out` is the log score."""
         sigma, dsigma = self.noise.sigma(t), self.noise.dsigma(t)
         return dsigma.float()[:, None] * self.score_entropy(model_out, x0, x_t, sigma)
-
-    def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, generator=None
-    ) -> LossOutput:
-        """The base estimator with the log score (it needs sigma) in place of log p(x0 | x_t)."""
-        t = self.sample_t(x0.shape[0], x0.device, generator)  # (B,)
-        x_t = self.q_xt(x0, self.noise.move_chance(t)[:, None], generator)
-        sigma = self.noise.sigma(t)
-        logits = backbone(x_t, sigma, attention_mask)
-        nll = self.nll_per_token(self.log_score(logits, x_t, sigma), x0, x_t, t)
-        return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype))

@@ -59,15 +59,15 @@ def ensure_chat_template(
     return tokenizer
 
 
-def render_chat(
+def chat_text(
     tokenizer: transformers.PreTrainedTokenizerBase,
     messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool = False,
-) -> list[int]:
-    """Token ids of a conversation under the tokenizer's chat template.
+) -> str:
+    """A conversation rendered as text by the tokenizer's chat template (not tokenized).
 
     `add_generation_prompt` appends the assistant header, so the model continues with the
-    answer. The template writes BOS itself, so no special tokens are added on top.
+    answer. The template writes BOS itself.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -75,9 +75,21 @@ def render_chat(
             "SFT data config (data=sft_local or data=alpaca), which calls "
             "chat.ensure_chat_template before the model is built"
         )
-    text = tokenizer.apply_chat_template(
+    return tokenizer.apply_chat_template(
         [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def render_chat(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    """Token ids of a conversation under the tokenizer's chat template (see `chat_text`).
+
+    No special tokens are added on top: the template already opens with BOS.
+    """
+    text = chat_text(tokenizer, messages, add_generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

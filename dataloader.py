@@ -11,7 +11,10 @@ One class, `TextDataModule`, turns a text source into token tensors of shape (N,
   (one document per row, attention_mask 0 on padding); results cached with torch.save;
 - a resumable, rank-sharded, (seed, epoch)-shuffled train loader whose `state_dict` Lightning
   stores in checkpoints, so a resumed run sees exactly the batches of an uninterrupted one;
-- MDLM's detokenizers for zero-shot evaluation, and a unigram perplexity baseline.
+- MDLM's detokenizers for zero-shot evaluation, and a unigram perplexity baseline;
+- `SFTDataModule`: instruction-tuning conversations (jsonl files or a hub dataset such as
+  Alpaca) rendered with the chat template of chat.py into LLaDA's SFT rows (prompt, answer,
+  EOS padding) with a `loss_mask` on the answer.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import numpy as np
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from chat import chat_text, ensure_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -410,19 +415,36 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Rows of cached token tensors -> `{"input_ids", "attention_mask"}` long tensors."""
+    """Rows of cached token tensors -> `{"input_ids", "attention_mask"}` long tensors.
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self.input_ids, self.attention_mask = input_ids, attention_mask
+    SFT rows carry a `loss_mask` too (bool: the answer and its EOS padding, the only tokens
+    noised and scored); it is added to every item when present.
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+    ) -> None:
+        self.input_ids, self.attention_mask, self.loss_mask = input_ids, attention_mask, loss_mask
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
+        item = {
             "input_ids": self.input_ids[i].long(),
             "attention_mask": self.attention_mask[i].long(),
         }
+        if self.loss_mask is not None:
+            item["loss_mask"] = self.loss_mask[i].bool()
+        return item
+
+    def scored(self) -> torch.Tensor:
+        """(N, L) bool: the tokens a loss counts (real tokens; for SFT only the answers)."""
+        mask = self.attention_mask.bool()
+        return mask if self.loss_mask is None else mask & self.loss_mask.bool()
 
 
 class StreamingRows(torch.utils.data.IterableDataset):
@@ -639,6 +661,23 @@ class TextDataModule(L.LightningDataModule):
             return f"{self.hf_path} files {self._files(split)[1]}"
         return f"{self.hf_path}/{self.hf_name or ''} split {self._split_spec(split)!r}"
 
+    def _load_hf(self, split: str, streaming: bool = False) -> Any:
+        """`datasets.load_dataset` of a split as configured (hub builder or local files)."""
+        import datasets
+
+        kwargs: dict[str, Any] = {"split": self._split_spec(split), "streaming": streaming}
+        if self.data_files:
+            key, files = self._files(split)
+            kwargs["data_files"] = {key: files}
+        return datasets.load_dataset(
+            self.hf_path,
+            self.hf_name,
+            revision=self.hf_revision,
+            cache_dir=os.path.join(self.cache_dir, "hf"),
+            **kwargs,
+            **self.load_kwargs,
+        )
+
     def texts(self, split: str, streaming: bool = False) -> Any:
         """A split as a `datasets.Dataset` (or IterableDataset) with one `text` column."""
         import datasets
@@ -648,18 +687,7 @@ class TextDataModule(L.LightningDataModule):
             docs = [d for p in self._plays(split) for d in play_to_documents(plays[p].read_text())]
             ds = datasets.Dataset.from_dict({"text": docs})
         else:
-            kwargs: dict[str, Any] = {"split": self._split_spec(split), "streaming": streaming}
-            if self.data_files:
-                key, files = self._files(split)
-                kwargs["data_files"] = {key: files}
-            ds = datasets.load_dataset(
-                self.hf_path,
-                self.hf_name,
-                revision=self.hf_revision,
-                cache_dir=os.path.join(self.cache_dir, "hf"),
-                **kwargs,
-                **self.load_kwargs,
-            )
+            ds = self._load_hf(split, streaming)
             if self.text_key != "text":
                 ds = ds.select_columns([self.text_key]).rename_column(self.text_key, "text")
             ds = ds.select_columns(["text"])
@@ -854,12 +882,12 @@ class TextDataModule(L.LightningDataModule):
         """Perplexity of `split`'s scored tokens under add-one unigram counts from train."""
         train, data = self.dataset("train"), self.dataset(split)
         counts = torch.bincount(
-            train.input_ids[train.attention_mask.bool()].long(), minlength=self.vocab_size
+            train.input_ids[train.scored()].long(), minlength=self.vocab_size
         ).double()
         counts[self.mask_id] = 0
         support = self.vocab_size - 1  # every token but [MASK]
         log_p = (counts + 1).log() - math.log(counts.sum().item() + support)
-        scored = data.input_ids[data.attention_mask.bool()].long()
+        scored = data.input_ids[data.scored()].long()
         return math.exp(-log_p[scored].mean().item())
 
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -881,3 +909,284 @@ class TextDataModule(L.LightningDataModule):
             parts = [tok.decode(s, clean_up_tokenization_spaces=False) for s in segments]
             out.append(MASK_MARKER.join(parts))
         return out
+
+
+# ----------------------------------------------------------------------------- SFT data
+# Instruction tuning after LLaDA (Nie et al. 2025, sec. 2.3): each example is one row of
+# `length` tokens, the chat-rendered prompt, then the answer, then EOS up to the end. The
+# EOS padding belongs to the answer (noised and scored) so the model learns where to stop;
+# `loss_mask` marks the answer, and the objective never masks the prompt.
+
+
+def alpaca_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """An Alpaca row -> [user, assistant]: the instruction, with its `input` (if any) after a
+    blank line, asks; `output` answers (tatsu-lab/alpaca's columns)."""
+    bad = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+    if bad:
+        raise ValueError(f"needs text fields {bad}; the row has fields {sorted(row)}")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise ValueError(f"field 'input' must be text, got {type(extra).__name__}")
+    user = row["instruction"].strip()
+    if extra and extra.strip():
+        user = f"{user}\n\n{extra.strip()}"
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": row["output"].strip()},
+    ]
+
+
+def row_to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One SFT record -> a conversation whose last message is the answer to learn.
+
+    Accepts `{"messages": [{"role", "content"}, ...]}` (roles system/user/assistant; the last
+    one the assistant's, everything before it is the prompt) or a pair: `prompt` or
+    `instruction` (plus an optional Alpaca `input`) and `response` or `output`.
+    """
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise ValueError("'messages' must be a list of at least a user and an assistant turn")
+        out = []
+        for i, m in enumerate(messages):
+            ok = isinstance(m, dict) and isinstance(m.get("content"), str)
+            if not ok or m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(
+                    f"messages[{i}] must be {{'role': 'system'|'user'|'assistant', 'content': "
+                    f"text}}, got {m!r}"
+                )
+            out.append({"role": m["role"], "content": m["content"]})
+        if out[-1]["role"] != "assistant":
+            raise ValueError("the last message must be the assistant's answer")
+        return out
+    ask = next((k for k in ("prompt", "instruction") if k in row), None)
+    answer = next((k for k in ("response", "output") if k in row), None)
+    if ask is None or answer is None:
+        raise ValueError(
+            'expected {"messages": [...]} or a "prompt"/"instruction" field and a '
+            f'"response"/"output" field; the row has fields {sorted(row)}'
+        )
+    pair = {"instruction": row[ask], "input": row.get("input"), "output": row[answer]}
+    return alpaca_messages(pair)
+
+
+ROW_FORMATS: dict[str, Callable[[Mapping[str, Any]], list[dict[str, str]]]] = {
+    "auto": row_to_messages,
+    "alpaca": alpaca_messages,
+}
+
+
+def read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, record) per non-blank line; a malformed line names the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path} line {n}: expected a JSON object, got {type(record).__name__}"
+                )
+            yield f"{path} line {n}", record
+
+
+def sft_rows(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], length: int, eos: int
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Lay examples out as LLaDA's SFT rows: prompt, answer, then EOS up to `length`.
+
+    Returns (input_ids int32 (N, length), loss_mask int8 (N, length), truncated, dropped):
+    loss_mask is 1 from the answer's first token to the row's end (answer + EOS padding).
+    An answer cut at `length` is kept and counted in `truncated` (it loses its final EOS);
+    an example whose prompt alone leaves no room for an answer token is counted in `dropped`.
+    """
+    keep = [i for i, p in enumerate(prompts) if len(p) < length]
+    ids = np.full((len(keep), length), eos, dtype=np.int32)
+    loss_mask = np.zeros((len(keep), length), dtype=np.int8)
+    truncated = 0
+    for row, i in enumerate(keep):
+        p, a = prompts[i], answers[i]
+        room = length - len(p)
+        truncated += len(a) > room
+        a = a[:room]
+        ids[row, : len(p)] = p
+        ids[row, len(p) : len(p) + len(a)] = a
+        loss_mask[row, len(p) :] = 1
+    return ids, loss_mask, truncated, len(prompts) - len(keep)
+
+
+def tokenizer_from_checkpoint(path: str, cache_dir: str) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer a checkpoint of ours was trained with, rebuilt from its saved data config.
+
+    Our bpe/char tokenizers are trained on the corpus and cached, so SFT on a pretrained model
+    must reuse exactly that one (same ids); the checkpoint names it in `unmask_config.data`.
+    """
+    where = f"data.tokenizer={path}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        raise ValueError(f"{where}: cannot read the checkpoint ({e})") from e
+    config = ckpt.get("unmask_config") if isinstance(ckpt, dict) else None
+    saved = (config or {}).get("data")
+    if not saved:
+        raise ValueError(f"{where}: the checkpoint has no unmask data config to rebuild from")
+    classes = {"TextDataModule": TextDataModule, "SFTDataModule": SFTDataModule}
+    target = str(saved.get("_target_", "")).rsplit(".", 1)[-1]
+    if target not in classes:
+        raise ValueError(f"{where}: its data config builds {target!r}, not one of {list(classes)}")
+    kwargs = {k: v for k, v in saved.items() if not k.startswith("_")}
+    length = int((config.get("model") or {}).get("length", 128))
+    kwargs |= {"length": length, "batch_size": 1, "cache_dir": cache_dir}
+    return classes[target](**kwargs)._build_tokenizer()
+
+
+class SFTDataModule(TextDataModule):
+    """Instruction-tuning data: chat-rendered (prompt, answer) rows with a `loss_mask`.
+
+    Records come from jsonl files (`hf_path: json` + `data_files`; read line by line, so a bad
+    line is named by file and number; a split may slice a file, `train[:95%]`) or from a
+    Hugging Face dataset (`hf_path: tatsu-lab/alpaca`). `row_format` turns a record into
+    messages (ROW_FORMATS). The tokenizer (`bpe`/`char` trained on the train conversations, a
+    Hugging Face name, or a `.ckpt` of ours: the tokenizer its data used) gets the chat template
+    and role tokens (chat.ensure_chat_template); one without a mask token first gets an
+    explicit one at the id MDLM's implicit mask had (len(tokenizer)), so a pretrained model's
+    [MASK] row stays the mask and the role tokens come after it.
+    """
+
+    def __init__(self, *, row_format: str = "auto", **kwargs: Any) -> None:
+        if row_format not in ROW_FORMATS:
+            raise ValueError(f"data.row_format={row_format!r}: one of {list(ROW_FORMATS)}")
+        if kwargs.get("streaming"):
+            raise ValueError("data.streaming=true is not supported for SFT data (rows are cached)")
+        if kwargs.get("source", "hf") != "hf":
+            raise ValueError("SFT data reads jsonl files or a Hugging Face dataset: data.source=hf")
+        if kwargs.get("tokenizer") is None:
+            raise ValueError(
+                "data.tokenizer is null: give bpe, char, a Hugging Face name, or the pretrained "
+                ".ckpt whose tokenizer to reuse (recipes set it from training.init_from_ckpt)"
+            )
+        super().__init__(**(kwargs | {"wrap": False}))
+        self.row_format = row_format
+
+    # -- records -> conversations ------------------------------------------------------------
+
+    def _records(self, split: str) -> list[tuple[str, Mapping[str, Any]]]:
+        """(location, raw record) of every example of a split, first `max_docs` only."""
+        if self.hf_path == "json" and self.data_files:
+            key, files = self._files(split)
+            records = [r for f in files for r in read_jsonl(f)]
+            spec = str(self._split_spec(split))
+            if spec != key:  # a slice of the files, e.g. train[:95%]
+                import datasets
+
+                (part,) = datasets.ReadInstruction.from_spec(spec).to_absolute({key: len(records)})
+                records = records[part.from_ : part.to]
+        else:
+            where = self._describe(split)
+            records = [(f"{where} row {i}", r) for i, r in enumerate(self._load_hf(split))]
+        return records if self.max_docs is None else records[: self.max_docs]
+
+    def conversations(self, split: str) -> list[tuple[str, list[dict[str, str]]]]:
+        """(location, messages) per example; a record that does not convert names its place."""
+        convert = ROW_FORMATS[self.row_format]
+        out = []
+        for where, record in self._records(split):
+            try:
+                out.append((where, convert(record)))
+            except ValueError as e:
+                raise ValueError(f"data {self.name!r}: {where}: {e}") from None
+        return out
+
+    def texts(self, split: str, streaming: bool = False) -> Any:
+        """The conversations' contents as a `text` column (what bpe/char tokenizers train on)."""
+        import datasets
+
+        docs = ["\n".join(m["content"] for m in msgs) for _, msgs in self.conversations(split)]
+        return datasets.Dataset.from_dict({"text": docs})
+
+    # -- tokenizer ---------------------------------------------------------------------------
+
+    def _build_tokenizer(self) -> transformers.PreTrainedTokenizerBase:
+        spec = str(self.tokenizer_spec)
+        if spec.endswith(".ckpt"):
+            tok = tokenizer_from_checkpoint(os.path.expanduser(spec), self.cache_dir)
+        else:
+            tok = super()._build_tokenizer()
+        if tok.mask_token is None:
+            tok.add_special_tokens({"mask_token": "<|mask|>"})
+        ensure_chat_template(tok)
+        if tok.eos_token_id is None:
+            raise ValueError(f"data.tokenizer={spec} has no eos_token to pad answers with")
+        return tok
+
+    def _tokenizer_id(self) -> str:
+        tok = self._ready()
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        return _digest([vocab, tok.chat_template, tok.bos_token_id, tok.eos_token_id])
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def _fingerprint(self, split: str) -> dict[str, Any]:
+        return super()._fingerprint(split) | {"row_format": self.row_format, "sft": 1}
+
+    def _cache_path(self, split: str) -> str:
+        key = _digest([self._fingerprint(split), self._tokenizer_id(), self.length, "sft"])
+        return os.path.join(self.cache_dir, self.name, f"{split}-L{self.length}-sft-{key}.pt")
+
+    def _build_split(self, split: str) -> TokenDataset:
+        path = self._cache_path(split)
+        if os.path.exists(path):
+            t = torch.load(path, weights_only=True, mmap=True)
+            return TokenDataset(t["input_ids"], t["attention_mask"], t["loss_mask"])
+        tok = self._ready()
+        where = f"split {split!r} of data {self.name!r} ({self._describe(split)})"
+        conversations = self.conversations(split)
+        if not conversations:
+            raise ValueError(f"{where} has no examples")
+        prompts, answers = [], []
+        for loc, messages in conversations:
+            prompt = chat_text(tok, messages[:-1], add_generation_prompt=True)
+            full = chat_text(tok, messages)
+            if not full.startswith(prompt):
+                raise ValueError(
+                    f"{where}, {loc}: the chat template of {tok.name_or_path!r} does not render "
+                    "the prompt (with its generation prompt) as the start of the conversation, "
+                    "so the answer cannot be told apart"
+                )
+            prompts.append(prompt)
+            answers.append(full[len(prompt) :])
+        encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
+        ids, loss_mask, truncated, dropped = sft_rows(
+            encode(prompts), encode(answers), self.length, tok.eos_token_id
+        )
+        if dropped:
+            log.warning(
+                "%s: dropped %d of %d examples whose prompt alone fills model.length=%d",
+                where,
+                dropped,
+                len(prompts),
+                self.length,
+            )
+        if truncated:
+            log.warning(
+                "%s: truncated %d of %d answers at model.length=%d (they lose their final EOS)",
+                where,
+                truncated,
+                len(prompts),
+                self.length,
+            )
+        if len(ids) == 0:
+            raise ValueError(f"{where}: no prompt fits in model.length={self.length}; raise it")
+        tensors = {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.ones(ids.shape, dtype=torch.int8),
+            "loss_mask": torch.from_numpy(loss_mask),
+        }
+        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        log.info("cached %s: %d SFT rows x %d tokens at %s", where, len(ids), self.length, path)
+        return TokenDataset(tensors["input_ids"], tensors["attention_mask"], tensors["loss_mask"])

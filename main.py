@@ -29,6 +29,7 @@ from config_utils import ConfigError, register_resolvers, validate_config
 from diffusion.checkpoint import (
     AtomicCheckpointIO,
     FinalCheckpoint,
+    init_weights,
     load_weights,
     read_checkpoint,
 )
@@ -231,6 +232,10 @@ def print_samples(texts: list[str], limit: int = 4) -> None:
 
 
 def train(cfg: DictConfig, dm, module: DiffusionModule) -> None:
+    init = cfg.training.get("init_from_ckpt")
+    if init:  # fine-tuning (SFT): pretrained weights, fresh optimizer and step; resume wins
+        grown = init_weights(module, init, vocab_size=dm.vocab_size)
+        log.info("initialised from %s (new vocabulary rows in %s)", init, grown or "none")
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg))
     if trainer.global_rank != 0:

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from torch import nn
+from torch import Tensor, nn
 
 
 class CheckpointError(RuntimeError):
@@ -91,3 +91,68 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, Any]:
             "overrides (and time_conditioning) as in training."
         ) from e
     return ckpt
+
+
+def init_weights(
+    module: nn.Module, path: str | Path, vocab_size: int, key: str = "training.init_from_ckpt"
+) -> list[str]:
+    """Start `module` from a checkpoint's weights only (no optimizer, step or data position).
+
+    The backbone starts from the checkpoint's EMA weights when it has them (the weights its
+    evaluation and samples used), else its raw ones; the module's EMA starts from the same
+    weights and restarts its warm-up, so it follows the fine-tuning run rather than lagging at
+    the pretrained weights. Vocabulary-sized tensors may have gained rows (the chat tokens SFT
+    adds): the old rows are copied and the new ones keep their fresh initialisation. Any other
+    difference is an error naming `key`. Returns the names of the tensors that grew.
+    """
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}={path}: {e}") from e
+    saved: dict[str, Tensor] = ckpt["state_dict"]
+    own = module.state_dict()
+    ema, counter = "ema.module.", "ema.n_averaged"
+
+    def plain(name: str) -> str:
+        """The backbone name of a tensor (the EMA copy holds the backbone's own names)."""
+        return "backbone." + name[len(ema) :] if name.startswith(ema) else name
+
+    def source(name: str) -> str:
+        """The checkpoint tensor a module tensor starts from: the EMA copy when saved."""
+        name = plain(name)
+        averaged = ema + name.removeprefix("backbone.")
+        return averaged if name.startswith("backbone.") and averaged in saved else name
+
+    hint = {k: ckpt.get("unmask_config", {}).get(k) for k in ("model", "backbone")}
+    own_names = {plain(n) for n in own if n != counter}
+    saved_names = {plain(n) for n in saved if n != counter}
+    missing, unexpected = sorted(own_names - saved_names), sorted(saved_names - own_names)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{key}={path} does not fit the configured model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. It was trained with {hint}; pass the same "
+            "model/backbone overrides as in pretraining."
+        )
+    wanted = {name: source(name) for name in own if name != counter}
+    grown = []
+    with torch.no_grad():
+        for name, src_name in wanted.items():
+            target, src = own[name], saved[src_name]
+            if src.shape == target.shape:
+                target.copy_(src)
+            elif (
+                src.dim() == target.dim()
+                and src.shape[1:] == target.shape[1:]
+                and src.shape[0] < target.shape[0] == vocab_size
+            ):
+                target[: src.shape[0]].copy_(src)  # new vocabulary rows keep their fresh init
+                grown.append(name)
+            else:
+                raise CheckpointError(
+                    f"{key}={path}: {src_name} has shape {tuple(src.shape)} in the checkpoint "
+                    f"but {name} is {tuple(target.shape)} in the model; only vocabulary rows "
+                    f"(vocab {vocab_size}) may be added. It was trained with {hint}."
+                )
+        if counter in own:
+            own[counter].zero_()  # the first EMA update copies the weights
+    return grown

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-MODES = ("train", "ppl_eval", "sample_eval")
+MODES = ("train", "ppl_eval", "sample_eval", "generate")
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError with one clear message for any combination that cannot run."""
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
-    if cfg.mode in ("ppl_eval", "sample_eval") and not cfg.eval.checkpoint_path:
+    if cfg.mode in ("ppl_eval", "sample_eval", "generate") and not cfg.eval.checkpoint_path:
         raise ConfigError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoint.ckpt")
     if cfg.T < 0:
         raise ConfigError(f"T={cfg.T}: use T=0 (continuous time) or a positive number of steps")

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+import generation
 from config_utils import ConfigError, register_resolvers, validate_config
 from diffusion.checkpoint import (
     AtomicCheckpointIO,
@@ -350,7 +351,47 @@ def sample_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
     append_sweep_row(report)
 
 
-MODES = {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}
+def answer_prompts(cfg: DictConfig, dm, module: DiffusionModule) -> None:
+    """mode=generate: answer `generate.prompt` or each line of `generate.prompts_file` with the
+    prompt tokens held fixed; answers stop at the first EOS. Writes generations.jsonl."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.panel import Panel
+
+    gen, tokenizer, length = cfg.generate, dm.tokenizer, int(cfg.model.length)
+    prompts = generation.read_prompts(gen)
+    prefixes = [generation.encode_prompt(tokenizer, p, gen.chat_template) for p in prompts]
+    new = [
+        generation.answer_length(len(ids), length, gen.max_new_tokens, i)
+        for i, ids in enumerate(prefixes)
+    ]
+    load_weights(module, cfg.eval.checkpoint_path)
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    )
+    denoiser = module.to(device).denoiser()
+    sampler = instantiate(generation.sampler_config(cfg))
+    if getattr(sampler, "eos_id", 0) is None:  # confidence: stop once the answer has ended
+        sampler.eos_id = tokenizer.eos_token_id
+    sampler.validate(denoiser)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.eval.sample_seed))
+    console = Console()
+    with open(run_dir() / "generations.jsonl", "w") as f:
+        for prompt, ids, n in zip(prompts, prefixes, new):
+            record = generation.answer_prompt(
+                sampler, denoiser, tokenizer, ids, n, generator, gen.live, gen.live_delay, console
+            )
+            console.print(Panel(escape(record["answer"]), title=escape(prompt[:80]), expand=False))
+            f.write(json.dumps({"prompt": prompt, **record}) + "\n")
+    log.info("wrote %s", run_dir() / "generations.jsonl")
+
+
+MODES = {
+    "train": train,
+    "ppl_eval": ppl_eval,
+    "sample_eval": sample_eval,
+    "generate": answer_prompts,
+}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -1,0 +1,179 @@
+"""Prompted generation (`python main.py mode=generate`): prompts in, answers out, and the live view.
+
+A prompt becomes the sampler's clean prefix: one user turn and the assistant header under the
+tokenizer's chat template (`chat.prompt_ids`), or with `generate.chat_template=false` [BOS] and
+the raw text, as documents start in training. Samplers never write prefix positions, so the
+prompt tokens come back unchanged; the answer is what follows, cut at the first EOS. The
+mode's sampler is `generate.sampler` (LLaDA's block low-confidence decoding, Nie et al. 2025)
+unless the command line or an experiment picked one with `sampler=...`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+from torch import Tensor
+
+import chat
+from config_utils import ConfigError, validate_config
+
+MASK_GLYPH = "░"  # what a masked position looks like in the live view
+
+
+def read_prompts(gen: DictConfig) -> list[str]:
+    """The prompts of `generate.prompt` (one) or `generate.prompts_file` (one per non-empty line)."""
+    prompt, path = gen.get("prompt"), gen.get("prompts_file")
+    if (prompt is None) == (path is None):
+        raise ConfigError(
+            "mode=generate needs exactly one of generate.prompt='...' or "
+            "generate.prompts_file=path/to/prompts.txt (one prompt per line)"
+        )
+    if prompt is not None:
+        return [str(prompt)]
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"generate.prompts_file={path}: no such file")
+    prompts = [line for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"generate.prompts_file={path} holds no prompt (every line is empty)")
+    return prompts
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
+    """The clean prefix of one prompt: chat-rendered, or [BOS] + the raw text's tokens."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"generate.chat_template=true but tokenizer {tokenizer.name_or_path!r} has no chat "
+                "template (the model was not instruction-tuned with data=sft_local/alpaca); set "
+                "generate.chat_template=false to continue the raw prompt"
+            )
+        return chat.prompt_ids(tokenizer, text)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
+
+def answer_length(n_prompt: int, length: int, max_new_tokens: int | None, index: int) -> int:
+    """Tokens to generate after a prompt of `n_prompt` tokens within `model.length`."""
+    room = length - n_prompt
+    if room < 1:
+        raise ConfigError(
+            f"prompt {index} is {n_prompt} tokens (template and BOS included) and model.length="
+            f"{length} leaves no room for an answer; shorten the prompt"
+        )
+    if max_new_tokens is None:
+        return room
+    if not 1 <= int(max_new_tokens) <= room:
+        raise ConfigError(
+            f"generate.max_new_tokens={max_new_tokens}: prompt {index} ({n_prompt} tokens) leaves "
+            f"room for 1..{room} new tokens within model.length={length}"
+        )
+    return int(max_new_tokens)
+
+
+def sampler_config(cfg: DictConfig) -> DictConfig:
+    """mode=generate's sampler config: `cfg.sampler` when `sampler=` was chosen (command line or
+    experiment), else the `generate.sampler` file with the same overrides, validated."""
+    hc = HydraConfig.get()
+    task = list(hc.overrides.task)
+    on_command_line = any(o.split("=", 1)[0].lstrip("+~") == "sampler" for o in task)
+    default = compose(hc.job.config_name, return_hydra_config=True).hydra.runtime.choices.sampler
+    if on_command_line or hc.runtime.choices.get("sampler") != default or not cfg.generate.sampler:
+        return cfg.sampler
+    composed = compose(hc.job.config_name, overrides=[*task, f"sampler={cfg.generate.sampler}"])
+    composed.mode = cfg.mode
+    validate_config(composed)  # e.g. sedd + confidence: say which sampler= to pass
+    return composed.sampler
+
+
+def cut_answer(tokens: Sequence[int], n_prompt: int, eos_id: int | None) -> tuple[list[int], bool]:
+    """(answer tokens after the prompt up to the first EOS, whether an EOS ended it)."""
+    answer = list(tokens[n_prompt:])
+    if eos_id is not None and eos_id in answer:
+        return answer[: answer.index(eos_id)], True
+    return answer, False
+
+
+def render_canvas(row: Tensor, tokenizer: Any, mask_id: int, n_prompt: int) -> Text:
+    """One x_t as rich Text: the prompt dim, masks as MASK_GLYPH, revealed tokens bold."""
+    text = Text(no_wrap=False)
+    ids = row.tolist()
+    text.append(tokenizer.decode(ids[:n_prompt], skip_special_tokens=False), style="dim")
+    run: list[int] = []  # decode runs of revealed tokens together (multi-byte BPE pieces)
+    for token in [*ids[n_prompt:], None]:
+        if token is not None and token != mask_id:
+            run.append(token)
+            continue
+        if run:
+            text.append(tokenizer.decode(run, skip_special_tokens=False), style="bold")
+            run = []
+        if token is not None:
+            text.append(MASK_GLYPH, style="grey50")
+    return text
+
+
+def answer_prompt(
+    sampler: Any,
+    denoiser: Any,
+    tokenizer: Any,
+    prefix: list[int],
+    new_tokens: int,
+    generator: torch.Generator,
+    live: bool = False,
+    delay: float = 0.05,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Generate `new_tokens` after `prefix`; the record written to generations.jsonl.
+
+    With `live`, the sampler's trajectory is replayed in the terminal once it is drawn.
+    """
+    out = sampler.sample(
+        denoiser,
+        num_samples=1,
+        length=len(prefix) + new_tokens,
+        prefix=torch.tensor(prefix, dtype=torch.long),
+        generator=generator,
+        return_trajectory=live,
+        device=generator.device,
+    )
+    tokens = out.tokens[0].tolist()
+    if live and out.trajectory:
+        play_live(out.trajectory, tokenizer, denoiser.mask_id, len(prefix), delay, console)
+    answer, ended = cut_answer(tokens, len(prefix), tokenizer.eos_token_id)
+    return {
+        "answer": tokenizer.decode(answer, skip_special_tokens=True),
+        "ended_with_eos": ended,
+        "prompt_tokens": prefix,
+        "answer_tokens": answer,
+        "tokens": tokens,
+        "sampler": sampler.name,
+        "nfe": out.nfe,
+    }
+
+
+def play_live(
+    trajectory: list[Tensor],
+    tokenizer: Any,
+    mask_id: int,
+    n_prompt: int,
+    delay: float,
+    console: Console | None = None,
+) -> None:
+    """Redraw the canvas in place for every recorded step (rich Live), then leave the last."""
+    console = console or Console()
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        for x in trajectory:
+            live.update(render_canvas(x[0], tokenizer, mask_id, n_prompt), refresh=True)
+            time.sleep(delay)
+    if not console.is_terminal:  # rich writes the last frame to a file without a newline
+        console.line()

@@ -1,0 +1,188 @@
+"""mode=generate end to end through main.py on a tiny trained model, and its helpers:
+prompt tokens held fixed, answers cut at EOS, prompts files, the live view, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from rich.console import Console
+
+import chat
+import generation
+from config_utils import ConfigError, register_resolvers, validate_config
+from diffusion.checkpoint import CheckpointError
+from tests.test_main_e2e import ROOT, run_main
+from tests.tiny_lm import repeat_lm
+
+PROMPT = "the cat sat on the"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, list[str]]:
+    return repeat_lm(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from main import build_datamodule
+
+    saved = torch.load(tiny[0], weights_only=True)["unmask_config"]
+    return build_datamodule(OmegaConf.create(saved)).tokenizer
+
+
+def generate(tiny, run_dir: Path, *overrides: str):
+    """main.py mode=generate in a subprocess, as a user runs it."""
+    ckpt, model = tiny
+    return run_main(run_dir, *model, "mode=generate", f"eval.checkpoint_path={ckpt}", *overrides)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+
+
+def test_prompts_file_keeps_prompt_tokens_and_cuts_answers_at_eos(tiny, tokenizer, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n\nthe cat sat\n")  # the empty line is skipped
+    proc = generate(
+        tiny,
+        tmp_path,
+        f"generate.prompts_file={prompts}",
+        "generate.chat_template=false",
+        "sampler.temperature=0",
+        "sampler.steps=16",
+    )
+    rows = records(tmp_path)
+    assert [r["prompt"] for r in rows] == [PROMPT, "the cat sat"]
+    eos = tokenizer.eos_token_id
+    for row in rows:
+        prompt = [
+            tokenizer.bos_token_id,
+            *tokenizer(row["prompt"], add_special_tokens=False)["input_ids"],
+        ]
+        assert row["prompt_tokens"] == prompt
+        assert row["tokens"][: len(prompt)] == prompt  # the sampler never wrote the prompt
+        answer = row["answer_tokens"]
+        assert row["tokens"][len(prompt) : len(prompt) + len(answer)] == answer
+        assert eos not in answer
+        assert row["sampler"] == "confidence"  # the mode's default, not the global ddpm_cache
+    first = rows[0]
+    assert first["ended_with_eos"] and first["tokens"][len(first["prompt_tokens"]) + 5] == eos
+    assert first["answer"] == " mat."
+    assert " mat." in proc.stdout
+
+
+def run_in_process(tiny, run_dir: Path, *overrides: str, checkpoint: Path | None = None) -> None:
+    """main.py's mode=generate in this process (no interpreter start-up): composed and validated
+    as main() does, then its MODES entry; Hydra's run directory is `run_dir`."""
+    from main import MODES, build_datamodule, build_module
+
+    ckpt, model = tiny
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        task = ["debug=tiny_cpu", *model, "mode=generate"]
+        task.append(f"eval.checkpoint_path={checkpoint or ckpt}")
+        cfg = compose("config", overrides=[*task, *overrides], return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        validate_config(cfg)
+        dm = build_datamodule(cfg)
+        MODES[cfg.mode](cfg, dm, build_module(cfg, dm))
+
+
+def test_prompt_with_a_chosen_sampler_and_the_live_view(tiny, tmp_path, capsys):
+    run_in_process(
+        tiny,
+        tmp_path,
+        f"generate.prompt={PROMPT}",
+        "generate.chat_template=false",
+        "generate.max_new_tokens=8",
+        "generate.live=true",
+        "generate.live_delay=0",
+        "sampler=ddpm",
+        "sampler.steps=8",
+    )
+    (row,) = records(tmp_path)
+    assert row["sampler"] == "ddpm" and len(row["tokens"]) == len(row["prompt_tokens"]) + 8
+    assert f"[BOS]{PROMPT}" in capsys.readouterr().out  # the live view's last frame
+
+
+def test_missing_checkpoint_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.ckpt"):
+        run_in_process(
+            tiny,
+            tmp_path,
+            f"generate.prompt={PROMPT}",
+            "generate.chat_template=false",
+            checkpoint=tmp_path / "nope.ckpt",
+        )
+
+
+def test_prompt_longer_than_the_model_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="prompt 0 is 38 tokens.*model.length=32"):
+        run_in_process(
+            tiny, tmp_path, f"generate.prompt={PROMPT} {PROMPT}", "generate.chat_template=false"
+        )
+
+
+def test_prompt_keys_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of generate.prompt"):
+        generation.read_prompts(OmegaConf.create({"prompt": None, "prompts_file": None}))
+    with pytest.raises(ConfigError, match="exactly one of generate.prompt"):
+        generation.read_prompts(OmegaConf.create({"prompt": "a", "prompts_file": "b"}))
+    with pytest.raises(ConfigError, match="generate.prompts_file=.*no such file"):
+        generation.read_prompts(OmegaConf.create({"prompt": None, "prompts_file": "nope.txt"}))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ConfigError, match="holds no prompt"):
+        generation.read_prompts(OmegaConf.create({"prompt": None, "prompts_file": str(empty)}))
+    assert generation.read_prompts(OmegaConf.create({"prompt": 42})) == ["42"]
+
+
+def test_answer_length_fits_the_model():
+    assert generation.answer_length(10, 32, None, 0) == 22
+    assert generation.answer_length(10, 32, 5, 0) == 5
+    with pytest.raises(ConfigError, match="generate.max_new_tokens=30.*1..22"):
+        generation.answer_length(10, 32, 30, 0)
+    with pytest.raises(ConfigError, match="prompt 3 is 32 tokens.*model.length=32"):
+        generation.answer_length(32, 32, None, 3)
+
+
+def test_chat_template_or_a_clear_error(tokenizer):
+    with pytest.raises(ConfigError, match="generate.chat_template=false"):
+        generation.encode_prompt(tokenizer, "hi", chat_template=True)
+    raw = generation.encode_prompt(tokenizer, "hi", chat_template=False)
+    assert raw == [tokenizer.bos_token_id, *tokenizer("hi", add_special_tokens=False)["input_ids"]]
+    templated = chat.ensure_chat_template(copy.deepcopy(tokenizer))  # adds role tokens
+    assert generation.encode_prompt(templated, "hi", True) == chat.prompt_ids(templated, "hi")
+
+
+def test_cut_answer():
+    assert generation.cut_answer([1, 5, 6, 2, 7], 1, eos_id=2) == ([5, 6], True)
+    assert generation.cut_answer([1, 5, 6], 1, eos_id=2) == ([5, 6], False)
+    assert generation.cut_answer([1, 5, 6], 1, eos_id=None) == ([5, 6], False)
+
+
+def test_live_view_redraws_masks_as_placeholders(tokenizer):
+    ids = tokenizer("the cat", add_special_tokens=False)["input_ids"]
+    mask = len(tokenizer)  # any id that is not a character
+    frame = torch.tensor([*ids, mask, ids[0], mask])
+    text = generation.render_canvas(frame, tokenizer, mask, n_prompt=len(ids))
+    assert text.plain == f"the cat{generation.MASK_GLYPH}t{generation.MASK_GLYPH}"
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=80)
+    frames = [frame[None], torch.tensor([[*ids, ids[1], ids[0], ids[2]]])]
+    generation.play_live(frames, tokenizer, mask, len(ids), delay=0, console=console)
+    shown = out.getvalue()
+    assert generation.MASK_GLYPH in shown and "the cat" in shown and "hte" in shown

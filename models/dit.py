@@ -9,7 +9,9 @@ final layer -> DiT. The call is the backbone seam of the project:
 Every block is modulated by a `cond_dim` embedding of `sigma` (adaLN-zero, so a
 fresh block starts as the identity); `time_conditioning=False` embeds sigma = 0, as
 MDLM does, which keeps the zero-initialised gates (they speed up early training a lot on
-the embedded default) while making the output independent of t. `causal=True` turns it into the AR backbone, and then
+the embedded default) while making the output independent of t. With `time_conditioning=True`
+it embeds whatever sigma it is given: sigma(t), or (the objective's `mask_conditioning`) a
+statistic of x_t itself. `causal=True` turns it into the AR backbone, and then
 `forward_cached(x_new, cache)` decodes with a KV cache (`init_cache`): each new token
 attends to the stored keys and values, so sampling L tokens costs O(L) block calls.
 """

@@ -33,9 +33,14 @@ def main() -> None:
     p.add_argument(
         "--reuse", action="store_true", help="keep runs whose ppl_eval.json already exists"
     )
+    p.add_argument(
+        "--only", nargs="+", choices=[n.split()[0] for n in RUNS], help="run only these rows"
+    )
     args = p.parse_args()
     rows = []
     for name, extra in RUNS.items():
+        if args.only and name.split()[0] not in args.only:
+            continue
         run_dir = args.out / name.split()[0]
         cmd = [
             sys.executable,

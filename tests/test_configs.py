@@ -46,11 +46,11 @@ def test_every_option_composes(group, option):
     if (group, option) == ("parameterization", "d3pm"):
         overrides += ["T=1000", "sampler=ddpm"]
     if (group, option) == ("parameterization", "ar"):
-        overrides += ["sampler=ar", "backbone.causal=true"]
+        overrides += ["sampler=ar", "backbone.causal=true", "mask_conditioning=false"]
     if group == "backbone" and option.startswith("hf_"):
-        overrides += ["data.tokenizer=${backbone.pretrained}"]
+        overrides += ["data.tokenizer=${backbone.pretrained}", "mask_conditioning=false"]
     if (group, option) == ("sampler", "ar"):
-        overrides += ["parameterization=ar", "backbone.causal=true"]
+        overrides += ["parameterization=ar", "backbone.causal=true", "mask_conditioning=false"]
     cfg = load(overrides)
     validate_config(cfg)
     if group in BUILDABLE and cfg[group].get("_target_"):
@@ -71,7 +71,19 @@ def test_every_option_composes(group, option):
         (["loader.global_batch_size=10", "loader.batch_size=4"], "global_batch_size=10"),
         (["eval.mc_samples=0"], "eval.mc_samples=0"),
         (["backbone=hf_mlm"], "data.tokenizer=answerdotai/ModernBERT-base"),
-        (["backbone=hf_mlm", "time_conditioning=true", "sampler=ddpm"], "ignores sigma"),
+        (
+            ["backbone=hf_mlm", "data.tokenizer=${backbone.pretrained}", "sampler=ddpm"],
+            "ignores sigma; set mask_conditioning=false",
+        ),
+        (
+            [
+                "backbone=hf_mlm",
+                "data.tokenizer=${backbone.pretrained}",
+                "time_conditioning=true",
+                "sampler=ddpm",
+            ],
+            "ignores sigma; set time_conditioning=false",
+        ),
     ],
 )
 def test_invalid_combinations_fail_with_a_clear_message(overrides, message):

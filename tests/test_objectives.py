@@ -424,8 +424,12 @@ def load(overrides):
             r"time_conditioning=false",
         ),
         (
-            ["parameterization=ar", "backbone.causal=true"],
+            ["parameterization=ar", "backbone.causal=true", "mask_conditioning=false"],
             r"use sampler=ar, not sampler=ddpm_cache",
+        ),
+        (
+            ["parameterization=ar", "sampler=ar", "backbone.causal=true"],
+            r"set mask_conditioning=false",
         ),
         (["sampler=ar"], r"sampler=ar needs parameterization=ar"),
     ],
@@ -461,3 +465,40 @@ def test_recipes_validate_and_build_their_objective(recipe, expected):
         assert cfg.loader.global_batch_size == 512 and cfg.optim.lr == 3e-4
     obj = instantiate(cfg.parameterization, noise=instantiate(cfg.noise), mask_id=5, vocab_size=6)
     assert obj.exact_likelihood == (expected["target"] == "AR")
+
+
+def test_mask_conditioning_is_a_function_of_x_t_and_keeps_ddpm_cache_exact():
+    """mask_conditioning feeds -log(unmasked fraction of x_t) to the backbone: not t, so the
+    denoiser is time-agnostic and ddpm_cache draws ddpm's samples with fewer calls."""
+    from diffusion.denoiser import ModelDenoiser
+    from diffusion.noise import LogLinear
+    from diffusion.objectives.subs import SUBS
+    from models.dit import DiT
+    from samplers.ddpm import DDPMSampler
+    from samplers.ddpm_cache import DDPMCacheSampler
+
+    obj = SUBS(LogLinear(), mask_id=5, vocab_size=6, mask_conditioning=True)
+    x_t = torch.tensor([[5, 5, 1, 2], [5, 5, 5, 5]])
+    sigma = obj.backbone_sigma(torch.tensor([0.1, 0.9]), x_t)
+    assert torch.allclose(sigma, torch.tensor([-math.log(0.5), -math.log(1e-3)]))
+    assert SUBS(LogLinear(), mask_id=5, vocab_size=6).backbone_sigma(torch.ones(2), x_t) is None
+
+    torch.manual_seed(0)
+    net = DiT(6, 16, 1, 2, max_length=8, time_conditioning=True, cond_dim=8)  # as dit.yaml
+    for p in net.parameters():  # adaLN-zero starts at zero: make sigma matter
+        torch.nn.init.normal_(p, std=0.5)
+    net.eval()
+    calls = {"n": 0}
+    net.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    den = ModelDenoiser(net, obj)
+    assert not den.time_conditioned
+    full = torch.full((1, 4), 5)
+    with torch.no_grad():  # the statistic reaches the network through adaLN
+        half_sigma = obj.backbone_sigma(None, torch.tensor([[5, 5, 1, 2]]))
+        assert not torch.allclose(net(full, obj.backbone_sigma(None, full)), net(full, half_sigma))
+    calls["n"] = 0
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = DDPMSampler(steps=64).sample(den, 2, 8, generator=g())
+    n_plain, calls["n"] = calls["n"], 0
+    b = DDPMCacheSampler(steps=64).sample(den, 2, 8, generator=g())
+    assert torch.equal(a.tokens, b.tokens) and calls["n"] < n_plain

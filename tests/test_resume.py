@@ -41,3 +41,18 @@ def test_resume_without_checkpoint_starts_fresh_and_explicit_missing_path_fails(
         tmp_path, f"checkpointing.resume_ckpt_path={tmp_path / 'missing.ckpt'}", check=False
     )
     assert proc.returncode != 0 and "resume_ckpt_path" in proc.stderr
+
+
+def test_checkpoint_with_other_conditioning_is_refused_by_name():
+    """adaLN weights exist either way, so only the saved config can tell: the key is named."""
+    import pytest
+
+    from diffusion.checkpoint import CheckpointError, check_conditioning
+
+    old = {"unmask_config": {"time_conditioning": False}}  # before mask_conditioning existed
+    check_conditioning(old, {"time_conditioning": False, "mask_conditioning": False}, "a.ckpt")
+    with pytest.raises(CheckpointError, match="mask_conditioning=false"):
+        check_conditioning(old, {"time_conditioning": False, "mask_conditioning": True}, "a.ckpt")
+    saved = {"unmask_config": {"time_conditioning": True, "mask_conditioning": True}}
+    with pytest.raises(CheckpointError, match="trained with time_conditioning=true"):
+        check_conditioning(saved, {"time_conditioning": False, "mask_conditioning": True}, "b")

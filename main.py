@@ -3,6 +3,8 @@
     python main.py                                   # train the embedded default (CPU, minutes)
     python main.py mode=ppl_eval eval.checkpoint_path=outputs/.../checkpoints/last.ckpt
     python main.py mode=sample_eval eval.checkpoint_path=... sampler=ddpm sampler.steps=1000
+    python main.py mode=generate eval.checkpoint_path=... generate.prompt="..."
+    python main.py mode=ppl_eval eval.checkpoint_path=... eval.datasets=[ptb,wikitext2]   # zero-shot
 
 Every mode writes into Hydra's run directory (`hydra.run.dir=...` moves it).
 """

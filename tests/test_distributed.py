@@ -101,3 +101,40 @@ def test_two_process_ddp_gradients_match_one_process(tmp_path):
         torch.testing.assert_close(grad_two, grad_one, rtol=1e-4, atol=1e-6, msg=name)
         moved += grad_one.abs().sum().item()
     assert moved > 0  # the step did something
+
+
+def test_stochastic_length_crops_a_fraction_of_steps_the_same_on_every_rank():
+    """random_length_fraction: that share of optimizer steps trains on a random prefix
+    length in [2, L]; the draw comes from the (seed, step) generator, so every rank and
+    micro-batch of a step crops alike, and a rerun crops the same steps."""
+    from diffusion.module import DiffusionModule
+
+    def module(fraction: float) -> DiffusionModule:
+        rec = Recorder(5)
+        obj = SUBS(LogLinear(), mask_id=4, vocab_size=5)
+        return DiffusionModule(
+            rec, obj, optimizer=torch.optim.SGD, ema_decay=0, random_length_fraction=fraction
+        )
+
+    L = 64
+    lengths = {}
+    for fraction in (0.0, 0.25, 1.0):
+        m = module(fraction)
+        got = []
+        for step in range(200):
+            got.append(m.crop_length(L, torch.Generator().manual_seed(step)))
+        lengths[fraction] = got
+    assert lengths[0.0] == [L] * 200
+    assert all(2 <= n <= L for n in lengths[1.0])
+    assert len(set(lengths[1.0])) > 20  # spread over the range
+    cropped = sum(n < L for n in lengths[0.25]) / 200
+    assert 0.15 < cropped < 0.35
+    # in training_step: the backbone sees the cropped rows, and the same step crops the same
+    m = module(1.0)
+    batch = {"input_ids": torch.randint(0, 4, (2, L)), "attention_mask": torch.ones(2, L)}
+    m.training_step(batch, 0)
+    m.training_step(batch, 0)
+    first, again = m.backbone.seen
+    assert first.shape[1] < L and torch.equal(first, again)
+    with pytest.raises(ValueError, match="training.random_length_fraction"):
+        module(1.5)

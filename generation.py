@@ -135,20 +135,21 @@ def answer_prompt(
 ) -> dict[str, Any]:
     """Generate `new_tokens` after `prefix`; the record written to generations.jsonl.
 
-    With `live`, the sampler's trajectory is replayed in the terminal once it is drawn.
+    With `live`, the canvas is redrawn in the terminal at every sampler step while it runs.
     """
-    out = sampler.sample(
-        denoiser,
+    kwargs = dict(
         num_samples=1,
         length=len(prefix) + new_tokens,
         prefix=torch.tensor(prefix, dtype=torch.long),
         generator=generator,
-        return_trajectory=live,
         device=generator.device,
     )
+    if live:
+        with LiveCanvas(tokenizer, denoiser.mask_id, len(prefix), delay, console) as view:
+            out = sampler.sample(denoiser, on_step=view.show, **kwargs)
+    else:
+        out = sampler.sample(denoiser, **kwargs)
     tokens = out.tokens[0].tolist()
-    if live and out.trajectory:
-        play_live(out.trajectory, tokenizer, denoiser.mask_id, len(prefix), delay, console)
     answer, ended = cut_answer(tokens, len(prefix), tokenizer.eos_token_id)
     return {
         "answer": tokenizer.decode(answer, skip_special_tokens=True),
@@ -161,19 +162,39 @@ def answer_prompt(
     }
 
 
-def play_live(
-    trajectory: list[Tensor],
-    tokenizer: Any,
-    mask_id: int,
-    n_prompt: int,
-    delay: float,
-    console: Console | None = None,
-) -> None:
-    """Redraw the canvas in place for every recorded step (rich Live), then leave the last."""
-    console = console or Console()
-    with Live(console=console, auto_refresh=False, transient=False) as live:
-        for x in trajectory:
-            live.update(render_canvas(x[0], tokenizer, mask_id, n_prompt), refresh=True)
-            time.sleep(delay)
-    if not console.is_terminal:  # rich writes the last frame to a file without a newline
-        console.line()
+class LiveCanvas:
+    """A rich Live view of one sample's canvas, redrawn as the sampler calls `show` each step;
+    the last frame stays on screen."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        mask_id: int,
+        n_prompt: int,
+        delay: float,
+        console: Console | None = None,
+    ) -> None:
+        self.tokenizer, self.mask_id, self.n_prompt, self.delay = (
+            tokenizer,
+            mask_id,
+            n_prompt,
+            delay,
+        )
+        self.console = console or Console()
+        self.live = Live(console=self.console, auto_refresh=False, transient=False)
+
+    def __enter__(self) -> LiveCanvas:
+        self.live.__enter__()
+        return self
+
+    def show(self, x_t: Tensor) -> None:
+        """Draw the first row of x_t (B, L), then wait `delay` seconds so steps can be seen."""
+        frame = render_canvas(x_t[0].cpu(), self.tokenizer, self.mask_id, self.n_prompt)
+        self.live.update(frame, refresh=True)
+        if self.delay > 0:
+            time.sleep(self.delay)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.__exit__(*exc)
+        if not self.console.is_terminal:  # rich writes the last frame to a file without a newline
+            self.console.line()

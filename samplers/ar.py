@@ -67,6 +67,7 @@ class ARSampler(Sampler):
         fixed_mask: Tensor | None = None,
         fixed_values: Tensor | None = None,
         device: torch.device | str | None = None,
+        on_step: Callable[[Tensor], None] | None = None,
     ) -> SampleOutput:
         """`length` tokens continuing `prefix` ((P,) or (B, P)), or `[bos_id]` without one."""
         if fixed_mask is not None:
@@ -84,7 +85,14 @@ class ARSampler(Sampler):
         if prefix.shape[-1] < 1 or prefix.shape[-1] > length:
             raise ValueError(f"prefix of {prefix.shape[-1]} tokens for length={length}")
         return super().sample(
-            denoiser, num_samples, length, prefix, generator, return_trajectory, device=device
+            denoiser,
+            num_samples,
+            length,
+            prefix,
+            generator,
+            return_trajectory,
+            device=device,
+            on_step=on_step,
         )
 
     def _generate(

@@ -196,12 +196,14 @@ class Sampler:
         fixed_mask: Tensor | None = None,
         fixed_values: Tensor | None = None,
         device: torch.device | str | None = None,
+        on_step: Callable[[Tensor], None] | None = None,
     ) -> SampleOutput:
         """Draw `num_samples` sequences of `length` tokens in one batch.
 
         prefix (P,) or (B, P): a prompt at positions [0, P). fixed_mask / fixed_values
         ((L,) or (B, L)): infilling, tokens held fixed anywhere. Both never change.
-        device defaults to the generator's device (else CPU).
+        device defaults to the generator's device (else CPU). on_step: called with the
+        starting canvas and then every new x_t (B, L) as it is drawn (a live view).
         """
         self.validate(denoiser)
         if device is None:
@@ -217,9 +219,18 @@ class Sampler:
             torch.device(device),
         )
         model = GuidedDenoiser(denoiser, cond_mask, self.cfg_scale)
-        trajectory: list[Tensor] | None = [x.clone()] if return_trajectory else None
-        record = trajectory.append if trajectory is not None else None
-        tokens = self._generate(model, x, generator, record)
+        trajectory: list[Tensor] | None = [] if return_trajectory else None
+
+        def record(x_t: Tensor) -> None:
+            if trajectory is not None:
+                trajectory.append(x_t)
+            if on_step is not None:
+                on_step(x_t)
+
+        watched = trajectory is not None or on_step is not None
+        if watched:
+            record(x.clone())
+        tokens = self._generate(model, x, generator, record if watched else None)
         return SampleOutput(tokens=tokens, nfe=model.nfe, trajectory=trajectory)
 
     def _canvas_length(self, length: int) -> int:

@@ -183,6 +183,8 @@ def test_live_view_redraws_masks_as_placeholders(tokenizer):
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=80)
     frames = [frame[None], torch.tensor([[*ids, ids[1], ids[0], ids[2]]])]
-    generation.play_live(frames, tokenizer, mask, len(ids), delay=0, console=console)
+    with generation.LiveCanvas(tokenizer, mask, len(ids), delay=0, console=console) as view:
+        for x_t in frames:
+            view.show(x_t)
     shown = out.getvalue()
     assert generation.MASK_GLYPH in shown and "the cat" in shown and "hte" in shown

@@ -567,3 +567,19 @@ def test_plot_samplers_script(tmp_path: Path) -> None:
 
         with Image.open(png) as image:
             assert image.size[0] > 400 and len(image.getcolors(1_000_000)) > 3
+
+
+@pytest.mark.parametrize("name", ["ddpm", "confidence"])
+def test_on_step_sees_every_state_while_sampling(name) -> None:
+    """The live view's hook: called with the start canvas and each new x_t, in order, the
+    same states `return_trajectory` keeps."""
+    from samplers.confidence import ConfidenceSampler
+
+    make = {"ddpm": lambda: DDPMSampler(steps=8), "confidence": lambda: ConfidenceSampler(steps=4)}
+    seen: list[torch.Tensor] = []
+    out = make[name]().sample(
+        ExactDenoiser(), 2, L_TOY, generator=gen(0), return_trajectory=True, on_step=seen.append
+    )
+    assert len(seen) == len(out.trajectory) > 2
+    assert all(torch.equal(a, b) for a, b in zip(seen, out.trajectory))
+    assert (seen[0] == MASK).all() and torch.equal(seen[-1], out.tokens)

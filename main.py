@@ -323,17 +323,24 @@ def zero_shot(cfg: DictConfig, dm, module: DiffusionModule) -> None:
     )
 
 
+def module_from_checkpoint(path: str | Path, key: str) -> tuple[DictConfig, Any, DiffusionModule]:
+    """(saved config, data module, module with the weights) rebuilt from a .ckpt of ours by
+    the config saved in it; `key` names the setting that gave the path, for errors."""
+    saved = OmegaConf.create(read_checkpoint(path).get("unmask_config") or {})
+    if "parameterization" not in saved:
+        raise ConfigError(f"{key}={path} has no unmask config (not trained by main.py?)")
+    dm = build_datamodule(saved)
+    module = build_module(saved, dm)
+    load_weights(module, path)
+    return saved, dm, module
+
+
 def build_judge(cfg: DictConfig, device: torch.device):
     """The generative-perplexity judge: a Hugging Face causal LM, or an AR checkpoint of ours."""
     name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
     if not name.endswith(".ckpt"):
         return GenPPLJudge(name, device=device, batch_size=cfg.eval.gen_ppl_batch_size)
-    saved = OmegaConf.create(read_checkpoint(name).get("unmask_config") or {})
-    if "parameterization" not in saved:
-        raise ConfigError(f"eval.gen_ppl_eval_model_name_or_path={name} has no unmask config")
-    judge_dm = build_datamodule(saved)
-    judge = build_module(saved, judge_dm)
-    load_weights(judge, name)
+    saved, judge_dm, judge = module_from_checkpoint(name, "eval.gen_ppl_eval_model_name_or_path")
     if not judge.objective.exact_likelihood:
         raise ConfigError(
             f"eval.gen_ppl_eval_model_name_or_path={name} is not an AR checkpoint: a judge must "

@@ -58,20 +58,12 @@ SAMPLER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sampler"
 def load_checkpoint(path: str | Path) -> tuple[Any, Any, Any]:
     """(saved config, data module, module with the checkpoint's weights) from a .ckpt of ours.
 
-    Built by main.py's own builders from the config saved in the checkpoint, as main.py's
-    `build_judge` does (imported here, at call time, so main.py stays the entry point).
+    main.py's own `module_from_checkpoint`, which its `build_judge` uses too (imported at call
+    time, so main.py stays the entry point).
     """
-    from config_utils import ConfigError
-    from diffusion.checkpoint import load_weights, read_checkpoint
-    from main import build_datamodule, build_module
+    from main import module_from_checkpoint
 
-    saved = OmegaConf.create(read_checkpoint(path).get("unmask_config") or {})
-    if "parameterization" not in saved:
-        raise ConfigError(f"checkpoint={path} has no unmask config (not trained by main.py?)")
-    dm = build_datamodule(saved)
-    module = build_module(saved, dm)
-    load_weights(module, path)
-    return saved, dm, module
+    return module_from_checkpoint(path, "checkpoint")
 
 
 class ContextGuidedBackbone(nn.Module):

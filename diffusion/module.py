@@ -112,12 +112,12 @@ class DiffusionModule(L.LightningModule):
         The loader shards rows `rank::world` of one shuffled order, so local row i of
         accumulation step a on rank r is global row r + world * (a * B + i).
         """
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.global_rank
-        accum = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        accum = trainer.accumulate_grad_batches if trainer is not None else 1
         a = batch_idx % accum
         local = torch.arange(batch_size, device=self.device)
-        return rank + world * (a * batch_size + local), batch_size * world * accum
+        return self.global_rank + world * (a * batch_size + local), batch_size * world * accum
 
     def crop_length(self, length: int, generator: torch.Generator) -> int:
         """SMDM/LLaDA stochastic length: a `random_length_fraction` of steps train on a

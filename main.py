@@ -24,104 +24,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import generation
 from config_utils import ConfigError, register_resolvers, validate_config
-from diffusion.checkpoint import (
-    AtomicCheckpointIO,
-    FinalCheckpoint,
-    init_weights,
-    load_weights,
-    read_checkpoint,
-)
+from diffusion.build import build_datamodule, build_module, build_trainer, module_from_checkpoint
+from diffusion.checkpoint import init_weights, load_weights, read_checkpoint
 from diffusion.evaluation import GenPPLJudge, ModelJudge, sample_entropy
 from diffusion.module import DiffusionModule
 from samplers.render import render_gif
 
 log = logging.getLogger("unmask")
 register_resolvers()
-
-
-# ---- building the parts (the same path for every mode) -------------------------------------
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    dm = instantiate(
-        cfg.data,
-        length=cfg.model.length,
-        batch_size=cfg.loader.batch_size,
-        eval_batch_size=cfg.loader.eval_batch_size,
-        num_workers=cfg.loader.num_workers,
-        seed=cfg.seed,
-    )
-    dm.setup()
-    return dm
-
-
-def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
-    backbone = instantiate(cfg.backbone, vocab_size=dm.vocab_size)
-    objective = instantiate(
-        cfg.parameterization,
-        noise=instantiate(cfg.noise),
-        mask_id=dm.mask_id,
-        vocab_size=dm.vocab_size,
-    )
-    scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
-    return DiffusionModule(
-        backbone,
-        objective,
-        optimizer=instantiate(cfg.optim),
-        lr_scheduler=scheduler,
-        ema_decay=cfg.training.ema,
-        eval_mc_samples=cfg.eval.mc_samples,
-        eval_seed=cfg.seed,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        loss_norm=cfg.training.get("loss_norm", "token"),
-        random_length_fraction=cfg.training.get("random_length_fraction", 0.0),
-        seed=cfg.seed,
-    )
-
-
-def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
-    strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
-    if for_eval:
-        limit = cfg.eval.max_batches if cfg.eval.max_batches else 1.0
-        return instantiate(
-            cfg.trainer,
-            strategy=strategy,
-            logger=False,
-            callbacks=[],
-            limit_val_batches=limit,
-            enable_checkpointing=False,
-            plugins=[AtomicCheckpointIO()],
-        )
-    save_dir = cfg.checkpointing.save_dir
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=save_dir,
-            filename="best",
-            monitor="val/nll",
-            mode="min",
-            save_top_k=1,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-        ),
-        ModelCheckpoint(
-            dirpath=save_dir,
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=cfg.checkpointing.every_n_train_steps,
-        ),
-        FinalCheckpoint(Path(save_dir) / "last.ckpt", cfg.checkpointing.every_n_train_steps),
-    ]
-    logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
-    return instantiate(
-        cfg.trainer,
-        strategy=strategy,
-        logger=logger,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-    )
 
 
 def run_dir() -> Path:
@@ -321,18 +235,6 @@ def zero_shot(cfg: DictConfig, dm, module: DiffusionModule) -> None:
         "ppl_eval.json",
         {"zero_shot": rows, "split": cfg.eval.split, "checkpoint": str(cfg.eval.checkpoint_path)},
     )
-
-
-def module_from_checkpoint(path: str | Path, key: str) -> tuple[DictConfig, Any, DiffusionModule]:
-    """(saved config, data module, module with the weights) rebuilt from a .ckpt of ours by
-    the config saved in it; `key` names the setting that gave the path, for errors."""
-    saved = OmegaConf.create(read_checkpoint(path).get("unmask_config") or {})
-    if "parameterization" not in saved:
-        raise ConfigError(f"{key}={path} has no unmask config (not trained by main.py?)")
-    dm = build_datamodule(saved)
-    module = build_module(saved, dm)
-    load_weights(module, path)
-    return saved, dm, module
 
 
 def build_judge(cfg: DictConfig, device: torch.device):

@@ -61,7 +61,7 @@ def load_checkpoint(path: str | Path) -> tuple[Any, Any, Any]:
     main.py's own `module_from_checkpoint`, which its `build_judge` uses too (imported at call
     time, so main.py stays the entry point).
     """
-    from main import module_from_checkpoint
+    from diffusion.build import module_from_checkpoint
 
     return module_from_checkpoint(path, "checkpoint")
 

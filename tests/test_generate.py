@@ -33,7 +33,7 @@ def tiny(tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny):
-    from main import build_datamodule
+    from diffusion.build import build_datamodule
 
     saved = torch.load(tiny[0], weights_only=True)["unmask_config"]
     return build_datamodule(OmegaConf.create(saved)).tokenizer
@@ -83,7 +83,8 @@ def test_prompts_file_keeps_prompt_tokens_and_cuts_answers_at_eos(tiny, tokenize
 def run_in_process(tiny, run_dir: Path, *overrides: str, checkpoint: Path | None = None) -> None:
     """main.py's mode=generate in this process (no interpreter start-up): composed and validated
     as main() does, then its MODES entry; Hydra's run directory is `run_dir`."""
-    from main import MODES, build_datamodule, build_module
+    from diffusion.build import build_datamodule, build_module
+    from main import MODES
 
     ckpt, model = tiny
     register_resolvers()

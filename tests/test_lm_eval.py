@@ -219,7 +219,7 @@ def test_bad_arguments_are_clear_errors(checkpoint, tmp_path):
 def ar_checkpoint(checkpoint, tmp_path_factory) -> Path:
     """The tiny model's config as an AR model (causal DiT, untrained): exactness needs no
     training."""
-    from main import build_datamodule, build_module
+    from diffusion.build import build_datamodule, build_module
 
     saved = OmegaConf.create(torch.load(checkpoint, weights_only=True)["unmask_config"])
     saved.parameterization = OmegaConf.load(ROOT / "configs" / "parameterization" / "ar.yaml")

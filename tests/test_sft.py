@@ -328,7 +328,7 @@ def test_init_weights_copies_the_pretrained_ema_and_keeps_new_vocabulary_rows_fr
 def answer_nelbo(cfg) -> float:
     """Validation NELBO per answer token of the weights training.init_from_ckpt gives (what
     ppl_eval.json reports after training, measured before any step)."""
-    from main import build_datamodule, build_module
+    from diffusion.build import build_datamodule, build_module
 
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
@@ -340,7 +340,7 @@ def answer_nelbo(cfg) -> float:
 
 
 def test_sft_from_a_pretrained_checkpoint_lowers_the_answer_loss(tmp_path):
-    from main import build_datamodule, build_module
+    from diffusion.build import build_datamodule, build_module
 
     # a "pretrained" embedded-default checkpoint (weights untrained: pretraining is not tested here)
     pre_cfg = load(["debug=tiny_cpu"])

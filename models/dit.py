@@ -11,9 +11,13 @@ fresh block starts as the identity); `time_conditioning=False` embeds sigma = 0,
 MDLM does, which keeps the zero-initialised gates (they speed up early training a lot on
 the embedded default) while making the output independent of t. With `time_conditioning=True`
 it embeds whatever sigma it is given: sigma(t), or (the objective's `mask_conditioning`) a
-statistic of x_t itself. `causal=True` turns it into the AR backbone, and then
-`forward_cached(x_new, cache)` decodes with a KV cache (`init_cache`): each new token
-attends to the stored keys and values, so sampling L tokens costs O(L) block calls.
+statistic of x_t itself. `causal=True` turns it into the AR backbone.
+
+The span KV cache (`init_cache`, `forward_span`) serves every DiT, causal or not: a span of
+positions start .. start + n - 1 is run through the blocks while attending to keys and values
+stored for positions outside it (the prefix [0, start), or every cached position outside the
+span). AR decoding (`forward_cached`) is the span after the cached prefix; the Fast-dLLM
+prefix / dual caches of the confidence sampler and the block sampler use the same call.
 """
 
 from __future__ import annotations
@@ -58,12 +62,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, causa
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+SPAN_CONTEXTS = ("prefix", "all")
+
+
 @dataclass
 class KVCache:
-    """Keys and values of every block for the tokens decoded so far (causal decoding only).
+    """Keys and values of every block at the positions stored so far (any DiT).
 
     keys / values: one (B, H, max_length, D) buffer per block, filled in place;
-    length: how many positions hold real entries.
+    length: positions [0, length) hold entries written by `DiT.forward_span`.
     """
 
     keys: list[Tensor]
@@ -75,19 +82,46 @@ class KVCache:
         return self.keys[0].shape[2]
 
 
-def cached_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of n new queries (B, H, n, D) over all start + n cached keys.
+@dataclass(frozen=True)
+class Span:
+    """Where a span sits in the cache and what it sees (see `DiT.forward_span`)."""
 
-    Query i sits at position start + i and sees keys 0 .. start + i (SDPA's own
-    `is_causal` aligns the triangle top-left, which is wrong once start > 0).
+    start: int
+    cached: int  # cache.length before this call
+    context: str  # "prefix": cached [0, start); "all": also cached [start + n, cached)
+    write: bool
+
+
+def span_attention(
+    q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, span: Span, causal: bool
+) -> Tensor:
+    """Attention of span queries q (B, H, n, D) at positions start .. start + n - 1.
+
+    Keys are the span's own k, v (causal within the span iff `causal`) and the cached keys of
+    one block (`keys` / `values`, (B, H, capacity, D)) outside the span: [0, start), plus
+    [start + n, cached) when `span.context == "all"`. With `span.write` the span's k, v are
+    stored at [start, start + n) first, so the keys are a view of the buffer (no copy).
+    Key index j is position j in both layouts, so a causal query i sees j <= start + i or j
+    past the span.
     """
-    n, total = q.shape[-2], k.shape[-2]
-    if n == 1:  # one new token sees everything cached: no mask needed
-        return F.scaled_dot_product_attention(q, k, v)
-    start = total - n
+    n = q.shape[-2]
+    start, end = span.start, span.start + n
+    hi = max(span.cached, end) if span.context == "all" else end  # keys at [0, hi)
+    if span.write:
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        seen_k, seen_v = keys[:, :, :hi].to(q.dtype), values[:, :, :hi].to(q.dtype)
+    else:
+        seen_k = torch.cat([keys[:, :, :start].to(q.dtype), k, keys[:, :, end:hi].to(q.dtype)], 2)
+        seen_v = torch.cat(
+            [values[:, :, :start].to(q.dtype), v, values[:, :, end:hi].to(q.dtype)], 2
+        )
+    if not causal or n == 1:  # every key present is visible
+        return F.scaled_dot_product_attention(q, seen_k, seen_v)
     query_pos = start + torch.arange(n, device=q.device)[:, None]  # (n, 1)
-    mask = torch.arange(total, device=q.device)[None, :] <= query_pos  # (n, total)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    key_pos = torch.arange(hi, device=q.device)[None, :]  # (1, hi)
+    mask = (key_pos <= query_pos) | (key_pos >= end)  # (n, hi)
+    return F.scaled_dot_product_attention(q, seen_k, seen_v, attn_mask=mask)
 
 
 class Rotary(nn.Module):
@@ -168,11 +202,10 @@ class Block(nn.Module):
         cond: Tensor | None,
         key_padding: Tensor | None,
         causal: bool,
-        kv: tuple[Tensor, Tensor, int] | None = None,
+        kv: tuple[Tensor, Tensor, Span] | None = None,
     ) -> Tensor:
-        """x (B, L, C) -> (B, L, C). With `kv = (keys, values, start)` (causal decoding) x holds
-        the new positions start .. start + L - 1; their keys and values are written into the
-        buffers and attention runs over everything cached."""
+        """x (B, L, C) -> (B, L, C). With `kv = (keys, values, span)` x holds the positions
+        span.start .. span.start + L - 1, attending as `span_attention` says."""
         B, L, C = x.shape
         if self.adaLN is not None and cond is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond).chunk(6, dim=-1)
@@ -188,11 +221,7 @@ class Block(nn.Module):
         if kv is None:
             a = attention(q, k, v, key_padding, causal)
         else:
-            keys, values, start = kv
-            keys[:, :, start : start + L] = k
-            values[:, :, start : start + L] = v
-            seen_k = keys[:, :, : start + L].to(q.dtype)  # no copy unless autocast changed dtype
-            a = cached_attention(q, seen_k, values[:, :, : start + L].to(q.dtype))
+            a = span_attention(q, k, v, kv[0], kv[1], kv[2], causal)
         a = a.transpose(1, 2).reshape(B, L, C)
         a = self.dropout(self.proj(a))
         x = x + (a if gate1 is None else gate1[:, None] * a)
@@ -297,16 +326,11 @@ class DiT(nn.Module):
             )
         return F.silu(self.sigma_embed(sigma.reshape(B)))  # (B, cond_dim)
 
-    # ---- causal decoding with a KV cache (the AR sampler) -----------------------------------
+    # ---- the span KV cache (AR decoding, Fast-dLLM prefix / dual caches, block sampling) ---
     def init_cache(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """Empty keys/values for `batch_size` sequences of up to `max_length` tokens."""
-        if not self.causal:
-            raise ValueError(
-                "a KV cache needs a causal DiT (backbone.causal=true): in a bidirectional model "
-                "every new token changes the states of the earlier ones"
-            )
+        """Empty keys/values for `batch_size` sequences of up to `max_length` positions."""
         ref = self.embed.weight
         block = self.blocks[0]
         head_dim = block.qkv.in_features // block.n_heads
@@ -317,22 +341,56 @@ class DiT(nn.Module):
             values=[torch.zeros(shape, **kw) for _ in self.blocks],
         )
 
-    def forward_cached(self, x_new: Tensor, cache: KVCache, sigma: Tensor | None = None) -> Tensor:
-        """Logits (B, n, V) of n new tokens (B, n) that continue the `cache.length` cached ones.
+    def forward_span(
+        self,
+        x_span: Tensor,
+        start: int,
+        cache: KVCache,
+        sigma: Tensor | None = None,
+        *,
+        context: str = "prefix",
+        write: bool = True,
+    ) -> Tensor:
+        """Logits (B, n, V) of the tokens x_span (B, n) at positions start .. start + n - 1.
 
-        Equal to `forward(x)[:, -n:]` on the whole sequence; the cache is extended in place.
+        The span attends to itself (causal within it iff `self.causal`) and to the cached keys
+        and values at [0, start) (`context="prefix"`) or at every cached position outside the
+        span (`context="all"`: also [start + n, cache.length)). `write=True` stores the span's
+        keys/values at [start, start + n) and sets cache.length = max(cache.length, start + n).
+        Exact (equal to the full forward) whenever the full model's attention would see the
+        same keys: a causal DiT, or a block-causal pattern run block by block.
         """
-        B, n = x_new.shape
-        start = cache.length
-        if start + n > cache.capacity:
+        B, n = x_span.shape
+        end = start + n
+        if context not in SPAN_CONTEXTS:
+            raise ValueError(f"forward_span context={context!r}; expected one of {SPAN_CONTEXTS}")
+        if start < 0 or start > cache.length:
             raise ValueError(
-                f"KV cache full: {start} cached + {n} new tokens exceed max_length={cache.capacity}"
+                f"forward_span start={start} must lie in [0, cache.length={cache.length}] "
+                "(positions before the span must be cached)"
             )
-        x = self.embed(x_new)  # (B, n, C)
+        if end > cache.capacity:
+            raise ValueError(
+                f"KV cache full: span [{start}, {end}) exceeds max_length={cache.capacity}"
+            )
+        if cache.keys[0].shape[0] != B:
+            raise ValueError(
+                f"forward_span batch {B} != the cache's batch {cache.keys[0].shape[0]}"
+            )
+        x = self.embed(x_span)  # (B, n, C)
         cond = self._condition(sigma, B)
-        cos, sin = self.rotary(start + n, x.device)
-        rotary = (cos[:, :, start:], sin[:, :, start:])  # positions start .. start + n - 1
+        cos, sin = self.rotary(end, x.device)
+        rotary = (cos[:, :, start:], sin[:, :, start:])  # positions start .. end - 1
+        span = Span(start=start, cached=cache.length, context=context, write=write)
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
-            x = block(x, rotary, cond, None, True, kv=(keys, values, start))
-        cache.length = start + n
+            x = block(x, rotary, cond, None, self.causal, kv=(keys, values, span))
+        if write:
+            cache.length = max(cache.length, end)
         return self.final(x, cond)  # (B, n, V)
+
+    def forward_cached(self, x_new: Tensor, cache: KVCache, sigma: Tensor | None = None) -> Tensor:
+        """AR decoding: logits (B, n, V) of n new tokens continuing the `cache.length` cached ones.
+
+        Equal to `forward(x)[:, -n:]` on the whole sequence for a causal DiT; the cache grows.
+        """
+        return self.forward_span(x_new, cache.length, cache, sigma, context="prefix", write=True)

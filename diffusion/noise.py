@@ -68,3 +68,34 @@ class Cosine(NoiseSchedule):
         alpha = self.eps + (1 - self.eps) * torch.cos(t * math.pi / 2)
         dalpha = -(1 - self.eps) * (math.pi / 2) * torch.sin(t * math.pi / 2)
         return -dalpha / alpha
+
+
+class Clipped(NoiseSchedule):
+    """BD3-LM's clipped schedule: the masking rate 1 - alpha(t) = beta + (omega - beta) t runs
+    over [beta, omega] only (Arriola et al. 2025, sec. 5). A training device: mask rates near
+    0 and 1 carry little signal and most of the NELBO estimator's variance, so training sees
+    rates in [beta, omega] (weight -alpha'/(1 - alpha) = (omega - beta) / rate, i.e. the NELBO's
+    integral restricted to those rates). Evaluation and sampling use `full`, the loglinear
+    schedule over all of [0, 1], so reported perplexities stay bounds.
+    """
+
+    def __init__(self, beta: float = 0.3, omega: float = 0.8, eps: float = 1e-3) -> None:
+        if not 0.0 <= beta < omega <= 1.0:
+            raise ValueError(
+                f"noise=clipped needs 0 <= noise.beta < noise.omega <= 1 (got beta={beta}, "
+                f"omega={omega})"
+            )
+        self.beta, self.omega, self.eps = float(beta), float(omega), eps
+        self.full = LogLinear(eps)
+
+    def move_chance(self, t: Tensor) -> Tensor:
+        return self.beta + (self.omega - self.beta) * t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.log1p(-self.move_chance(t).clamp(max=1 - self.eps))
+
+    def dsigma(self, t: Tensor) -> Tensor:
+        return (self.omega - self.beta) / (1 - self.move_chance(t)).clamp_min(self.eps)
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        return (self.omega - self.beta) / self.move_chance(t).clamp_min(1e-12)

@@ -1,0 +1,342 @@
+"""BD3-LM: block diffusion, interpolating AR and MDLM (Arriola et al., ICLR 2025).
+
+The sequence is cut into blocks of `block_size` tokens. Each block is a masked-diffusion
+model conditioned on the clean blocks before it, so the NELBO is the sum over blocks of
+MDLM's SUBS loss with one time t per block:
+
+    L = sum_b E_{t_b} [ w(t_b) sum_{i in b, masked} -log p(x0_i | x_t^b, x0^{<b}) ].
+
+`block_size = 1` is autoregressive (with t = 1 every token is masked and sees only the clean
+tokens before it: next-token cross-entropy), `block_size = L` is MDLM. All blocks train in one
+pass over x_t concatenated with x_0 (2L tokens, both halves at rotary positions 0 .. L - 1)
+under the block-causal mask: x_t block b sees x_t block b and x_0 blocks < b; x_0 block b sees
+x_0 blocks <= b. The x_0 half is the KV cache the block sampler builds at generation time,
+which is why that cache is exact ("block_causal").
+
+Training may clip the masking rates to [beta, omega] (`noise=clipped`), and `var_min=true`
+picks [beta, omega] from data as BD3-LM does: during validation the per-block loss variance is
+measured for a grid of intervals and the next training step uses the lowest-variance one.
+Evaluation always integrates over the full schedule, so perplexities stay upper bounds (exact
+at block_size = 1, where the model is AR and t = 1 is used).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.denoiser import MaskedModelDenoiser
+from diffusion.noise import Clipped, NoiseSchedule
+from diffusion.objectives.base import AbsorbingDiffusion, LossOutput, Rows
+from diffusion.objectives.subs import subs_log_p_x0
+
+try:  # FlexAttention: the sparse mask on CUDA (optional, guarded)
+    from torch.nn.attention.flex_attention import create_block_mask
+except ImportError:  # pragma: no cover - depends on the torch build
+    create_block_mask = None
+
+
+def block_ids(length: int, block_size: int, device=None) -> Tensor:
+    """(length,) block index of each position (a last partial block is its own block)."""
+    return torch.arange(length, device=device) // block_size
+
+
+def block_diff_mask(length: int, block_size: int, device=None) -> Tensor:
+    """(2L, 2L) bool, True where query row may attend to key column; rows/cols [0, L) are x_t,
+    [L, 2L) are x_0 (BD3-LM's M_BD | M_OBC | M_BC)."""
+    blk = block_ids(length, block_size, device).repeat(2)  # (2L,)
+    is_x0 = torch.arange(2 * length, device=device) >= length  # (2L,)
+    q_blk, k_blk = blk[:, None], blk[None, :]
+    q_x0, k_x0 = is_x0[:, None], is_x0[None, :]
+    diagonal = (q_blk == k_blk) & (q_x0 == k_x0)  # x_t block b <-> itself; x_0 block b <-> itself
+    offset_causal = (q_blk > k_blk) & k_x0 & ~q_x0  # x_t block b -> x_0 blocks < b
+    causal = (q_blk >= k_blk) & k_x0 & q_x0  # x_0 block b -> x_0 blocks <= b
+    return diagonal | offset_causal | causal
+
+
+def flex_block_diff_mask(length: int, block_size: int, device):
+    """The same pattern as a FlexAttention BlockMask (built on `device`, CUDA)."""
+    n = length
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_x0, k_x0 = q_idx >= n, kv_idx >= n
+        q_blk = torch.where(q_x0, q_idx - n, q_idx) // block_size
+        k_blk = torch.where(k_x0, kv_idx - n, kv_idx) // block_size
+        diagonal = (q_blk == k_blk) & (q_x0 == k_x0)
+        offset_causal = (q_blk > k_blk) & k_x0 & ~q_x0
+        causal = (q_blk >= k_blk) & k_x0 & q_x0
+        return diagonal | offset_causal | causal
+
+    return create_block_mask(mask_mod, None, None, 2 * n, 2 * n, device=device)
+
+
+def clip_search_grid(widths, delta: float, eps: float) -> list[tuple[float, float]]:
+    """BD3-LM's candidate clipping intervals: the full [eps, 1] and, for every width w,
+    [lo, lo + w] for lo = 0, delta, ..., 1 - w (bounds at least eps)."""
+    grid = [(eps, 1.0)]
+    for width in widths:
+        steps = int(round((1.0 - float(width)) / delta))
+        for i in range(steps + 1):
+            lo = i * delta
+            pair = (round(max(lo, eps), 6), round(min(max(lo + float(width), eps), 1.0), 6))
+            if pair not in grid:
+                grid.append(pair)
+    return grid
+
+
+class BD3LM(AbsorbingDiffusion):
+    """Block diffusion NELBO with SUBS inside each block; needs a DiT (attn_mask, positions)."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"absorbing", "block_causal"})
+    exact_likelihood: ClassVar[bool] = False  # a bound; block_size = 1 sets it True per instance
+
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_id: int,
+        vocab_size: int,
+        block_size: int = 16,
+        time_conditioning: bool = False,
+        mask_conditioning: bool = False,
+        T: int = 0,
+        sampling_eps: float = 1e-3,
+        antithetic: bool = True,
+        var_min: bool = False,
+        clip_search_widths: tuple[float, ...] | list[float] = (0.5, 0.6, 0.7, 0.8, 0.9),
+        clip_search_delta: float = 0.05,
+        clip_search_batches: int = 10,
+        attn_backend: str = "auto",
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"parameterization.block_size={block_size} must be >= 1")
+        if time_conditioning or mask_conditioning:
+            key = "time_conditioning" if time_conditioning else "mask_conditioning"
+            raise ValueError(
+                f"parameterization=bd3lm conditions each block on its own noise level, which one "
+                f"sigma per row cannot express: set {key}=false (BD3-LM is time-agnostic)"
+            )
+        if T != 0:
+            raise ValueError(f"parameterization=bd3lm is continuous-time: set T=0 (got T={T})")
+        if attn_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(
+                f"parameterization.attn_backend={attn_backend!r}: expected auto, sdpa or flex"
+            )
+        eval_noise = noise.full if isinstance(noise, Clipped) else noise
+        super().__init__(
+            noise=eval_noise,
+            mask_id=mask_id,
+            vocab_size=vocab_size,
+            time_conditioning=False,
+            T=0,
+            sampling_eps=sampling_eps,
+            antithetic=antithetic,
+            mask_conditioning=False,
+        )
+        self.block_size = int(block_size)
+        self.exact_likelihood = self.block_size == 1  # t = 1: every token masked, next-token NLL
+        self.attn_backend = attn_backend
+        self.var_min = var_min
+        self.clip_search_batches = clip_search_batches
+        self.clip_grid = clip_search_grid(clip_search_widths, clip_search_delta, sampling_eps)
+        clipped = isinstance(noise, Clipped)
+        # the training interval of masking rates ([0, 0] = unclipped: use the schedule itself)
+        init = [noise.beta, noise.omega] if clipped else [0.0, 0.0]
+        self.register_buffer("clip", torch.tensor(init, dtype=torch.float64))
+        self._search: dict[tuple[float, float], list[Tensor]] = {}
+        self._masks: dict[tuple, object] = {}
+
+    def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:
+        """SUBS inside the block: (B, n, V) logits -> log p(x0 | x_t) (mask never predicted)."""
+        return subs_log_p_x0(logits, x_t, self.mask_id)
+
+    def denoiser(self, backbone: nn.Module):
+        """The block denoiser: the span KV cache of the finished blocks, and `block_size`."""
+        return BlockDenoiser(backbone, self)
+
+    # ---- masks -----------------------------------------------------------------------------
+    def attention_pattern(self, length: int, device: torch.device, padded: bool):
+        """The (2L, 2L) block-causal pattern: a FlexAttention BlockMask on CUDA when available
+        (and nothing is padded), else the dense bool mask for SDPA; cached per length."""
+        use_flex = (
+            self.attn_backend != "sdpa"
+            and create_block_mask is not None
+            and device.type == "cuda"
+            and not padded
+        )
+        if self.attn_backend == "flex" and not use_flex and device.type == "cuda" and not padded:
+            raise ValueError("parameterization.attn_backend=flex: FlexAttention is unavailable")
+        key = (length, str(device), use_flex)
+        if key not in self._masks:
+            build = flex_block_diff_mask if use_flex else block_diff_mask
+            self._masks[key] = build(length, self.block_size, device)
+        return self._masks[key]
+
+    def backbone_logits(
+        self, backbone: nn.Module, x_t: Tensor, x0: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """(B, L, V) logits of the x_t half from one pass over x_t + x_0 (block-causal)."""
+        params = inspect.signature(backbone.forward).parameters
+        if "attn_mask" not in params or "positions" not in params:
+            raise ValueError(
+                f"parameterization=bd3lm needs a backbone that takes attn_mask and positions "
+                f"(backbone=dit); {type(backbone).__name__} does not"
+            )
+        B, L = x0.shape
+        padded = not bool(attention_mask.all())
+        pattern = self.attention_pattern(L, x0.device, padded)
+        pos = torch.arange(L, device=x0.device).repeat(2)  # (2L,) both halves at 0 .. L - 1
+        x_in = torch.cat([x_t, x0], dim=1)  # (B, 2L)
+        pad = torch.cat([attention_mask, attention_mask], dim=1)  # (B, 2L)
+        logits = backbone(x_in, None, pad, attn_mask=pattern, positions=pos)  # (B, 2L, V)
+        return logits[:, :L]
+
+    # ---- time: one per block -----------------------------------------------------------------
+    def sample_block_t(
+        self, n: int, num_blocks: int, device: torch.device, generator=None, rows: Rows = None
+    ) -> Tensor:
+        """(n, num_blocks) times in [eps, 1], stratified over all blocks of the global batch
+        (BD3-LM's antithetic sampling along blocks and rows)."""
+        total = n if rows is None else rows[1]
+        u = torch.rand(total * num_blocks, device=device, generator=generator)
+        if self.antithetic:
+            u = (u + torch.arange(total * num_blocks, device=device)) / (total * num_blocks)
+        u = u.view(total, num_blocks)
+        if rows is not None:
+            u = u[rows[0].to(u.device)]
+        return self.sampling_eps + (1 - self.sampling_eps) * u
+
+    def rate_and_weight(self, t: Tensor, clip: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
+        """Masking rate and NELBO weight at t: the schedule's own, or clipped to [lo, hi]
+        (rate lo + (hi - lo) t, weight (hi - lo) / rate)."""
+        if clip is None:
+            return self.noise.move_chance(t), self.noise.loss_weight(t)
+        lo, hi = clip
+        rate = lo + (hi - lo) * t
+        return rate, (hi - lo) / rate.clamp_min(1e-12)
+
+    def training_clip(self) -> tuple[float, float] | None:
+        """The interval training draws masking rates from (None: the full schedule)."""
+        if self.var_min and self._search:
+            self._apply_search()
+        lo, hi = (float(v) for v in self.clip)
+        return None if hi <= lo else (lo, hi)
+
+    # ---- the loss ---------------------------------------------------------------------------
+    def block_nelbo(
+        self,
+        backbone: nn.Module,
+        x0: Tensor,
+        attention_mask: Tensor,
+        generator=None,
+        loss_mask: Tensor | None = None,
+        rows: Rows = None,
+        clip: tuple[float, float] | None = None,
+        all_masked: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """(B, L) per-token NELBO terms and the (B, L) scored mask. `clip`: masking rates in
+        [lo, hi]; `all_masked`: t = 1 with weight 1 (the exact NLL at block_size = 1)."""
+        B, L = x0.shape
+        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
+        num_blocks = -(-L // self.block_size)
+        blk = block_ids(L, self.block_size, x0.device)  # (L,)
+        if all_masked:
+            rate = torch.ones(B, num_blocks, device=x0.device)
+            weight = torch.ones_like(rate)
+        else:
+            t = self.sample_block_t(B, num_blocks, x0.device, generator, rows)  # (B, nb)
+            rate, weight = self.rate_and_weight(t, clip)
+        x_t = self.q_xt(
+            x0,
+            rate[:, blk],  # (B, L) each token's block masking rate
+            generator,
+            noisable=scored if loss_mask is not None else None,
+            rows=rows,
+        )
+        logits = self.backbone_logits(backbone, x_t, x0, attention_mask)  # (B, L, V)
+        log_p = subs_log_p_x0(logits, x_t, self.mask_id)
+        log_p_true = log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L); 0 where unmasked
+        return -log_p_true * weight[:, blk].to(log_p_true.dtype), scored
+
+    def loss(
+        self,
+        backbone: nn.Module,
+        x0: Tensor,
+        attention_mask: Tensor,
+        generator=None,
+        loss_mask: Tensor | None = None,
+        rows: Rows = None,
+    ) -> LossOutput:
+        """Training: clipped (or full) rates; evaluation: the full schedule (block_size = 1:
+        t = 1, the exact next-token NLL), plus the clip search statistics when `var_min`."""
+        if self.training:
+            clip = self.training_clip()
+            nll, scored = self.block_nelbo(
+                backbone, x0, attention_mask, generator, loss_mask, rows, clip=clip
+            )
+            return LossOutput(nll=nll, mask=scored.to(nll.dtype))
+        nll, scored = self.block_nelbo(
+            backbone,
+            x0,
+            attention_mask,
+            generator,
+            loss_mask,
+            rows,
+            all_masked=self.block_size == 1,
+        )
+        if self.var_min and self.block_size > 1:
+            self._collect_search(backbone, x0, attention_mask, generator, loss_mask)
+        return LossOutput(nll=nll, mask=scored.to(nll.dtype))
+
+    # ---- BD3-LM's data-driven clipping (var_min) ------------------------------------------------
+    @torch.no_grad()
+    def _collect_search(self, backbone, x0, attention_mask, generator, loss_mask) -> None:
+        """Per-block mean losses of this validation batch under every candidate interval
+        (only the first `clip_search_batches` batches of a validation pass)."""
+        first = next(iter(self._search.values()), [])
+        if len(first) >= self.clip_search_batches:
+            return
+        L = x0.shape[1]
+        for lo, hi in self.clip_grid:
+            nll, scored = self.block_nelbo(
+                backbone, x0, attention_mask, generator, loss_mask, clip=(lo, hi)
+            )
+            pad = (-L) % self.block_size
+            per_block = torch.nn.functional.pad(nll * scored, (0, pad))
+            per_block = per_block.view(x0.shape[0], -1, self.block_size).mean(-1)  # (B, nb)
+            self._search.setdefault((lo, hi), []).append(per_block.double().cpu())
+
+    def clip_variances(self) -> dict[tuple[float, float], float]:
+        """Summed per-batch variance of the per-block losses, for each searched interval."""
+        return {k: float(sum(v.var() for v in vs)) for k, vs in self._search.items() if vs}
+
+    def _apply_search(self) -> None:
+        """Train on the lowest-variance interval measured in the last validation (BD3-LM)."""
+        variances = self.clip_variances()
+        self._search = {}
+        if not variances:
+            return
+        lo, hi = min(variances, key=variances.get)
+        self.clip.copy_(torch.tensor([lo, hi], dtype=torch.float64))
+
+
+class BlockDenoiser(MaskedModelDenoiser):
+    """The denoiser of a block-causal model (`samplers.base.SpanCacheDenoiser` + block_size).
+
+    `log_p_x0_span` (inherited) runs a block against the cached finished blocks; `log_p_x0` of a
+    whole canvas is the training pass with x_0 := x_t, so block b sees canvas blocks < b as its
+    clean context: exact when those are clean (block-by-block generation), and the full
+    recomputation the cache is checked against.
+    """
+
+    def __init__(self, backbone: nn.Module, objective: BD3LM) -> None:
+        super().__init__(backbone, objective)
+        self.block_size = objective.block_size
+
+    @torch.no_grad()
+    def log_p_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
+        ones = torch.ones_like(x_t)
+        logits = self.objective.backbone_logits(self.backbone, x_t, x_t, ones)  # (B, L, V)
+        return subs_log_p_x0(logits, x_t, self.mask_id)

@@ -1,0 +1,166 @@
+"""Block diffusion sampling with an exact KV cache (BD3-LM, Arriola et al., ICLR 2025).
+
+A block-causal model (parameterization=bd3lm) factorises p(x) = prod_b p(x^b | x^{<b}); each
+factor is a masked diffusion over the block's positions. The sampler draws block after block:
+the block starts all-mask and takes `steps` ancestral steps (MDLM eq. 7, the ddpm_cache rule:
+the network runs only when the block changed), each call seeing the block itself and the cached
+keys/values of the finished blocks (`forward_span(..., context="prefix", write=False)`). A
+finished block is run once more, clean, to write its keys/values (`write=True`): exactly what
+the x_0 half computes in training, so the cache is exact, not an approximation.
+
+Generation stops when every row has produced `eos_id` (positions after a row's first EOS are
+filled with EOS), or at `max_length` tokens, which may exceed the training length: past the
+backbone's context the window slides, keeping the last whole blocks of at most half the
+context, re-encoded at positions from 0 (BD3-LM's arbitrary-length generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from samplers.base import GuidedDenoiser, Sampler
+from samplers.ddpm import ddpm_step, time_grid
+
+
+class BlockSampler(Sampler):
+    """Block-by-block ancestral sampling of a block-causal model with the span KV cache."""
+
+    name = "block"
+    requires: ClassVar[frozenset[str]] = frozenset({"absorbing", "block_causal", "time_agnostic"})
+
+    def __init__(
+        self,
+        steps: int = 16,
+        block_size: int | None = None,
+        max_length: int | None = None,
+        stop_at_eos: bool = True,
+        num_samples: int = 8,
+        batch_size: int = 8,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float = 0.0,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+    ) -> None:
+        """`steps`: ancestral steps per block; `block_size`: null = the model's own (the only
+        exact choice); `max_length`: tokens to generate (null = the model's length)."""
+        super().__init__(
+            num_samples, batch_size, temperature, top_k, top_p, cfg_scale, bos_id, eos_id
+        )
+        if steps < 1:
+            raise ValueError(f"sampler=block: steps must be >= 1, got {steps}")
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"sampler.block_size={block_size} must be >= 1 (or null)")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"sampler.max_length={max_length} must be >= 1 (or null)")
+        self.steps = steps
+        self.block_size = block_size
+        self.max_length = max_length
+        self.stop_at_eos = stop_at_eos
+
+    @classmethod
+    def requirements(cls, settings: Mapping[str, Any]) -> frozenset[str]:
+        return cls.requires
+
+    def _canvas_length(self, length: int) -> int:
+        return int(self.max_length or length)
+
+    def _model_block_size(self, model: GuidedDenoiser) -> int:
+        own = getattr(model.denoiser, "block_size", None)
+        if self.block_size is not None:
+            if own is not None and int(own) != int(self.block_size):
+                raise ValueError(
+                    f"sampler.block_size={self.block_size} differs from the model's block_size="
+                    f"{own}: the cache is exact only for the block size the model was trained "
+                    "with (set sampler.block_size=null)"
+                )
+            return int(self.block_size)
+        if own is None:
+            raise ValueError(
+                "sampler=block needs the model's block size: this denoiser has none (train with "
+                "parameterization=bd3lm) or set sampler.block_size"
+            )
+        return int(own)
+
+    # ---- the cache -----------------------------------------------------------------------------
+    def _encode(self, model: GuidedDenoiser, window: Tensor, block: int, t: Tensor):
+        """A fresh cache holding the clean `window` (B, W), written block by block."""
+        cache = model.init_cache(window.shape[0])
+        for a in range(0, window.shape[1], block):
+            b = min(a + block, window.shape[1])
+            model.log_p_x0_span(window, t, a, b, cache, context="prefix", write=True)
+        return cache
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _generate(
+        self,
+        model: GuidedDenoiser,
+        x: Tensor,
+        generator: torch.Generator | None,
+        record: Callable[[Tensor], None] | None,
+    ) -> Tensor:
+        block = self._model_block_size(model)
+        batch, total = x.shape
+        mask_id = model.mask_id
+        one = torch.ones(batch, device=x.device)  # (B,) t for the clean passes (ignored)
+        cache = model.init_cache(batch)
+        capacity = self._capacity(cache)
+        fixed = x != mask_id  # (B, total) prompt / fixed tokens, never counted as output
+        offset = 0  # canvas index of model position 0 (moves when the window slides)
+        done = torch.zeros(batch, dtype=torch.bool, device=x.device)  # (B,) row ended at EOS
+        end = 0
+        ts = time_grid(self.steps)
+        for start in range(0, total, block):
+            end = min(start + block, total)
+            if end - offset > capacity:  # slide: keep the last whole blocks of <= capacity / 2
+                keep = (capacity // 2 // block) * block
+                offset = start - keep
+                cache = self._encode(model, x[:, offset:start], block, one)
+            lo, hi = start - offset, end - offset  # the block in model positions
+            window = x[:, offset:end]  # a view: steps below write into x
+            log_p, changed = None, True
+            for i in range(self.steps):
+                span = window[:, lo:hi]
+                if not bool((span == mask_id).any()):
+                    break
+                t = torch.full((batch,), float(ts[i]), device=x.device)
+                alpha_t = model.alpha(t)
+                last = i == self.steps - 1
+                s = torch.full((batch,), float(ts[i + 1]), device=x.device)
+                alpha_s = torch.ones_like(alpha_t) if last else model.alpha(s)
+                if log_p is None or changed:  # ddpm_cache: the block's x_t changed
+                    log_p = self.filter(
+                        model.log_p_x0_span(window, t, lo, hi, cache, context="prefix", write=False)
+                    )
+                new = ddpm_step(log_p, span, alpha_t, alpha_s, generator, mask_id)
+                changed = not torch.equal(new, span)
+                window[:, lo:hi] = new
+                if record is not None:
+                    record(x.clone())
+            if self.stop_at_eos and self.eos_id is not None:
+                hit = ((x[:, start:end] == self.eos_id) & ~fixed[:, start:end]).any(1)
+                done |= hit
+                if bool(done.all()):
+                    break
+            if end < total:  # the finished block joins the cache (clean, as x_0 in training)
+                model.log_p_x0_span(window, one, lo, hi, cache, context="prefix", write=True)
+        return self._finish(x[:, :end], fixed[:, :end])
+
+    @staticmethod
+    def _capacity(cache) -> int:
+        """Positions the backbone's cache holds (the first of CFG's pair)."""
+        first = cache[0] if isinstance(cache, tuple) else cache
+        return int(getattr(first, "capacity", 1 << 62))
+
+    def _finish(self, x: Tensor, fixed: Tensor) -> Tensor:
+        """Rows that produced EOS are EOS from their first generated EOS on."""
+        if not self.stop_at_eos or self.eos_id is None:
+            return x
+        is_eos = (x == self.eos_id) & ~fixed  # (B, L)
+        after = is_eos.long().cumsum(1) > 0  # at or after the first generated EOS
+        return x.masked_fill(after, self.eos_id)

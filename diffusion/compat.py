@@ -1,0 +1,402 @@
+"""MDLM's command line, verbatim: translate MDLM's override names into ours.
+
+    ours, lines = translate(["mode=sample_eval", "sampling.predictor=ddpm_cache", ...])
+
+A pure function of the override list (no config is read, nothing is imported from Hydra).
+A command is MDLM's when it uses a name only MDLM has (`sampling.*`, `data=openwebtext-split`,
+`backbone=ar`, `model=small-ar`, `+wandb.offline=true`, `loader.eval_global_batch_size`, ...);
+then every MDLM name maps onto ours with one printed line (`MDLM name sampling.steps ->
+sampler.steps`), names both share in spelling but not in meaning take MDLM's meaning
+(`backbone=dit` is MDLM's DiT, our `backbone=hf_dit`), and MDLM's defaults where ours differ
+are added (one line each). Any other command passes through untouched, so our own names keep
+their documented meaning. A name we cannot honour raises ConfigError naming what to use instead.
+
+Samples: MDLM draws `sampling.num_sample_batches` batches of `loader.eval_batch_size` on every
+device, so sampler.num_samples = batches x eval batch size x devices x nodes.
+"""
+
+from __future__ import annotations
+
+try:
+    from diffusion.config import ConfigError
+except ImportError:  # before H1's config module lands
+    from config_utils import ConfigError
+
+# MDLM data option -> (our overrides, tokenizer)
+MDLM_DATA: dict[str, tuple[list[str], str]] = {
+    "openwebtext-split": (["data=openwebtext"], "gpt2"),
+    "openwebtext-streaming": (["data=openwebtext", "data.streaming=true"], "gpt2"),
+    "lm1b": (["data=lm1b"], "bert-base-uncased"),
+    "lm1b-streaming": (["data=lm1b", "data.streaming=true"], "bert-base-uncased"),
+    "lm1b-wrap": (["data=lm1b_wrap"], "bert-base-uncased"),
+    "lm1b-gpt2": (["data=lm1b_wrap", "data.tokenizer=gpt2"], "gpt2"),
+    "text8": (["data=text8"], "text8"),
+    "wikitext2": (["data=wikitext2"], "gpt2"),
+    "wikitext103": (["data=wikitext103"], "gpt2"),
+    "ptb": (["data=ptb"], "gpt2"),
+    "ag_news": (["data=ag_news"], "gpt2"),
+    "lambada": (["data=lambada"], "gpt2"),
+    "scientific_papers_arxiv": (["data=scientific_papers_arxiv"], "gpt2"),
+    "scientific_papers_pubmed": (["data=scientific_papers_pubmed"], "gpt2"),
+}
+# MDLM's data.train names (what its pickled config records) -> its data option
+MDLM_TRAIN_NAMES = {
+    "openwebtext-train": "openwebtext-split",
+    "openwebtext": "openwebtext-split",
+    "lm1b": "lm1b",
+    "text8": "text8",
+    "text8-crop": "text8-crop",
+    "wikitext2": "wikitext2",
+    "wikitext103": "wikitext103",
+    "ptb": "ptb",
+    "ag_news": "ag_news",
+    "lambada": "lambada",
+    "scientific_papers_arxiv": "scientific_papers_arxiv",
+    "scientific_papers_pubmed": "scientific_papers_pubmed",
+}
+REFUSED_DATA = {
+    "text8-crop": "random-crop training of text8 is not implemented: use data=text8 "
+    "(contiguous 256-character rows, D3PM's split)",
+    "openwebtext": "MDLM's data=openwebtext validates on wikitext103; use data=openwebtext-split "
+    "(held-out OWT, as in MDLM's paper) and eval.datasets=[wikitext103] for that table",
+}
+MDLM_MODELS = {  # MDLM model option -> our model option (+ extra overrides)
+    "small": ["model=small"],
+    "medium": ["model=medium"],
+    "tiny": ["model=mdlm_tiny"],
+    "small-ar": ["model=small"],
+    "tiny-ar": ["model=mdlm_tiny"],
+}
+SAMPLERS = {"ddpm": "ddpm", "ddpm_cache": "ddpm_cache", "analytic": "analytic"}
+# names that only MDLM has (a command with one of them is MDLM's)
+MDLM_ONLY_PREFIXES = ("sampling.", "wandb.", "callbacks.", "data.tokenizer_name_or_path")
+MDLM_ONLY_NAMES = {
+    "loader.eval_global_batch_size",
+    "loader.pin_memory",
+    "eval.perplexity_batch_size",
+    "eval.compute_perplexity_on_sanity",
+    "eval.generate_samples",
+    "training.antithetic_sampling",
+    "training.importance_sampling",
+    "training.change_of_variables",
+    "subs_masking",
+    "diffusion",
+    "model.scale_by_sigma",
+    "model.causal",
+    "model.tie_word_embeddings",
+    "model.type",
+}
+MDLM_ONLY_VALUES = {
+    "data": set(MDLM_DATA) - {"lm1b", "text8", "wikitext2", "wikitext103", "ptb", "ag_news",
+                              "lambada", "scientific_papers_arxiv", "scientific_papers_pubmed"}
+    | {"text8-crop"},
+    "model": {"small-ar", "tiny-ar", "tiny-dimamba"},
+    "backbone": {"ar", "dimamba"},
+}  # fmt: skip
+DROPPED = {  # accepted MDLM names that change nothing here, and why
+    "sampling.num_sample_log": "ours writes every sample to samples.jsonl and prints the first 4",
+    "loader.pin_memory": "our loaders pin memory on CUDA themselves",
+    "eval.compute_perplexity_on_sanity": "ours runs no sanity validation (trainer.num_sanity_val_steps=0)",
+    "eval.generate_samples": "sample_eval always generates; mode=train prints eval.samples_after_train",
+    "model.scale_by_sigma": "SEDD's sigma scaling is part of parameterization=sedd",
+    "model.type": "the backbone option picks the architecture",
+    "diffusion": "absorbing_state is the only diffusion of MDLM's main.py",
+}
+FALSE_ONLY = {  # MDLM switches ours has no implementation of: false is accepted, true refused
+    "training.importance_sampling": "training.antithetic=true (stratified t) is the variance reduction ours has",
+    "training.change_of_variables": "ours trains in t; no change of variables is implemented",
+    "model.tie_word_embeddings": "the DiT's head is untied (MDLM's default)",
+}
+
+
+def _split(override: str) -> tuple[str, str, str]:
+    """'+a.b=c' -> ('+', 'a.b', 'c'); '~a' -> ('~', 'a', '')."""
+    prefix = ""
+    while override[:1] in "+~":
+        prefix += override[0]
+        override = override[1:]
+    key, _, value = override.partition("=")
+    return prefix, key, value
+
+
+def is_mdlm_command(overrides: list[str]) -> bool:
+    for o in overrides:
+        _, key, value = _split(o)
+        if key.startswith(MDLM_ONLY_PREFIXES) or key in MDLM_ONLY_NAMES:
+            return True
+        if value in MDLM_ONLY_VALUES.get(key, ()):
+            return True
+    return False
+
+
+def _truthy(value: str, key: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"MDLM name {key}={value}: expected True or False")
+
+
+def _int(value: str, key: str) -> int:
+    try:
+        return int(value.replace("_", ""))
+    except ValueError as e:
+        raise ConfigError(f"MDLM name {key}={value}: expected an integer") from e
+
+
+def mdlm_data_overrides(data_cfg: dict, source: str) -> tuple[list[str], str]:
+    """Our data overrides and tokenizer for the `data` section of an MDLM config (a
+    checkpoint's pickled one): by its option name when known, else by its train name."""
+    train = str(data_cfg.get("train", ""))
+    tokenizer = str(data_cfg.get("tokenizer_name_or_path", "gpt2"))
+    option = MDLM_TRAIN_NAMES.get(train)
+    if option == "lm1b" and tokenizer == "gpt2":
+        option = "lm1b-gpt2"
+    elif option == "lm1b" and data_cfg.get("wrap"):
+        option = "lm1b-wrap"
+    if option is None or option not in MDLM_DATA:
+        raise ConfigError(
+            f"{source}: MDLM data.train={train!r} has no counterpart among our data options "
+            f"(known: {sorted(MDLM_TRAIN_NAMES)}); pass data=... to the converter"
+        )
+    return list(MDLM_DATA[option][0]), MDLM_DATA[option][1]
+
+
+def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(our overrides, one printed line per MDLM name mapped or default added)."""
+    overrides = list(overrides)
+    if not is_mdlm_command(overrides):
+        return overrides, []
+    out: list[str] = []
+    lines: list[str] = []
+    given: dict[str, str] = {}
+    for o in overrides:
+        _, key, value = _split(o)
+        given[key] = value
+
+    def say(mdlm: str, ours: list[str] | str) -> None:
+        target = ours if isinstance(ours, str) else " ".join(ours) or "(nothing)"
+        lines.append(f"MDLM name {mdlm} -> {target}")
+
+    mode = given.get("mode", "train")
+    devices = given.get("trainer.devices")
+    nodes = given.get("trainer.num_nodes")
+
+    # ---- the sampler: predictor / semi-AR / steps / number of samples, composed together ---
+    predictor = given.get("sampling.predictor", "ddpm_cache")
+    if predictor not in SAMPLERS:
+        raise ConfigError(
+            f"MDLM name sampling.predictor={predictor}: ours has {sorted(SAMPLERS)} "
+            "(and sampler=first_hitting|confidence|semi_ar by our own names)"
+        )
+    semi_ar = (
+        _truthy(given["sampling.semi_ar"], "sampling.semi_ar")
+        if "sampling.semi_ar" in given
+        else False
+    )
+    sampler = "semi_ar" if semi_ar else SAMPLERS[predictor]
+    sampler_ov = [f"sampler={sampler}"]
+    if semi_ar:
+        if predictor == "analytic":
+            raise ConfigError(
+                "MDLM names sampling.semi_ar=True with sampling.predictor=analytic: our semi_ar "
+                "sampler runs ddpm / ddpm_cache windows; use sampling.predictor=ddpm_cache"
+            )
+        sampler_ov.append(f"sampler.cache={'true' if predictor == 'ddpm_cache' else 'false'}")
+    source = "sampling.predictor" + (" + sampling.semi_ar" if semi_ar else "")
+    if "sampling.predictor" in given or semi_ar:
+        say(f"{source}={predictor}", sampler_ov)
+    else:
+        lines.append(f"MDLM default sampling.predictor=ddpm_cache -> {' '.join(sampler_ov)}")
+    steps = given.get("sampling.steps", "128")
+    sampler_ov.append(f"sampler.steps={_int(steps, 'sampling.steps')}")
+    if "sampling.steps" in given:
+        say("sampling.steps", "sampler.steps")
+    batches = _int(given.get("sampling.num_sample_batches", "2"), "sampling.num_sample_batches")
+    eval_bs = given.get("loader.eval_batch_size")
+    world = "${mul:${trainer.devices},${trainer.num_nodes}}"
+    if devices is not None and nodes is not None and eval_bs is not None:
+        world = str(_int(devices, "trainer.devices") * _int(nodes, "trainer.num_nodes"))
+    elif devices is None and nodes is None:
+        world = "1"  # our trainer.devices default (MDLM: every visible GPU)
+    if eval_bs is not None and world.isdigit():
+        n = batches * _int(eval_bs, "loader.eval_batch_size") * int(world)
+        num = str(n)
+    else:
+        num = f"${{mul:{batches},${{mul:${{loader.eval_batch_size}},{world}}}}}"
+    sampler_ov += [f"sampler.num_samples={num}", "sampler.batch_size=${loader.eval_batch_size}"]
+    what = f"sampler.num_samples={num} (batches x eval batch size x devices) sampler.batch_size=loader.eval_batch_size"
+    if "sampling.num_sample_batches" in given:
+        say(f"sampling.num_sample_batches={batches}", what)
+    else:
+        lines.append(f"MDLM default sampling.num_sample_batches=2 -> {what}")
+    for key in ("sampling.stride_length", "sampling.num_strides"):
+        if key in given:
+            if not semi_ar:
+                raise ConfigError(f"MDLM name {key} needs sampling.semi_ar=True")
+            ours = "sampler." + key.split(".", 1)[1]
+            sampler_ov.append(f"{ours}={_int(given[key], key)}")
+            say(key, ours)
+    if "sampling.noise_removal" in given:
+        flag = _truthy(given["sampling.noise_removal"], "sampling.noise_removal")
+        if _sampler_accepts(sampler, "noise_removal"):
+            sampler_ov.append(f"sampler.noise_removal={str(flag).lower()}")
+            say("sampling.noise_removal", "sampler.noise_removal")
+        elif flag:
+            raise ConfigError(
+                f"MDLM name sampling.noise_removal=True: sampler={sampler} has no final greedy "
+                "step; its last step goes to t=0 and samples every remaining mask. Drop the "
+                "flag, or use sampler=ddpm / ddpm_cache where noise_removal is an option"
+            )
+        else:
+            say("sampling.noise_removal=False", "(nothing: ours has no final greedy step)")
+    out += sampler_ov
+
+    # ---- everything else, name by name -----------------------------------------------------
+    backbone_set = False
+    for o in overrides:
+        prefix, key, value = _split(o)
+        if key.startswith("sampling.") or key in ("trainer.devices", "trainer.num_nodes"):
+            if key in ("trainer.devices", "trainer.num_nodes"):
+                out.append(f"{key}={value}")
+            elif key not in (
+                "sampling.predictor", "sampling.steps", "sampling.num_sample_batches",
+                "sampling.semi_ar", "sampling.stride_length", "sampling.num_strides",
+                "sampling.noise_removal",
+            ):  # fmt: skip
+                if key in DROPPED:
+                    say(key, f"(nothing: {DROPPED[key]})")
+                else:
+                    raise ConfigError(f"MDLM name {key} is not one MDLM's main.py reads")
+            continue
+        if prefix == "~":
+            out.append(o)
+            continue
+        if key == "backbone":
+            backbone_set = True
+            if value in ("dit", "hf_dit"):
+                out.append("backbone=hf_dit")
+                say(f"backbone={value}", "backbone=hf_dit (MDLM's DiT, parameter for parameter)")
+            elif value == "ar":
+                out += ["backbone=hf_dit", "backbone.causal=true"]
+                say("backbone=ar", "backbone=hf_dit backbone.causal=true (MDLM's AR DDIT)")
+            else:
+                raise ConfigError(
+                    f"MDLM name backbone={value} is not ported: use backbone=dit (MDLM's DiT), "
+                    "backbone=ar, or our backbone=hf_causal_bidirectional / hf_mlm"
+                )
+        elif key == "model":
+            if value not in MDLM_MODELS:
+                raise ConfigError(
+                    f"MDLM name model={value} is not ported: use one of {sorted(MDLM_MODELS)}"
+                )
+            out += MDLM_MODELS[value]
+            say(f"model={value}", MDLM_MODELS[value])
+        elif key == "data":
+            if value in REFUSED_DATA:
+                raise ConfigError(f"MDLM name data={value}: {REFUSED_DATA[value]}")
+            if value not in MDLM_DATA:
+                raise ConfigError(
+                    f"MDLM name data={value}: not an MDLM data option ({sorted(MDLM_DATA)})"
+                )
+            out += MDLM_DATA[value][0]
+            say(f"data={value}", MDLM_DATA[value][0])
+        elif key == "noise":
+            if value != "loglinear":
+                raise ConfigError(
+                    f"MDLM name noise={value} is not ported: use noise=loglinear (MDLM's default) "
+                    "or our noise=cosine"
+                )
+            out.append("noise=loglinear")
+        elif key == "subs_masking":
+            out.append(f"parameterization.subs_masking={str(_truthy(value, key)).lower()}")
+            say("subs_masking", "parameterization.subs_masking (parameterization=d3pm)")
+        elif key == "training.antithetic_sampling":
+            out.append(f"training.antithetic={str(_truthy(value, key)).lower()}")
+            say(key, "training.antithetic")
+        elif key in FALSE_ONLY:
+            if _truthy(value, key):
+                raise ConfigError(f"MDLM name {key}=True is not implemented: {FALSE_ONLY[key]}")
+            say(f"{key}=False", "(nothing: the default)")
+        elif key == "model.causal":
+            out.append(f"backbone.causal={str(_truthy(value, key)).lower()}")
+            say(key, "backbone.causal")
+        elif key in DROPPED:
+            say(key, f"(nothing: {DROPPED[key]})")
+        elif key == "loader.eval_global_batch_size":
+            ours = f"loader.eval_batch_size=${{div_up:{_int(value, key)},${{mul:${{trainer.devices}},${{trainer.num_nodes}}}}}}"
+            out.append(ours)
+            say(key, "loader.eval_batch_size = eval_global_batch_size / (devices x nodes)")
+        elif key == "eval.perplexity_batch_size":
+            out.append(f"eval.gen_ppl_batch_size={_int(value, key)}")
+            say(key, "eval.gen_ppl_batch_size")
+        elif key == "data.tokenizer_name_or_path":
+            out.append(f"data.tokenizer={value}")
+            say(key, "data.tokenizer")
+        elif key.startswith("wandb."):
+            field = key.split(".", 1)[1]
+            if field in ("name", "project", "offline", "group", "tags", "notes", "id", "job_type"):
+                out.append(f"logger.{field}={value}")
+                say(f"{prefix}{key}", f"logger=wandb logger.{field}")
+            else:
+                raise ConfigError(
+                    f"MDLM name {key}: our wandb logger takes logger.<WandbLogger kwarg>"
+                )
+        elif key.startswith("callbacks."):
+            if key.endswith("every_n_train_steps"):
+                out.append(f"checkpointing.every_n_train_steps={_int(value, key)}")
+                say(key, "checkpointing.every_n_train_steps")
+            else:
+                raise ConfigError(
+                    f"MDLM name {key}: our checkpoint callbacks are set by checkpointing.*"
+                )
+        elif key in ("optim.beta1", "optim.beta2"):
+            raise ConfigError(f"MDLM name {key}: ours takes optim.betas=[b1,b2]")
+        else:
+            out.append(o)  # shared names: mode, eval.*, loader.*, training.*, T, trainer.*, ...
+    if any(_split(o)[1].startswith("wandb.") for o in overrides):
+        out.insert(0, "logger=wandb")
+
+    # ---- MDLM's defaults where ours differ ---------------------------------------------------
+    defaults: list[tuple[str, str]] = [("mask_conditioning", "false")]
+    if not backbone_set:
+        defaults.append(("backbone", "hf_dit"))
+    if "model" not in given:
+        defaults.append(("model", "small"))
+    if "data" not in given:
+        defaults.append(("data", "openwebtext"))
+    if "eval.compute_generative_perplexity" not in given:
+        defaults.append(("eval.compute_generative_perplexity", "false"))
+    if mode == "train":
+        if "training.ema" not in given:
+            defaults.append(("training.ema", "0.9999"))
+        if "loader.global_batch_size" not in given:
+            defaults.append(("loader.global_batch_size", "512"))
+        if "optim.lr" not in given:
+            defaults.append(("optim.lr", "3e-4"))
+        defaults += [("optim.betas", "[0.9,0.999]"), ("training.random_length_fraction", "0.0")]
+    for key, value in defaults:
+        out.append(f"{key}={value}")
+        lines.append(f"MDLM default {key}={value} (ours differs)")
+    return out, lines
+
+
+def _sampler_accepts(sampler: str, arg: str) -> bool:
+    """Whether our sampler option `sampler` takes the keyword `arg` (read from its class)."""
+    import importlib
+    import inspect
+
+    module = {"ddpm": "samplers.ddpm", "ddpm_cache": "samplers.ddpm_cache",
+              "analytic": "samplers.analytic", "semi_ar": "samplers.semi_ar"}[sampler]  # fmt: skip
+    mod = importlib.import_module(module)
+    classes = [c for c in vars(mod).values() if inspect.isclass(c) and c.__module__ == module]
+    return any(arg in inspect.signature(c.__init__).parameters for c in classes)
+
+
+def translate_argv(argv: list[str]) -> list[str]:
+    """sys.argv[1:] translated, each mapping printed (main.py calls this before Hydra parses)."""
+    ours, lines = translate(argv)
+    for line in lines:
+        print(line)
+    return ours

@@ -1,0 +1,170 @@
+"""MDLM's own Lightning checkpoints (mdlm.ckpt, sedd.ckpt, ar.ckpt; DUO writes the same).
+
+Layout, as MDLM's `Diffusion` module saves it:
+- `state_dict`: `backbone.*` in MDLM's DiT layout (the AR baseline: `DDIT`, causal, no
+  sigma map or adaLN), plus the persistent rotary buffer `backbone.rotary_emb.inv_freq`;
+- `ema`: {decay, num_updates, shadow_params}, the shadow params a list in the order of
+  `chain(backbone.parameters(), noise.parameters())` (requires_grad only);
+- `hyper_parameters`: {config: MDLM's OmegaConf config, tokenizer: a HF tokenizer object},
+  read with the restricted unpickler (stand-ins, no code runs).
+The EMA weights are loaded by default (what MDLM evaluates), the raw ones with use_ema=False
+(`eval.disable_ema=true`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.formats.common import FormatError, make_checkpoint, strict_match
+from models.formats.mdlm_hf import check_inv_freq, dit_layout, model_overrides
+from models.formats.safe_pickle import load_restricted, plain
+
+NAME = "mdlm_ckpt"
+PARAMETERIZATIONS = {"subs": "subs", "sedd": "sedd", "d3pm": "d3pm", "ar": "ar"}
+INV_FREQ = "backbone.rotary_emb.inv_freq"
+
+
+def detect(path: Path) -> bool:
+    """A torch zip whose pickle has MDLM's `hyper_parameters` and `backbone.*` weights."""
+    if not path.is_file() or path.suffix not in (".ckpt", ".pt", ".pth"):
+        return False
+    try:
+        head = load_restricted(path, tensors=False)
+    except FormatError:
+        return False
+    if not isinstance(head, dict) or "unmask_config" in head:
+        return False
+    sd = head.get("state_dict")
+    return isinstance(sd, dict) and any(str(k).startswith("backbone.vocab_embed") for k in sd)
+
+
+def get(cfg: dict[str, Any], dotted: str, source: str, default: Any = ...) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is not ...:
+                return default
+            raise FormatError(f"{source}: MDLM config key {dotted!r} missing in hyper_parameters")
+        node = node[part]
+    return node
+
+
+def ema_weights(
+    ckpt: dict[str, Any], backbone: dict[str, torch.Tensor], order: list[str], source: str
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Shadow params matched to the backbone's parameters in `parameters()` order (`order`:
+    the file's state_dict order less buffers); the counts and every shape must agree."""
+    ema = ckpt.get("ema")
+    if not isinstance(ema, dict) or not isinstance(ema.get("shadow_params"), (list, tuple)):
+        raise FormatError(
+            f"{source}: no ema.shadow_params (pass eval.disable_ema=true for raw weights)"
+        )
+    shadow = list(ema["shadow_params"])
+    names = order
+    if len(shadow) != len(names):
+        raise FormatError(
+            f"{source}: ema.shadow_params holds {len(shadow)} tensors but the backbone has "
+            f"{len(names)} parameters (a learned noise schedule, or another model?)"
+        )
+    out = {}
+    for i, (name, t) in enumerate(zip(names, shadow)):
+        if not isinstance(t, torch.Tensor) or t.shape != backbone[name].shape:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise FormatError(
+                f"{source}: ema.shadow_params[{i}] has shape {shape} but {name} "
+                f"is {tuple(backbone[name].shape)}"
+            )
+        out[name] = t
+    return out, int(ema.get("num_updates") or 0)
+
+
+def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    from diffusion.compat import mdlm_data_overrides
+
+    source = str(path)
+    ckpt = load_restricted(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise FormatError(f"{source}: no state_dict: not a Lightning checkpoint")
+    cfg = plain((ckpt.get("hyper_parameters") or {}).get("config"))
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{source}: hyper_parameters.config (MDLM's config) is missing")
+    backbone_kind = str(get(cfg, "backbone", source))
+    if backbone_kind not in ("dit", "ar"):
+        raise FormatError(f"{source}: backbone={backbone_kind!r}; only MDLM's dit and ar load")
+    param = str(get(cfg, "parameterization", source))
+    if param not in PARAMETERIZATIONS:
+        raise FormatError(
+            f"{source}: parameterization={param!r} is not one of {sorted(PARAMETERIZATIONS)}"
+        )
+    noise = str(get(cfg, "noise.type", source, "loglinear"))
+    if param != "ar" and noise != "loglinear":
+        raise FormatError(
+            f"{source}: noise.type={noise!r}; only MDLM's loglinear schedule is ported"
+        )
+    causal = backbone_kind == "ar"
+    C, N, H = (int(get(cfg, f"model.{k}", source)) for k in ("hidden_size", "n_blocks", "n_heads"))
+    cond, length = int(get(cfg, "model.cond_dim", source)), int(get(cfg, "model.length", source))
+    tc = bool(get(cfg, "time_conditioning", source, False)) and not causal
+    T = int(get(cfg, "T", source, 0))
+
+    sd = ckpt["state_dict"]
+    others = [k for k in sd if not str(k).startswith("backbone.")]
+    if others:
+        raise FormatError(f"{source}: unexpected tensor {others[0]!r} outside backbone.*")
+    found = {k: (v, source) for k, v in sd.items()}
+    inv = found.pop(INV_FREQ, None)
+    if inv is not None:
+        check_inv_freq(inv[0], C // H, source)
+    emb = found.get("backbone.vocab_embed.embedding")
+    if emb is None:
+        raise FormatError(f"{source}: tensor 'backbone.vocab_embed.embedding' is missing")
+    V = int(emb[0].shape[0])
+    expected = {f"backbone.{k}": s for k, s in dit_layout(V, C, N, H, cond, length, causal).items()}
+    raw = {k.removeprefix("backbone."): v for k, v in strict_match(expected, found, source).items()}
+    if use_ema:
+        order = [k.removeprefix("backbone.") for k in sd if k != INV_FREQ]
+        weights, updates = ema_weights(ckpt, raw, order, source)
+    else:
+        weights, updates = raw, 0
+
+    data_name = str(get(cfg, "data.train", source))
+    try:
+        data, tokenizer = mdlm_data_overrides(cfg.get("data") or {}, source)
+    except Exception as e:  # ConfigError: no counterpart of its data
+        if not any(o.startswith("data=") for o in overrides):
+            raise FormatError(str(e)) from e
+        data, tokenizer = [], str(get(cfg, "data.tokenizer_name_or_path", source, "?"))
+    mask_id = V - 1  # MDLM appends [MASK] when the tokenizer has none (GPT-2, text8)
+    if tokenizer.startswith("bert"):
+        mask_id = 103
+    config_overrides = [
+        "backbone=hf_dit",
+        f"parameterization={PARAMETERIZATIONS[param]}",
+        "noise=loglinear",
+        f"T={T}",
+        f"time_conditioning={str(tc).lower()}",
+        "mask_conditioning=false",
+        f"training.ema={float(get(cfg, 'training.ema', source, 0.9999))}",
+        *model_overrides(C, N, H, cond, length, float(get(cfg, "model.dropout", source, 0.1))),
+        *data,
+    ]
+    if causal:
+        config_overrides += ["backbone.causal=true", f"backbone.mask_index={mask_id}"]
+    config_overrides += list(overrides)
+    info = {
+        "format": NAME,
+        "source": source,
+        "mdlm_backbone": backbone_kind,
+        "mdlm_data": data_name,
+        "mask_id": mask_id,
+        "shift": False,
+        "time_conditioning": tc,
+        "tokenizer": tokenizer,
+        "length": length,
+        "ema": f"EMA ({updates} updates)" if use_ema else "raw (EMA disabled)",
+        "global_step": ckpt.get("global_step"),
+    }
+    return make_checkpoint(config_overrides, weights, info, raw=raw, ema_updates=updates)

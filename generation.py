@@ -24,8 +24,9 @@ from rich.live import Live
 from rich.text import Text
 from torch import Tensor
 
-import chat
 from config_utils import ConfigError, validate_config
+from diffusion.data import chat
+from diffusion.data.tokenizers import encode_text
 
 MASK_GLYPH = "░"  # what a masked position looks like in the live view
 
@@ -59,7 +60,7 @@ def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
                 "generate.chat_template=false to continue the raw prompt"
             )
         return chat.prompt_ids(tokenizer, text)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    (ids,) = encode_text(tokenizer, [text])  # a typed "[MASK]" stays characters
     return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
 
 

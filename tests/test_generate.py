@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
 
-import chat
 import generation
 from config_utils import ConfigError, register_resolvers, validate_config
 from diffusion.checkpoint import CheckpointError
+from diffusion.data import chat
 from tests.test_main_e2e import ROOT, run_main
 from tests.tiny_lm import repeat_lm
 

@@ -1,5 +1,5 @@
-"""Instruction tuning (SFT): the chat template (chat.py), SFT rows with an answer mask
-(dataloader.SFTDataModule), the prompt never noised, weights-only init from a pretrained
+"""Instruction tuning (SFT): the chat template (diffusion/data/chat.py), SFT rows with an
+answer mask (diffusion/data/sft.py: ChatRecords + SFTRows), the prompt never noised, weights-only init from a pretrained
 checkpoint with a grown vocabulary, and a tiny SFT run through main.py that lowers the
 answer loss."""
 
@@ -14,18 +14,20 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from chat import ROLE_TOKENS, chat_text, ensure_chat_template, prompt_ids, render_chat
-from dataloader import (
-    SFTDataModule,
-    TextDataModule,
-    alpaca_messages,
-    row_to_messages,
-    sft_rows,
-    tokenizer_from_checkpoint,
-    train_tokenizer,
-    wrap_tokenizer,
-)
+from dataloader import TextDataModule
 from diffusion.checkpoint import CheckpointError, init_weights
+from diffusion.data.chat import (
+    ROLE_TOKENS,
+    chat_text,
+    ensure_chat_template,
+    prompt_ids,
+    render_chat,
+)
+from diffusion.data.from_checkpoint import tokenizer_from_checkpoint
+from diffusion.data.layouts import Wrap
+from diffusion.data.sft import ChatRecords, SFTRows, alpaca_messages, row_to_messages, sft_rows
+from diffusion.data.sources import HFDataset
+from diffusion.data.tokenizers import train_tokenizer, wrap_tokenizer
 from tests.test_configs import load
 from tests.test_hf_backbones import gpt2_dir, mlm_dir  # noqa: F401  (fixtures)
 from tests.test_main_e2e import run_main
@@ -47,22 +49,28 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def sft_dm(tmp_path: Path, train: list, validation: list | None = None, **kwargs) -> SFTDataModule:
+def sft_dm(
+    tmp_path: Path,
+    train: list,
+    validation: list | None = None,
+    tokenizer="char",
+    length: int = 32,
+    **source,
+) -> TextDataModule:
     """A char-level SFT data module over jsonl rows written to tmp_path."""
     files = {"train": str(write_jsonl(tmp_path / "train.jsonl", train))}
     if validation is not None:
         files["validation"] = str(write_jsonl(tmp_path / "validation.jsonl", validation))
-    args = dict(
+    records = dict(path="json", data_files=files, splits={k: k for k in files})
+    dm = TextDataModule(
         name="sft_test",
-        length=32,
+        source=ChatRecords(**(records | source)),
+        tokenizer=tokenizer,
+        layout=SFTRows(),
+        length=length,
         batch_size=4,
-        hf_path="json",
-        data_files=files,
-        splits={k: k for k in files},
-        tokenizer="char",
         cache_dir=str(tmp_path / "cache"),
     )
-    dm = SFTDataModule(**(args | kwargs))
     dm.setup()
     return dm
 
@@ -159,7 +167,7 @@ def test_over_long_examples_are_truncated_or_dropped_with_a_logged_count(tmp_pat
         {"prompt": "sky?", "response": "blue " * 10},  # answer cut at length
         {"prompt": "a" * 40, "response": "x"},  # the prompt alone fills the row
     ]
-    with caplog.at_level(logging.WARNING, logger="dataloader"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.data.sft"):
         dm = sft_dm(tmp_path, rows)
     assert len(dm.dataset("train")) == 2
     assert "truncated 1 of 3 answers at model.length=32" in caplog.text
@@ -211,7 +219,10 @@ def test_a_checkpoint_without_a_data_config_cannot_give_its_tokenizer(tmp_path):
 
 def test_a_null_tokenizer_points_at_init_from_ckpt():
     with pytest.raises(ValueError, match="data.tokenizer is null.*init_from_ckpt"):
-        SFTDataModule(name="x", length=32, batch_size=1, hf_path="json", tokenizer=None)
+        source = ChatRecords(path="json", splits={"train": "train"})
+        TextDataModule(
+            name="x", source=source, tokenizer=None, layout=SFTRows(), length=32, batch_size=1
+        )
 
 
 def test_a_tokenizer_without_mask_keeps_its_mask_id_and_the_role_tokens_come_after(
@@ -219,8 +230,11 @@ def test_a_tokenizer_without_mask_keeps_its_mask_id_and_the_role_tokens_come_aft
     gpt2_dir,  # noqa: F811
 ):
     words = {"prompt": "w1 w2", "response": "w3"}
-    plain = TextDataModule(name="p", length=16, batch_size=1, hf_path="json", tokenizer=gpt2_dir)
-    plain.tokenizer = plain._build_tokenizer()
+    source = HFDataset(path="json", splits={"train": "train"})
+    plain = TextDataModule(
+        name="p", source=source, tokenizer=gpt2_dir, layout=Wrap(), length=16, batch_size=1
+    )
+    plain.setup_tokenizer()
     dm = sft_dm(tmp_path, [words] * 2, tokenizer=gpt2_dir, length=16)
     assert dm.mask_id == plain.mask_id == 60  # MDLM's implicit mask id: the old len(tokenizer)
     assert dm.vocab_size == 64
@@ -353,8 +367,8 @@ def test_sft_from_a_pretrained_checkpoint_lowers_the_answer_loss(tmp_path):
     overrides = [
         "experiment=sft_shakespeare",
         f"training.init_from_ckpt={pretrained}",
-        f"data.data_files.train={write_jsonl(tmp_path / 'train.jsonl', rows * 10)}",
-        f"data.data_files.validation={write_jsonl(tmp_path / 'val.jsonl', rows)}",
+        f"data.source.data_files.train={write_jsonl(tmp_path / 'train.jsonl', rows * 10)}",
+        f"data.source.data_files.validation={write_jsonl(tmp_path / 'val.jsonl', rows)}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "optim.lr=3e-3",
         "trainer.max_steps=60",

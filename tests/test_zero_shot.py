@@ -18,12 +18,12 @@ def ckpt(tmp_path_factory):
 
 def test_zero_shot_table_over_corpora(ckpt, tmp_path):
     over = [
-        "++eval.dataset_overrides.ptb.hf_path=json",
-        f"++eval.dataset_overrides.ptb.data_files.validation={FIX / 'ptb.jsonl'}",
-        "++eval.dataset_overrides.wikitext2.hf_path=json",
-        "++eval.dataset_overrides.wikitext2.hf_name=null",
-        f"++eval.dataset_overrides.wikitext2.data_files.validation={FIX / 'wikitext.jsonl'}",
-        f"++eval.dataset_overrides.lambada.data_files.test={FIX / 'lambada.jsonl'}",
+        "++eval.dataset_overrides.ptb.source.path=json",
+        f"++eval.dataset_overrides.ptb.source.data_files.validation={FIX / 'ptb.jsonl'}",
+        "++eval.dataset_overrides.wikitext2.source.path=json",
+        "++eval.dataset_overrides.wikitext2.source.name=null",
+        f"++eval.dataset_overrides.wikitext2.source.data_files.validation={FIX / 'wikitext.jsonl'}",
+        f"++eval.dataset_overrides.lambada.source.data_files.test={FIX / 'lambada.jsonl'}",
     ]
     run_main(
         tmp_path / "zs",

@@ -1,4 +1,4 @@
-"""Chat rendering for instruction tuning (SFT) and prompted generation.
+"""Chat rendering for instruction tuning (SFT) and prompted generation (was chat.py).
 
 A conversation is a list of `{"role": "user" | "assistant" | "system", "content": str}`
 messages. Tokenizers that ship a chat template (Llama-3, Qwen, ...) keep theirs; those
@@ -16,10 +16,13 @@ backbone is built with it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import transformers
+
+from diffusion.data.tokenizers import encode_text
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
@@ -73,11 +76,47 @@ def chat_text(
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template: build it through an "
             "SFT data config (data=sft_local or data=alpaca), which calls "
-            "chat.ensure_chat_template before the model is built"
+            "diffusion.data.chat.ensure_chat_template before the model is built"
         )
     return tokenizer.apply_chat_template(
         [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def _marker(i: int) -> str:
+    return f"\ue000{i}\ue001"  # private-use characters: never in a template
+
+
+_MARKER = re.compile("\ue000(\\d+)\ue001")
+
+
+def encode_chat(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    """Token ids of a conversation: the template's text (BOS, role tokens, EOS) with special
+    tokens parsed, each message's content with parsing off, so content can never inject one.
+
+    The template is rendered with a marker in place of each content; the pieces between the
+    markers are the template's own text.
+    """
+    marked = [dict(m) | {"content": _marker(i)} for i, m in enumerate(messages)]
+    pieces = _MARKER.split(chat_text(tokenizer, marked, add_generation_prompt))
+    if chat_text(tokenizer, messages, add_generation_prompt) != "".join(
+        str(messages[int(p)]["content"]) if i % 2 else p for i, p in enumerate(pieces)
+    ):
+        raise ValueError(
+            f"the chat template of {tokenizer.name_or_path!r} changes message contents; "
+            "contents cannot be encoded apart from the template's special tokens"
+        )
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i % 2:  # a message's content
+            ids += encode_text(tokenizer, [str(messages[int(piece)]["content"])])[0]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def render_chat(
@@ -85,12 +124,11 @@ def render_chat(
     messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool = False,
 ) -> list[int]:
-    """Token ids of a conversation under the tokenizer's chat template (see `chat_text`).
+    """Token ids of a conversation under the tokenizer's chat template (`encode_chat`).
 
     No special tokens are added on top: the template already opens with BOS.
     """
-    text = chat_text(tokenizer, messages, add_generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_chat(tokenizer, messages, add_generation_prompt)
 
 
 def prompt_ids(tokenizer: transformers.PreTrainedTokenizerBase, user_text: str) -> list[int]:

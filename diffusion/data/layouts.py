@@ -1,0 +1,189 @@
+"""Layouts: how a split's documents become fixed-length rows.
+
+- `Wrap` (MDLM): concatenate `[BOS] doc [EOS]` once over the split and cut it into rows;
+- `Pad`: one document per row, truncated (EOS kept), `attention_mask` 0 on padding;
+- `SFTRows` (sft.py): chat-rendered prompt, answer, EOS padding, with a `loss_mask`.
+
+Documents are encoded with special-token parsing off (tokenizers.encode_text).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from diffusion.data.base import ConfigError, Layout, Source, stack_rows
+from diffusion.data.tokenizers import encode_text
+
+
+def wrap_documents(flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, length: int):
+    """Concatenate `[BOS] doc [EOS]` over the whole split and cut it into rows of `length`.
+
+    `flat` holds all documents' tokens back to back, `lengths` each document's count. When BOS
+    and EOS are one token (GPT-2) documents are separated by a single one, as MDLM does. The
+    tail shorter than `length` is dropped. Returns an (N, length) int32 array (N may be 0).
+    """
+    lengths = lengths.astype(np.int64)
+    lead = 0 if bos == eos else 1  # separator tokens before each document
+    head = 1 - lead  # a single leading BOS when BOS == EOS
+    extent = lengths + lead + 1
+    starts = head + np.cumsum(extent) - extent
+    stream = np.empty(head + int(extent.sum()), dtype=np.int32)
+    stream[starts if lead else 0] = bos
+    stream[starts + lead + lengths] = eos
+    doc = np.repeat(np.arange(len(lengths)), lengths)  # document of each token
+    within = np.arange(len(flat)) - (np.cumsum(lengths) - lengths)[doc]
+    stream[starts[doc] + lead + within] = flat
+    rows = len(stream) // length
+    return stream[: rows * length].reshape(rows, length)
+
+
+def pad_documents(flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, pad: int, length: int):
+    """One `[BOS] doc [EOS]` per row, truncated to `length` (EOS kept) and right-padded.
+
+    Returns (input_ids, attention_mask), both (N, length), int32 and int8.
+    """
+    body = np.minimum(lengths.astype(np.int64), length - 2)
+    offsets = np.cumsum(lengths.astype(np.int64)) - lengths
+    col = np.arange(length - 2)[None, :]
+    valid = col < body[:, None]
+    idx = np.where(valid, offsets[:, None] + col, 0)
+    ids = np.full((len(lengths), length), pad, dtype=np.int32)
+    ids[:, 0] = bos
+    ids[:, 1:-1] = np.where(valid, flat[idx] if len(flat) else 0, pad)
+    ids[np.arange(len(lengths)), body + 1] = eos
+    mask = (np.arange(length)[None, :] < (body + 2)[:, None]).astype(np.int8)
+    return ids, mask
+
+
+def _pieces(text: str, size: int = 1 << 20) -> list[str]:
+    """Cut a very long document (text8: 90M chars) before whitespace so tokenizing stays lean."""
+    if len(text) <= size:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            end = cut if cut > start else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def tokenize_documents(
+    ds: Any, tokenizer: Any, num_proc: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All documents' tokens back to back, and each document's length."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        ids = [
+            list(itertools.chain.from_iterable(encode_text(tokenizer, _pieces(t))))
+            for t in batch["text"]
+        ]
+        return {"ids": ids}
+
+    ds = ds.map(encode, batched=True, num_proc=num_proc, remove_columns=["text"])
+    if len(ds) == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    col = ds.with_format("arrow")[:].column("ids")
+    flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks])
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in col.chunks])
+    return flat.astype(np.int32), lengths
+
+
+def _documents(source: Source, split: str, tokenizer: Any, num_proc: int | None):
+    flat, lengths = tokenize_documents(source.texts(split, num_proc=num_proc), tokenizer, num_proc)
+    where = f"split {split!r} ({source.describe(split)})"
+    if len(lengths) == 0:
+        raise ConfigError(f"{where} has no documents")
+    return flat, lengths, where
+
+
+class Wrap(Layout):
+    """Concatenate `[BOS] doc [EOS]` over the split and cut it into rows of `length` (MDLM)."""
+
+    name: ClassVar[str] = "wrap"
+    supports_streaming: ClassVar[bool] = True
+
+    def check(self, source: Source, length: int) -> None:
+        if length < 2:
+            raise ConfigError(f"model.length={length} is too short for the wrap layout")
+
+    def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
+        flat, lengths, where = _documents(source, split, tokenizer, num_proc)
+        ids = wrap_documents(flat, lengths, tokenizer.bos_token_id, tokenizer.eos_token_id, length)
+        if len(ids) == 0:
+            raise ConfigError(
+                f"{where} has {len(flat)} tokens with separators, fewer than "
+                f"length={length}: use a shorter model.length or more data"
+            )
+        return stack_rows(ids, np.ones_like(ids, dtype=np.int8))
+
+    def stream(self, stream: Any, tokenizer: Any, length: int) -> Any:
+        return StreamingRows(stream, tokenizer, length, wrap=True)
+
+
+class Pad(Layout):
+    """One `[BOS] doc [EOS]` per row, truncated to `length` and right-padded (MDLM's lm1b)."""
+
+    name: ClassVar[str] = "pad"
+    supports_streaming: ClassVar[bool] = True
+
+    def check(self, source: Source, length: int) -> None:
+        if length < 3:
+            raise ConfigError(f"model.length={length} is too short for the pad layout")
+
+    def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
+        flat, lengths, _ = _documents(source, split, tokenizer, num_proc)
+        tok = tokenizer
+        ids, mask = pad_documents(
+            flat, lengths, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, length
+        )
+        return stack_rows(ids, mask)
+
+    def stream(self, stream: Any, tokenizer: Any, length: int) -> Any:
+        return StreamingRows(stream, tokenizer, length, wrap=False)
+
+
+class StreamingRows(torch.utils.data.IterableDataset):
+    """Rows of `length` tokens cut on the fly from a streamed `datasets.IterableDataset`.
+
+    For corpora that do not fit on disk. Wrap keeps a token buffer across documents; pad emits
+    one document per row. Not resumable mid-epoch (Lightning warns): the stream restarts.
+    """
+
+    def __init__(self, stream: Any, tokenizer: Any, length: int, wrap: bool) -> None:
+        self.stream, self.tokenizer, self.length, self.wrap = stream, tokenizer, length, wrap
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)  # reshuffles the stream's buffer and shard order
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        tok, n = self.tokenizer, self.length
+        bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        buf: list[int] = [bos] if bos == eos else []
+        for example in self.stream:
+            (ids,) = encode_text(tok, [example["text"]])
+            if not self.wrap:
+                row, mask = pad_documents(
+                    np.asarray(ids, np.int32), np.array([len(ids)]), bos, eos, pad, n
+                )
+                yield {
+                    "input_ids": torch.from_numpy(row[0]).long(),
+                    "attention_mask": torch.from_numpy(mask[0]).long(),
+                }
+                continue
+            buf += ([] if bos == eos else [bos]) + ids + [eos]
+            while len(buf) >= n:
+                row, buf = buf[:n], buf[n:]
+                yield {
+                    "input_ids": torch.tensor(row),
+                    "attention_mask": torch.ones(n, dtype=torch.long),
+                }

@@ -1,0 +1,154 @@
+"""Loading order: a resumable, rank-sharded, (seed, epoch)-shuffled sampler and loader, and
+the dataset of cached token rows.
+
+Lightning stores the train loader's `state_dict` in checkpoints, so a resumed run sees exactly
+the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed, (0, 1) when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Row order for one rank: shuffled by (seed, epoch), sharded `rank::world_size`.
+
+    Lightning calls `set_epoch`; `start` skips rows of this rank's shard (set by the loader on
+    resume). With `drop_last` every rank gets the same count, which DDP needs for training.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        r, w = dist_info()
+        self.num_rows, self.shuffle, self.seed, self.drop_last = num_rows, shuffle, seed, drop_last
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        usable = (
+            self.num_rows - self.num_rows % self.world_size if self.drop_last else self.num_rows
+        )
+        return len(range(self.rank, usable, self.world_size))
+
+    def indices(self) -> torch.Tensor:
+        """This rank's rows for the current epoch, in order."""
+        if self.shuffle:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(self.num_rows)
+        if self.drop_last:
+            order = order[: self.num_rows - self.num_rows % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        yield from self.indices()[start:].tolist()
+
+
+class ResumableDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader Lightning checkpoints: `state_dict` = (epoch, batches served this epoch).
+
+    Lightning 2.6 stores the state of every train loader that has `state_dict` and
+    `load_state_dict` (fit_loop.on_save_checkpoint) and restores it before the first `iter`;
+    the next epoch pass then skips the batches already trained on, so a resumed run sees the
+    same batches as an uninterrupted one. Counting happens where batches leave the loader,
+    so worker prefetching does not shift it.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, *, sampler: ResumableSampler, **kwargs):
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._served = 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: ResumableSampler = self.sampler
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == sampler.epoch:
+            skip = self._resume["batches"]
+        self._resume = None
+        sampler.start = skip * self.batch_size
+        self._served = skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+        sampler.set_epoch(sampler.epoch + 1)  # a plain loop gets a fresh order next pass
+        self._served = 0
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: ResumableSampler = self.sampler
+        if self._served >= len(self):  # the epoch is complete: resume at the next one
+            return {"epoch": sampler.epoch + 1, "batches": 0, "world_size": sampler.world_size}
+        return {"epoch": sampler.epoch, "batches": self._served, "world_size": sampler.world_size}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        sampler: ResumableSampler = self.sampler
+        if state.get("world_size", sampler.world_size) != sampler.world_size:
+            log.warning(
+                "resuming the data order with world size %d (saved with %d): the rest of this "
+                "epoch will not match the interrupted run",
+                sampler.world_size,
+                state["world_size"],
+            )
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        sampler.set_epoch(int(state["epoch"]))
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Rows of cached token tensors -> `{"input_ids", "attention_mask"}` long tensors.
+
+    SFT rows carry a `loss_mask` too (bool: the answer and its EOS padding, the only tokens
+    noised and scored); it is added to every item when present.
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+    ) -> None:
+        self.input_ids, self.attention_mask, self.loss_mask = input_ids, attention_mask, loss_mask
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {
+            "input_ids": self.input_ids[i].long(),
+            "attention_mask": self.attention_mask[i].long(),
+        }
+        if self.loss_mask is not None:
+            item["loss_mask"] = self.loss_mask[i].bool()
+        return item
+
+    def scored(self) -> torch.Tensor:
+        """(N, L) bool: the tokens a loss counts (real tokens; for SFT only the answers)."""
+        mask = self.attention_mask.bool()
+        return mask if self.loss_mask is None else mask & self.loss_mask.bool()

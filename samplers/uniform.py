@@ -1,0 +1,114 @@
+"""Ancestral sampling of uniform-state diffusion (DUO / UDLM, parameterization=duo).
+
+The canvas starts as uniform noise over the K real tokens (never the mask). From t to s < t
+every token is redrawn from DUO's posterior with the model's x_theta in place of x:
+
+    p(x_s = j | x_t) ∝ (alpha_{t|s} [j = x_t] + (1 - alpha_{t|s}) / K) (alpha_s x_theta(j) + (1 - alpha_s) / K)
+
+with alpha_{t|s} = alpha_t / alpha_s. With the ELBO-optimal x_theta (proportional to
+p(x0 | x_t) / q_t(x_t | x0)) this is the exact one-token reverse marginal, so the sampler is
+exact as the steps shrink. `greedy_tail` replaces the last step by the argmax of x_theta
+(DUO's greedy noise removal). The model sees t (uniform noise does not reveal it), so there
+is no ddpm_cache-style reuse: one network call per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from samplers.base import GuidedDenoiser, Sampler, sample_categorical, uniform
+from samplers.ddpm import time_grid
+
+
+def uniform_posterior(
+    log_x_theta: Tensor, x_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, real: Tensor
+) -> Tensor:
+    """(B, L, V) float64 p(x_s | x_t): log_x_theta (B, L, V), x_t (B, L), alphas (B,), `real`
+    (V,) bool, the K tokens the noise ranges over (zero probability elsewhere)."""
+    K = int(real.sum())
+    a_t = alpha_t.to(torch.float64)[:, None, None]
+    a_s = alpha_s.to(torch.float64)[:, None, None]
+    a_ts = a_t / a_s
+    x_theta = torch.softmax(log_x_theta.to(torch.float64), -1)  # (B, L, V)
+    stay = torch.nn.functional.one_hot(x_t, log_x_theta.shape[-1]).to(torch.float64)
+    real = real.to(torch.float64)
+    from_t = a_ts * stay + (1 - a_ts) / K * real  # q(x_t | x_s = j) as a function of j
+    from_x = a_s * x_theta + (1 - a_s) / K * real  # q(x_s = j | x_theta)
+    post = from_t * from_x
+    return post / post.sum(-1, keepdim=True)
+
+
+class UniformSampler(Sampler):
+    """DUO's ancestral sampler on a uniform grid of `steps` steps (optionally a greedy tail)."""
+
+    name = "uniform"
+    requires: ClassVar[frozenset[str]] = frozenset({"uniform"})
+
+    def __init__(
+        self,
+        steps: int = 128,
+        greedy_tail: bool = False,
+        num_samples: int = 8,
+        batch_size: int = 8,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float = 0.0,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+    ) -> None:
+        super().__init__(
+            num_samples, batch_size, temperature, top_k, top_p, cfg_scale, bos_id, eos_id
+        )
+        if steps < 1:
+            raise ValueError(f"sampler=uniform: steps must be >= 1, got {steps}")
+        if cfg_scale != 0.0:
+            raise ValueError(
+                "sampler=uniform: cfg_scale must be 0 (SMDM's CFG masks the prompt, and a "
+                "uniform-state model has no mask)"
+            )
+        self.steps = steps
+        self.greedy_tail = greedy_tail
+
+    def _generate(
+        self,
+        model: GuidedDenoiser,
+        x: Tensor,
+        generator: torch.Generator | None,
+        record: Callable[[Tensor], None] | None,
+    ) -> Tensor:
+        mask_id, V = model.mask_id, model.vocab_size
+        batch, length = x.shape
+        real = torch.ones(V, dtype=torch.bool, device=x.device)
+        real[mask_id] = False
+        free = x == mask_id  # (B, L) positions to generate (the rest is prompt / fixed)
+        # the prior: uniform over the K real tokens (one float64 uniform per position)
+        u = uniform((batch, length), generator, x.device)
+        prior = (u * (V - 1)).long().clamp_(max=V - 2)
+        prior = prior + (prior >= mask_id).long()
+        x = torch.where(free, prior, x)
+        if record is not None:
+            record(x.clone())
+        ts = time_grid(self.steps)
+        for i in range(self.steps):
+            t = torch.full((batch,), float(ts[i]), device=x.device)
+            log_x = self.filter(model.log_p_x0(x, t))  # (B, L, V)
+            last = i == self.steps - 1
+            if last and self.greedy_tail:
+                new = log_x.argmax(-1)
+            else:
+                s = torch.full((batch,), float(ts[i + 1]), device=x.device)
+                alpha_t = model.alpha(t).clamp_min(torch.finfo(torch.float64).tiny)
+                alpha_s = torch.ones_like(alpha_t) if last else model.alpha(s)
+                post = uniform_posterior(log_x, x, alpha_t, alpha_s, real)  # (B, L, V)
+                draw = uniform((batch * length,), generator, x.device)
+                new = sample_categorical(post.clamp_min(0).log().flatten(0, 1), draw)
+                new = new.view(batch, length)
+            x = torch.where(free, new, x)
+            if record is not None:
+                record(x.clone())
+        return x

@@ -224,8 +224,8 @@ def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
         n = batches * _int(eval_bs, "loader.eval_batch_size") * int(world)
         num = str(n)
     else:
-        num = f"${{mul:{batches},${{mul:${{loader.eval_batch_size}},{world}}}}}"
-    sampler_ov += [f"sampler.num_samples={num}", "sampler.batch_size=${loader.eval_batch_size}"]
+        num = f"'${{mul:{batches},${{mul:${{loader.eval_batch_size}},{world}}}}}'"  # quoted: Hydra keeps it
+    sampler_ov += [f"sampler.num_samples={num}", "sampler.batch_size='${loader.eval_batch_size}'"]
     what = f"sampler.num_samples={num} (batches x eval batch size x devices) sampler.batch_size=loader.eval_batch_size"
     if "sampling.num_sample_batches" in given:
         say(f"sampling.num_sample_batches={batches}", what)
@@ -325,7 +325,10 @@ def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
         elif key in DROPPED:
             say(key, f"(nothing: {DROPPED[key]})")
         elif key == "loader.eval_global_batch_size":
-            ours = f"loader.eval_batch_size=${{div_up:{_int(value, key)},${{mul:${{trainer.devices}},${{trainer.num_nodes}}}}}}"
+            ours = (
+                f"loader.eval_batch_size='${{div_up:{_int(value, key)},"
+                "${mul:${trainer.devices},${trainer.num_nodes}}}'"
+            )
             out.append(ours)
             say(key, "loader.eval_batch_size = eval_global_batch_size / (devices x nodes)")
         elif key == "eval.perplexity_batch_size":
@@ -337,7 +340,7 @@ def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
         elif key.startswith("wandb."):
             field = key.split(".", 1)[1]
             if field in ("name", "project", "offline", "group", "tags", "notes", "id", "job_type"):
-                out.append(f"logger.{field}={value}")
+                out.append(f"++logger.{field}={value}")  # WandbLogger kwargs not in our yaml
                 say(f"{prefix}{key}", f"logger=wandb logger.{field}")
             else:
                 raise ConfigError(

@@ -1,0 +1,213 @@
+"""MDLM's command lines (its README and scripts/*.sh, verbatim) compose through the translation.
+
+Each command below is copied from kuleshov-group/mdlm (README.md and scripts/*.sh, `srun python
+-u -m main` dropped); it goes through `diffusion.compat.translate`, is composed with our
+configs, and the composed sampler, steps, number of samples, backbone and data are checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from diffusion.compat import ConfigError, is_mdlm_command, translate
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+
+README_SAMPLE_HF = """mode=sample_eval eval.checkpoint_path=kuleshov-group/mdlm-owt data=openwebtext-split
+model.length=1024 sampling.predictor=ddpm_cache sampling.steps=1000 loader.eval_batch_size=1
+sampling.num_sample_batches=10 backbone=hf_dit"""
+README_SAMPLE_CKPT = """mode=sample_eval eval.checkpoint_path=/path/to/checkpoint/mdlm.ckpt
+data=openwebtext-split model.length=1024 sampling.predictor=ddpm_cache sampling.steps=10000
+loader.eval_batch_size=1 sampling.num_sample_batches=1 backbone=dit"""
+README_SEMI_AR = """mode=sample_eval eval.checkpoint_path=kuleshov-group/mdlm-owt data=openwebtext-split
+parameterization=subs model.length=1024 sampling.predictor=ddpm_cache sampling.steps=1000
+loader.eval_batch_size=1 sampling.num_sample_batches=2 sampling.semi_ar=True
+sampling.stride_length=512 sampling.num_strides=2 backbone=hf_dit"""
+README_TRAIN = """model=small data=openwebtext-split wandb.name=mdlm-owt parameterization=subs
+model.length=1024 eval.compute_generative_perplexity=True sampling.steps=1000"""
+README_PPL_MDLM = """mode=ppl_eval loader.batch_size=16 loader.eval_batch_size=16 data=openwebtext-split
+model=small parameterization=subs backbone=dit model.length=1024
+eval.checkpoint_path=/path/to/checkpoint/mdlm.ckpt +wandb.offline=true"""
+README_PPL_AR = """mode=ppl_eval loader.batch_size=16 loader.eval_batch_size=16 data=openwebtext-split
+model=small-ar parameterization=ar backbone=ar model.length=1024
+eval.checkpoint_path=/path/to/checkpoint/ar.ckpt +wandb.offline=true"""
+README_PPL_SEDD = """mode=ppl_eval loader.batch_size=16 loader.eval_batch_size=16 data=openwebtext-split
+model=small parameterization=sedd backbone=dit model.length=1024
+eval.checkpoint_path=/path/to/checkpoint/sedd.ckpt time_conditioning=True
+sampling.predictor=analytic +wandb.offline=true"""
+SCRIPT_T_MDLM = """mode=ppl_eval loader.batch_size=16 loader.eval_batch_size=16 data=openwebtext-split
+model=small parameterization=subs backbone=dit model.length=1024 T={T}
+eval.checkpoint_path=/ckpts/60-1000000.ckpt +wandb.offline=true"""
+SCRIPT_EVAL_AR = README_PPL_AR.replace("/path/to/checkpoint/ar.ckpt", "/ckpts/last.ckpt")
+SCRIPT_EVAL_SEDD = """mode=ppl_eval loader.batch_size=16 loader.eval_batch_size=16
+data=openwebtext-split model=small parameterization=sedd backbone=dit model.length=1024
+eval.checkpoint_path=/ckpts/last.ckpt time_conditioning=True +wandb.offline=true"""
+SCRIPT_TRAIN_LM1B_AR = """loader.batch_size=16 loader.eval_batch_size=16 model=small-ar backbone=ar
+data=lm1b wandb.name=ar-lm1b parameterization=ar model.length=128
+eval.compute_generative_perplexity=True sampling.steps=1000 time_conditioning=True"""
+SCRIPT_TRAIN_LM1B_D3PM = """loader.batch_size=16 loader.eval_batch_size=16 model=small data=lm1b
+wandb.name=d3pm-lm1b parameterization=d3pm model.length=128 eval.compute_generative_perplexity=True
+sampling.steps=1000 sampling.predictor=ddpm time_conditioning=True T=1000"""
+SCRIPT_TRAIN_OWT_MDLM = """loader.batch_size=16 loader.eval_batch_size=16 model=small
+data=openwebtext-split wandb.name=mdlm-owt parameterization=subs model.length=1024
+eval.compute_generative_perplexity=True sampling.steps=1000"""
+SCRIPT_TRAIN_OWT_SEDD = """loader.batch_size=16 loader.eval_batch_size=16 model=small
+data=openwebtext-split wandb.name=sedd-owt parameterization=sedd model.length=1024
+eval.compute_generative_perplexity=True sampling.steps=1000 sampling.predictor=analytic
+time_conditioning=True"""
+
+# readme_train gives no eval batch size: MDLM's eval_global_batch_size = global 512, so 2 x 512
+# command, sampler class, steps, num_samples, causal backbone, data name, parameterization, T
+CASES = [
+    ("readme_sample_hf", README_SAMPLE_HF, "DDPMCacheSampler", 1000, 10, False, "openwebtext", "SUBS", 0),
+    ("readme_sample_ckpt", README_SAMPLE_CKPT, "DDPMCacheSampler", 10000, 1, False, "openwebtext", "SUBS", 0),
+    ("readme_semi_ar", README_SEMI_AR, "SemiARSampler", 1000, 2, False, "openwebtext", "SUBS", 0),
+    ("readme_train", README_TRAIN, "DDPMCacheSampler", 1000, 1024, False, "openwebtext", "SUBS", 0),
+    ("readme_ppl_mdlm", README_PPL_MDLM, "DDPMCacheSampler", 128, 32, False, "openwebtext", "SUBS", 0),
+    ("readme_ppl_ar", README_PPL_AR, "DDPMCacheSampler", 128, 32, True, "openwebtext", "AR", 0),
+    ("readme_ppl_sedd", README_PPL_SEDD, "AnalyticSampler", 128, 32, False, "openwebtext", "SEDD", 0),
+    ("script_T0", SCRIPT_T_MDLM.format(T=0), "DDPMCacheSampler", 128, 32, False, "openwebtext", "SUBS", 0),
+    ("script_T1000", SCRIPT_T_MDLM.format(T=1000), "DDPMCacheSampler", 128, 32, False, "openwebtext", "SUBS", 1000),
+    ("script_eval_ar", SCRIPT_EVAL_AR, "DDPMCacheSampler", 128, 32, True, "openwebtext", "AR", 0),
+    ("script_eval_sedd", SCRIPT_EVAL_SEDD, "DDPMCacheSampler", 128, 32, False, "openwebtext", "SEDD", 0),
+    ("script_train_lm1b_ar", SCRIPT_TRAIN_LM1B_AR, "DDPMCacheSampler", 1000, 32, True, "lm1b", "AR", 0),
+    ("script_train_lm1b_d3pm", SCRIPT_TRAIN_LM1B_D3PM, "DDPMSampler", 1000, 32, False, "lm1b", "D3PM", 1000),
+    ("script_train_owt_mdlm", SCRIPT_TRAIN_OWT_MDLM, "DDPMCacheSampler", 1000, 32, False, "openwebtext", "SUBS", 0),
+    ("script_train_owt_sedd", SCRIPT_TRAIN_OWT_SEDD, "AnalyticSampler", 1000, 32, False, "openwebtext", "SEDD", 0),
+]  # fmt: skip
+
+
+def composed(overrides: list[str]):
+    try:
+        from diffusion.config import register_resolvers
+    except ImportError:
+        from config_utils import register_resolvers
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose("config", overrides=overrides)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "name,command,sampler,steps,num_samples,causal,data,param,T", CASES, ids=[c[0] for c in CASES]
+)
+def test_mdlm_command_composes(name, command, sampler, steps, num_samples, causal, data, param, T):
+    mdlm = command.split()
+    ours, lines = translate(mdlm)
+    assert lines and all(line.startswith("MDLM ") for line in lines)
+    cfg = composed(ours)
+    assert cfg.sampler._target_.rsplit(".", 1)[-1] == sampler
+    assert int(cfg.sampler.steps) == steps
+    assert int(cfg.sampler.num_samples) == num_samples
+    assert int(cfg.sampler.batch_size) == int(cfg.loader.eval_batch_size)
+    assert cfg.backbone._target_ == "models.mdlm_dit.MDLMDiT"
+    assert bool(cfg.backbone.causal) is causal
+    assert cfg.data.name == data
+    assert cfg.parameterization._target_.rsplit(".", 1)[-1] == param
+    assert int(cfg.T) == T
+    assert cfg.mask_conditioning is False
+    if "wandb." in command:
+        assert cfg.logger._target_.endswith("WandbLogger")
+    if "+wandb.offline=true" in command:
+        assert cfg.logger.offline is True
+    if "mode=" in command:
+        assert cfg.mode == dict(o.split("=", 1) for o in mdlm)["mode"]
+    if "model.length=1024" in command:
+        assert int(cfg.model.length) == 1024
+    if "semi_ar" in command:
+        assert (cfg.sampler.stride_length, cfg.sampler.num_strides, cfg.sampler.cache) == (
+            512,
+            2,
+            True,
+        )
+
+
+def test_printed_lines_name_both_sides():
+    _, lines = translate(README_SAMPLE_HF.split())
+    assert "MDLM name sampling.steps -> sampler.steps" in lines
+    assert any(
+        line.startswith("MDLM name sampling.num_sample_batches=10 -> sampler.num_samples=10")
+        for line in lines
+    )
+    assert any(
+        line.startswith("MDLM name data=openwebtext-split -> data=openwebtext") for line in lines
+    )
+
+
+def test_num_samples_is_batches_x_eval_batch_x_devices():
+    ours, _ = translate(
+        [
+            "sampling.num_sample_batches=3",
+            "loader.eval_batch_size=4",
+            "trainer.devices=2",
+            "trainer.num_nodes=1",
+        ]
+    )
+    assert "sampler.num_samples=24" in ours
+    # eval batch size left to the config: the product is an interpolation of it
+    ours, _ = translate(["sampling.num_sample_batches=3", "loader.eval_global_batch_size=8"])
+    cfg = composed(ours)
+    assert int(cfg.sampler.num_samples) == 3 * int(cfg.loader.eval_batch_size) == 24
+
+
+def test_our_own_commands_pass_through():
+    ours = [
+        "mode=sample_eval",
+        "sampler=ddpm",
+        "sampler.steps=64",
+        "backbone=dit",
+        "model=small",
+        "data=wikitext2",
+    ]
+    assert not is_mdlm_command(ours)
+    assert translate(ours) == (ours, [])
+
+
+@pytest.mark.parametrize(
+    "override,hint",
+    [
+        ("sampling.predictor=euler", "ddpm_cache"),
+        ("backbone=dimamba", "backbone=dit"),
+        ("model=tiny-dimamba", "small"),
+        ("data=text8-crop", "data=text8"),
+        ("noise=polynomial", "noise=loglinear"),
+        ("training.importance_sampling=True", "training.antithetic"),
+        ("optim.beta1=0.9", "optim.betas"),
+        ("sampling.num_strides=2", "sampling.semi_ar=True"),
+    ],
+)
+def test_unhonoured_names_say_what_to_use(override, hint):
+    with pytest.raises(ConfigError, match=hint.replace(".", r"\.").replace("=", "=")):
+        translate(["sampling.steps=10", override])
+
+
+def test_mdlm_model_and_data_names():
+    for mdlm, want in [("model=tiny", ("mdlm_tiny", 512)), ("model=medium", ("medium", 1024))]:
+        cfg = composed(translate(["sampling.steps=10", mdlm])[0])
+        assert (cfg.model.n_blocks, cfg.model.hidden_size) == (
+            {"mdlm_tiny": 8, "medium": 24}[want[0]],
+            want[1],
+        )
+    for mdlm, name, tok in [
+        ("data=lm1b-gpt2", "lm1b_wrap", "gpt2"),
+        ("data=wikitext2", "wikitext2", "gpt2"),
+        ("data=text8", "text8", None),  # its own character vocabulary
+    ]:
+        cfg = composed(translate(["sampling.steps=10", mdlm])[0])
+        assert cfg.data.name == name
+        assert tok is None or cfg.data.tokenizer == tok
+    cfg = composed(
+        translate(
+            [
+                "sampling.steps=10",
+                "eval.disable_ema=true",
+                "subs_masking=True",
+                "parameterization=d3pm",
+                "T=1000",
+            ]
+        )[0]
+    )
+    assert cfg.parameterization.subs_masking is True

@@ -29,9 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 import generation
 from config_utils import ConfigError, register_resolvers, validate_config
 from diffusion.build import build_datamodule, build_module, build_trainer, module_from_checkpoint
-from diffusion.checkpoint import init_weights, load_weights, read_checkpoint
+from diffusion.checkpoint import init_weights, load_weights
 from diffusion.evaluation import GenPPLJudge, ModelJudge, sample_entropy
 from diffusion.module import DiffusionModule
+from diffusion.rundir import prepare_fit, run_guard
 from samplers.render import render_gif
 
 log = logging.getLogger("unmask")
@@ -50,27 +51,6 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 
 # ---- the modes ----------------------------------------------------------------------------------
-def resume_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from, or None; an explicit path that is missing is an error.
-
-    The newest of last.ckpt and Lightning's SLURM requeue checkpoints (hpc_ckpt_*.ckpt, written
-    on SIGUSR1 into the run directory) wins, so a preempted job continues from its last state.
-    """
-    if not cfg.checkpointing.resume_from_ckpt:
-        return None
-    path = Path(cfg.checkpointing.resume_ckpt_path)
-    default = Path(cfg.checkpointing.save_dir) / "last.ckpt"
-    if not path.is_file() and path != default:
-        raise ConfigError(f"checkpointing.resume_ckpt_path={path} does not exist")
-    candidates = [p for p in [path, *run_dir().glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    if not candidates:
-        return None
-    newest = max(candidates, key=lambda p: p.stat().st_mtime)
-    read_checkpoint(newest)  # fail early and clearly on a corrupt file
-    log.info("resuming from %s", newest)
-    return str(newest)
-
-
 def evaluate_ppl(
     cfg: DictConfig, dm, module: DiffusionModule, split: str, unigram: bool = True
 ) -> dict[str, Any]:
@@ -162,7 +142,8 @@ def train(cfg: DictConfig, dm, module: DiffusionModule) -> None:
         grown = init_weights(module, init, vocab_size=dm.vocab_size)
         log.info("initialised from %s (new vocabulary rows in %s)", init, grown or "none")
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg))
+    ckpt_path = prepare_fit(cfg, trainer, dm, module, run_dir())  # checked resume, signals
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     stats = evaluate_ppl(cfg, dm, module, "validation")  # every rank scores its shard
     if trainer.global_rank != 0:
         return
@@ -181,12 +162,14 @@ def write_samples(result: dict[str, Any]) -> None:
 
 
 def ppl_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
-    load_weights(module, cfg.eval.checkpoint_path)
-    if cfg.eval.get("datasets"):
+    zero_shot_table = bool(cfg.eval.get("datasets"))  # other corpora: only the tokenizer is checked
+    ckpt = load_weights(module, cfg.eval.checkpoint_path, dm, data=not zero_shot_table)
+    if zero_shot_table:
         zero_shot(cfg, dm, module)
         return
     stats = evaluate_ppl(cfg, dm, module, cfg.eval.split)
     stats["checkpoint"] = str(cfg.eval.checkpoint_path)
+    stats.update(ckpt["eval_record"])  # evaluated and trained model.length
     write_json("ppl_eval.json", stats)
 
 
@@ -280,7 +263,7 @@ def append_sweep_row(report: dict[str, Any]) -> None:
 
 
 def sample_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
-    load_weights(module, cfg.eval.checkpoint_path)
+    ckpt = load_weights(module, cfg.eval.checkpoint_path, dm)
     result = generate(
         cfg, dm, module, int(cfg.sampler.num_samples), with_trajectory=cfg.eval.trajectory_gif
     )
@@ -300,6 +283,7 @@ def sample_eval(cfg: DictConfig, dm, module: DiffusionModule) -> None:
         length=result["tokens"].shape[1],
         entropy=sample_entropy(result["tokens"]),
         checkpoint=str(cfg.eval.checkpoint_path),
+        trained_length=ckpt["eval_record"]["trained_length"],
     )
     if cfg.eval.compute_generative_perplexity:
         judge = build_judge(cfg, next(module.parameters()).device)
@@ -334,7 +318,7 @@ def answer_prompts(cfg: DictConfig, dm, module: DiffusionModule) -> None:
         generation.answer_length(len(ids), length, gen.max_new_tokens, i)
         for i, ids in enumerate(prefixes)
     ]
-    load_weights(module, cfg.eval.checkpoint_path)
+    load_weights(module, cfg.eval.checkpoint_path, dm)
     device = torch.device(
         "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
     )
@@ -366,10 +350,11 @@ MODES = {
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     validate_config(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm)
-    MODES[cfg.mode](cfg, dm, module)
+    with run_guard(run_dir(), cfg.checkpointing.save_dir):  # lock, orphans, exit codes
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm = build_datamodule(cfg)
+        module = build_module(cfg, dm)
+        MODES[cfg.mode](cfg, dm, module)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from config_utils import ConfigError
-from diffusion.checkpoint import AtomicCheckpointIO, FinalCheckpoint, load_weights, read_checkpoint
+from diffusion.checkpoint import (
+    AtomicCheckpointIO,
+    FinalCheckpoint,
+    load_weights,
+    read_checkpoint,
+    safe_config,
+)
 from diffusion.module import DiffusionModule
 
 
@@ -89,6 +94,7 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
             save_top_k=0,
             save_last=True,
             every_n_train_steps=cfg.checkpointing.every_n_train_steps,
+            enable_version_counter=False,  # last.ckpt, never last-v1.ckpt after a copy/move
         ),
         FinalCheckpoint(Path(save_dir) / "last.ckpt", cfg.checkpointing.every_n_train_steps),
     ]
@@ -105,10 +111,8 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
 def module_from_checkpoint(path: str | Path, key: str) -> tuple[DictConfig, Any, DiffusionModule]:
     """(saved config, data module, module with the weights) rebuilt from a .ckpt of ours by
     the config saved in it; `key` names the setting that gave the path, for errors."""
-    saved = OmegaConf.create(read_checkpoint(path).get("unmask_config") or {})
-    if "parameterization" not in saved:
-        raise ConfigError(f"{key}={path} has no unmask config (not trained by main.py?)")
+    saved = safe_config(read_checkpoint(path), f"{key}={path}")  # allowed _target_s only
     dm = build_datamodule(saved)
     module = build_module(saved, dm)
-    load_weights(module, path)
+    load_weights(module, path, dm)
     return saved, dm, module

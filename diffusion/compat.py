@@ -17,10 +17,7 @@ device, so sampler.num_samples = batches x eval batch size x devices x nodes.
 
 from __future__ import annotations
 
-try:
-    from diffusion.config import ConfigError
-except ImportError:  # before H1's config module lands
-    from config_utils import ConfigError
+from diffusion.config import ConfigError
 
 # MDLM data option -> (our overrides, tokenizer)
 MDLM_DATA: dict[str, tuple[list[str], str]] = {
@@ -362,7 +359,9 @@ def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
         out.insert(0, "logger=wandb")
 
     # ---- MDLM's defaults where ours differ ---------------------------------------------------
-    defaults: list[tuple[str, str]] = [("mask_conditioning", "false")]
+    defaults: list[tuple[str, str]] = []
+    if given.get("parameterization", "subs") in ("subs", "d3pm"):  # MDLM: no mask statistic
+        defaults.append(("parameterization.mask_conditioning", "false"))
     if not backbone_set:
         defaults.append(("backbone", "hf_dit"))
     if "model" not in given:

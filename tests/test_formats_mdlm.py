@@ -433,3 +433,31 @@ def test_our_checkpoint_format_and_disable_ema(tmp_path):
     # the backbone rebuilt from the saved config alone
     backbone = instantiate(OmegaConf.create(ckpt["unmask_config"]).backbone, vocab_size=V)
     assert backbone.max_length == LEN
+
+
+def test_convert_script_writes_our_ckpt(tmp_path):
+    """scripts/convert.py: a published folder -> our .ckpt (weights_only-loadable), same tensors."""
+    import importlib.util
+
+    from diffusion.checkpoint import read_checkpoint
+
+    spec = importlib.util.spec_from_file_location(
+        "convert", Path(__file__).resolve().parents[1] / "scripts" / "convert.py"
+    )
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    p = mdlm_params()
+    folder = write_hf(tmp_path / "hf", p)
+    out = tmp_path / "out" / "mdlm.ckpt"
+    assert convert.main(["--from", "auto", str(folder), "--out", str(out)]) == 0
+    saved = read_checkpoint(out)  # torch.load(weights_only=True)
+    assert detect_format(out) == "unmask"
+    assert saved["unmask_format"]["format"] == "mdlm_hf"
+    torch.testing.assert_close(
+        converted_logits(saved, X), reference_logits(p, X), atol=1e-5, rtol=1e-5
+    )
+    assert not list(out.parent.glob(".*tmp*"))  # the atomic write left no temporary file
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    assert convert.main(["--from", "mdlm_hf", str(bad), "--out", str(tmp_path / "x.ckpt")]) == 1
+    assert not (tmp_path / "x.ckpt").exists()

@@ -121,7 +121,7 @@ def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
     try:
         from diffusion.config import register_resolvers
     except ImportError:  # before the config module moved
-        from config_utils import register_resolvers
+        from diffusion.config import register_resolvers
     register_resolvers()
     overrides = list(overrides)
     try:

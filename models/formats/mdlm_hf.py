@@ -104,7 +104,7 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
         "noise=loglinear",
         "T=0",
         f"time_conditioning={str(tc).lower()}",
-        "mask_conditioning=false",
+        "parameterization.mask_conditioning=false",  # MDLM embeds sigma = 0, no mask statistic
         "training.ema=0.9999",
         *model_overrides(C, N, H, cond, length, float(cfg.get("dropout", 0.1))),
         *data,

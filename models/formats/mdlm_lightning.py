@@ -146,11 +146,12 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
         "noise=loglinear",
         f"T={T}",
         f"time_conditioning={str(tc).lower()}",
-        "mask_conditioning=false",
         f"training.ema={float(get(cfg, 'training.ema', source, 0.9999))}",
         *model_overrides(C, N, H, cond, length, float(get(cfg, "model.dropout", source, 0.1))),
         *data,
     ]
+    if param in ("subs", "d3pm"):  # MDLM embeds sigma = 0 (or sigma(t)), never a mask statistic
+        config_overrides.append("parameterization.mask_conditioning=false")
     if causal:
         config_overrides += ["backbone.causal=true", f"backbone.mask_index={mask_id}"]
     config_overrides += list(overrides)

@@ -360,14 +360,18 @@ def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
 
     # ---- MDLM's defaults where ours differ ---------------------------------------------------
     defaults: list[tuple[str, str]] = []
-    if given.get("parameterization", "subs") in ("subs", "d3pm"):  # MDLM: no mask statistic
-        defaults.append(("parameterization.mask_conditioning", "false"))
-    if not backbone_set:
-        defaults.append(("backbone", "hf_dit"))
-    if "model" not in given:
-        defaults.append(("model", "small"))
-    if "data" not in given:
-        defaults.append(("data", "openwebtext"))
+    # evaluating a checkpoint: the architecture comes from it (MDLM's defaults would contradict
+    # a checkpoint of ours); training: MDLM's architecture defaults
+    from_checkpoint = mode != "train" and bool(given.get("eval.checkpoint_path"))
+    if not from_checkpoint:
+        if given.get("parameterization", "subs") in ("subs", "d3pm"):  # MDLM: no mask statistic
+            defaults.append(("parameterization.mask_conditioning", "false"))
+        if not backbone_set:
+            defaults.append(("backbone", "hf_dit"))
+        if "model" not in given:
+            defaults.append(("model", "small"))
+        if "data" not in given:
+            defaults.append(("data", "openwebtext"))
     if "eval.compute_generative_perplexity" not in given:
         defaults.append(("eval.compute_generative_perplexity", "false"))
     if mode == "train":

@@ -108,7 +108,8 @@ def test_mdlm_command_composes(name, command, sampler, steps, num_samples, causa
     assert cfg.data.name == data
     assert cfg.parameterization._target_.rsplit(".", 1)[-1] == param
     assert int(cfg.T) == T
-    assert cfg.parameterization.get("mask_conditioning", False) is False
+    if "eval.checkpoint_path" not in command:  # else the checkpoint decides its conditioning
+        assert cfg.parameterization.get("mask_conditioning", False) is False
     if "wandb." in command:
         assert cfg.logger._target_.endswith("WandbLogger")
     if "+wandb.offline=true" in command:
@@ -211,3 +212,15 @@ def test_mdlm_model_and_data_names():
         )[0]
     )
     assert cfg.parameterization.subs_masking is True
+
+
+def test_evaluating_a_checkpoint_adds_no_architecture_defaults():
+    """With eval.checkpoint_path the model comes from the checkpoint: only the names given are
+    translated (no MDLM backbone/model/data/conditioning defaults that could contradict it)."""
+    ours, _ = translate(
+        ["mode=sample_eval", "eval.checkpoint_path=x.ckpt", "sampling.predictor=ddpm_cache",
+         "sampling.num_sample_batches=2", "loader.eval_batch_size=1"]
+    )  # fmt: skip
+    keys = {o.split("=", 1)[0] for o in ours}
+    assert not keys & {"backbone", "model", "data", "parameterization.mask_conditioning"}
+    assert "sampler.num_samples=2" in ours and "sampler=ddpm_cache" in ours

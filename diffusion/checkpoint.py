@@ -35,10 +35,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 
-try:  # H1 is moving config_utils.py to diffusion/config.py
-    from diffusion.config import ConfigError
-except ImportError:  # pragma: no cover - until that lands
-    from config_utils import ConfigError
+from diffusion.config import ConfigError
 
 log = logging.getLogger("unmask")
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +163,13 @@ def load_weights(
 CONDITIONING_KEYS = {"time_conditioning": False, "mask_conditioning": False}  # key: default
 
 
+def conditioning_flag(config: dict[str, Any], key: str, default: bool) -> bool:
+    """The objective's own setting (`parameterization.<key>`), else the root key that older
+    configs kept it in, else `default`."""
+    node = config.get("parameterization") or {}
+    return bool(node[key]) if key in node else bool(config.get(key, default))
+
+
 def check_conditioning(ckpt: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
     """The DiT's adaLN weights exist with or without conditioning, so a checkpoint loads into
     a differently conditioned model without a shape error and then scores wrongly: refuse it,
@@ -174,7 +178,7 @@ def check_conditioning(ckpt: dict[str, Any], config: dict[str, Any], path: str |
     if not saved or not config:
         return
     for key, default in CONDITIONING_KEYS.items():
-        was, now = bool(saved.get(key, default)), bool(config.get(key, default))
+        was, now = conditioning_flag(saved, key, default), conditioning_flag(config, key, default)
         if was != now:
             raise CheckpointError(
                 f"checkpoint {path} was trained with {key}={str(was).lower()} but this run has "
@@ -517,8 +521,8 @@ def find_resume(checkpointing: Mapping[str, Any], run_dir: str | Path) -> Path |
     An explicit `checkpointing.resume_ckpt_path` is used as given (missing: ConfigError).
     Otherwise the newest state in the run directory by its recorded `global_step` (not file
     time): last.ckpt, a versioned last-v*.ckpt an older Lightning left after a copy, or a
-    SLURM requeue checkpoint hpc_ckpt_*.ckpt; at equal steps last.ckpt wins (it is written
-    at a step boundary, the requeue one inside the signal handler)."""
+    SLURM requeue checkpoint hpc_ckpt_*.ckpt; at equal steps last.ckpt, then last-v*.ckpt,
+    win (written at a step boundary; the requeue one is written inside the signal handler)."""
     if not checkpointing.get("resume_from_ckpt"):
         return None
     save_dir = Path(checkpointing["save_dir"])
@@ -531,7 +535,11 @@ def find_resume(checkpointing: Mapping[str, Any], run_dir: str | Path) -> Path |
     if not candidates:
         return None
     steps = {p: int(read_checkpoint(p, mmap=True).get("global_step", -1)) for p in candidates}
-    newest = max(candidates, key=lambda p: (steps[p], p.name == "last.ckpt", p.stat().st_mtime))
+
+    def rank(p: Path) -> tuple:
+        return steps[p], p.name == "last.ckpt", p.name.startswith("last"), p.stat().st_mtime
+
+    newest = max(candidates, key=rank)
     others = ", ".join(f"{p.name} step {steps[p]}" for p in candidates if p != newest)
     log.info(
         "resuming from %s (step %d%s)", newest, steps[newest], f"; also {others}" if others else ""

@@ -16,13 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.formats import mdlm_hf, mdlm_lightning
+from models.formats import mdlm_hf, mdlm_lightning, smdm
 from models.formats.common import FormatError
 
 # format name -> module with detect(path) and load(path, use_ema, overrides)
 FORMATS: dict[str, Any] = {
     mdlm_hf.NAME: mdlm_hf,
     mdlm_lightning.NAME: mdlm_lightning,
+    smdm.NAME: smdm,
 }
 OURS = "unmask"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]

@@ -180,9 +180,12 @@ def check_conditioning(ckpt: dict[str, Any], config: dict[str, Any], path: str |
     for key, default in CONDITIONING_KEYS.items():
         was, now = conditioning_flag(saved, key, default), conditioning_flag(config, key, default)
         if was != now:
+            name = (
+                f"parameterization.{key}" if key in (config.get("parameterization") or {}) else key
+            )
             raise CheckpointError(
                 f"checkpoint {path} was trained with {key}={str(was).lower()} but this run has "
-                f"{key}={str(now).lower()}: pass {key}={str(was).lower()}"
+                f"{name}={str(now).lower()}: pass {name}={str(was).lower()}"
             )
 
 
@@ -434,16 +437,23 @@ def matches(key: str, prefixes: Iterable[str]) -> bool:
 
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (checkpoint's value, this run's)} for every leaf that differs; a key missing on
-    one side has the value ABSENT (the conditioning keys count as their legacy defaults)."""
+    one side has the value ABSENT. The conditioning flags are compared by their effective
+    values (`conditioning_flag`: older configs kept them at the root, with defaults)."""
     a, b = flatten(saved), flatten(now)
-    for key, default in CONDITIONING_KEYS.items():
-        a.setdefault(key, default)
-        b.setdefault(key, default)
-    return {
+    changes = {
         k: (a.get(k, ABSENT), b.get(k, ABSENT))
         for k in sorted(a.keys() | b.keys())
         if a.get(k, ABSENT) != b.get(k, ABSENT)
     }
+    for key, default in CONDITIONING_KEYS.items():
+        was, is_now = (
+            conditioning_flag(dict(saved), key, default),
+            conditioning_flag(dict(now), key, default),
+        )
+        if was != is_now:
+            name = f"parameterization.{key}" if key in (now.get("parameterization") or {}) else key
+            changes[name] = (was, is_now)
+    return changes
 
 
 def _show(value: Any) -> str:

@@ -256,6 +256,14 @@ def test_resume_into_a_model_of_another_size_is_a_short_message(tmp_path):
 def test_changed_run_defining_keys_are_listed_with_both_values():
     saved = {"optim": {"lr": 3e-3}, "mask_conditioning": True, "trainer": {"max_steps": 3}}
     now = {"optim": {"lr": 1e-3}, "mask_conditioning": False, "trainer": {"max_steps": 6}}
+    legacy = {"parameterization": {"mask_conditioning": True}, "trainer": {"max_steps": 3}}
+    with pytest.raises(ConfigError, match="parameterization.mask_conditioning: true .* false"):
+        check_resume(
+            {"unmask_config": {"mask_conditioning": True}},  # the root key of older configs
+            {"parameterization": {"mask_conditioning": False}},
+            "old.ckpt",
+        )
+    check_resume({"unmask_config": legacy}, legacy, "same.ckpt")
     with pytest.raises(ConfigError) as err:
         check_resume({"unmask_config": saved}, now, "last.ckpt")
     message = str(err.value)
@@ -335,10 +343,11 @@ class Tiny(L.LightningModule):
     def __init__(self, signum: int, at: int) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(4, 1)
-        self.signum, self.at = signum, at
+        self.signum, self.at, self.sent = signum, at, False
 
     def training_step(self, batch, batch_idx):
-        if self.global_step == self.at and batch_idx % 2 == 0:  # once, mid-accumulation
+        if self.global_step == self.at and not self.sent:  # once (mid-accumulation)
+            self.sent = True
             os.kill(os.getpid(), self.signum)
         return self.layer(batch[0]).pow(2).mean()
 

@@ -4,6 +4,9 @@ The stop comes right after the step-3 checkpoint (what a kill after that checkpo
 resuming must restore optimizer, scheduler, EMA, step, data position and RNG state.
 """
 
+import shutil
+
+import pytest
 import torch
 
 from tests.test_main_e2e import run_main
@@ -56,3 +59,74 @@ def test_checkpoint_with_other_conditioning_is_refused_by_name():
     saved = {"unmask_config": {"time_conditioning": True, "mask_conditioning": True}}
     with pytest.raises(CheckpointError, match="trained with time_conditioning=true"):
         check_conditioning(saved, {"time_conditioning": False, "mask_conditioning": True}, "b")
+
+
+# ---- issue 11: resume knows what it resumes; the run directory is the run --------------------
+COMMON = [
+    "checkpointing.every_n_train_steps=3",
+    "trainer.val_check_interval=3",
+    "eval.samples_after_train=0",
+]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    run = tmp_path_factory.mktemp("three_steps")
+    run_main(run, "trainer.max_steps=3", *COMMON)
+    return run
+
+
+def last_ckpt(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_resume_with_changed_run_defining_keys_is_refused_by_name(three_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(three_steps, run)
+    proc = run_main(
+        run,
+        "trainer.max_steps=6",
+        *COMMON,
+        "optim.lr=1e-3",
+        "parameterization.mask_conditioning=false",
+        "model.hidden_size=64",
+        check=False,
+    )
+    assert proc.returncode != 0
+    for line in (
+        "optim.lr: 0.003 (checkpoint) -> 0.001 (now)",
+        "parameterization.mask_conditioning: true (checkpoint) -> false (now)",
+        "model.hidden_size: 32 (checkpoint) -> 64 (now)",
+        "checkpointing.allow_changed=[",
+    ):
+        assert line in proc.stderr, line
+    assert "size mismatch" not in proc.stderr and "trainer.max_steps:" not in proc.stderr
+    assert last_ckpt(run)["global_step"] == 3  # nothing trained
+
+
+def test_allowed_change_takes_effect_and_a_moved_run_directory_continues(three_steps, tmp_path):
+    """optim.lr via checkpointing.allow_changed reaches the restored optimizer; in a copied
+    directory last.ckpt (never last-v1.ckpt) keeps the newest step, and the next resume
+    continues from it."""
+    moved = tmp_path / "moved"
+    shutil.copytree(three_steps, moved)
+    run_main(
+        moved,
+        "trainer.max_steps=6",
+        *COMMON,
+        "optim.lr=1e-3",
+        "checkpointing.allow_changed=[optim.lr]",
+    )
+    ckpt = last_ckpt(moved)
+    assert ckpt["global_step"] == 6
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-3) and group["initial_lr"] == pytest.approx(1e-3)
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [pytest.approx(1e-3)]
+    assert ckpt["unmask_config"]["optim"]["lr"] == pytest.approx(1e-3)
+    assert ckpt["unmask_resumes"][-1]["changed"]["optim.lr"] == [0.003, 0.001]
+    assert ckpt["unmask_fingerprint"] == last_ckpt(three_steps)["unmask_fingerprint"]
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+    run_main(moved, "trainer.max_steps=7", *COMMON, "optim.lr=1e-3")  # matches the checkpoint now
+    assert last_ckpt(moved)["global_step"] == 7
+    assert not list((moved / "checkpoints").glob("last-v*.ckpt"))

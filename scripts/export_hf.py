@@ -28,9 +28,12 @@ TRAINED_TOKENIZERS = ("bpe", "char")  # the data module's own trained vocabulari
 
 
 def read(path: str) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "unmask_config" not in ckpt:
+    from diffusion.checkpoint import check_targets, read_checkpoint
+
+    ckpt = read_checkpoint(path)  # weights_only=True, safe advice on a pickle payload
+    if "unmask_config" not in ckpt:
         raise SystemExit(f"{path}: not an unmask checkpoint (needs state_dict and unmask_config)")
+    check_targets(ckpt["unmask_config"], path)  # the stored config never chooses code
     return ckpt
 
 

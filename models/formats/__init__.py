@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.formats import mdlm_hf, mdlm_lightning, smdm
+from models.formats import dream, llada, mdlm_hf, mdlm_lightning, smdm
 from models.formats.common import FormatError
 
 # format name -> module with detect(path) and load(path, use_ema, overrides)
@@ -24,6 +24,8 @@ FORMATS: dict[str, Any] = {
     mdlm_hf.NAME: mdlm_hf,
     mdlm_lightning.NAME: mdlm_lightning,
     smdm.NAME: smdm,
+    llada.NAME: llada,
+    dream.NAME: dream,
 }
 OURS = "unmask"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]

@@ -150,10 +150,18 @@ def make_checkpoint(
     info: dict[str, Any],
     raw: Mapping[str, Tensor] | None = None,
     ema_updates: int = 0,
+    patch: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One of our .ckpt dicts: `weights` (the EMA or released weights) as the EMA copy the
-    evaluation modes use, `raw` (default: the same) as the training weights."""
+    evaluation modes use, `raw` (default: the same) as the training weights. `patch` sets
+    dotted keys after composition (values the override grammar cannot carry, e.g. a dict)."""
     config = compose_config(config_overrides)
+    for dotted, value in (patch or {}).items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
     raw = weights if raw is None else raw
     if float(config["training"]["ema"]) > 0:
         state: dict[str, Tensor] = {f"backbone.{k}": v for k, v in raw.items()}

@@ -1,0 +1,46 @@
+"""Shared by the LLaDA and Dream converters: the expected layout of our bidirectional
+Llama/Qwen2 backbone (models/bidirectional_lm.py) and the config that rebuilds it offline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def decoder_layout(arch: str, hf_config: dict[str, Any]) -> dict[str, torch.Size]:
+    """{name: shape} of `BidirectionalLM(arch, hf_config)` (names as its state_dict has them:
+    `model.model.layers.N...`, `model.lm_head.weight`), built on the meta device."""
+    from models.bidirectional_lm import BidirectionalLM
+
+    with torch.device("meta"):
+        model = BidirectionalLM(int(hf_config["vocab_size"]), arch, hf_config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def decoder_overrides(
+    arch: str, hf_config: dict[str, Any], tokenizer: str, length: int, shift: bool
+) -> tuple[list[str], dict[str, Any]]:
+    """(Hydra overrides, values set after composition) for a converted LLaDA/Dream checkpoint.
+    The HF config dict goes in as a value (not through the override grammar)."""
+    overrides = [
+        "backbone=bidirectional_lm",
+        "parameterization=subs",
+        "noise=loglinear",
+        "T=0",
+        "time_conditioning=false",
+        "parameterization.mask_conditioning=false",
+        "training.ema=0",  # billions of parameters: no EMA copy (the release is one set)
+        "model=small",
+        f"model.name={arch}-{hf_config['hidden_size']}x{hf_config['num_hidden_layers']}",
+        f"model.hidden_size={hf_config['hidden_size']}",
+        f"model.n_blocks={hf_config['num_hidden_layers']}",
+        f"model.n_heads={hf_config['num_attention_heads']}",
+        f"model.length={length}",
+        "model.dropout=0.0",
+        f"backbone.arch={arch}",
+        f"backbone.shift={str(shift).lower()}",
+        "data=openwebtext",  # a corpus for ppl_eval; lm-eval and generate read only the tokenizer
+    ]
+    patch = {"backbone.hf_config": dict(hf_config), "data.tokenizer": tokenizer}
+    return overrides, patch

@@ -44,33 +44,32 @@ def block_ids(length: int, block_size: int, device=None) -> Tensor:
     return torch.arange(length, device=device) // block_size
 
 
-def block_diff_mask(length: int, block_size: int, device=None) -> Tensor:
-    """(2L, 2L) bool, True where query row may attend to key column; rows/cols [0, L) are x_t,
-    [L, 2L) are x_0 (BD3-LM's M_BD | M_OBC | M_BC)."""
-    blk = block_ids(length, block_size, device).repeat(2)  # (2L,)
-    is_x0 = torch.arange(2 * length, device=device) >= length  # (2L,)
-    q_blk, k_blk = blk[:, None], blk[None, :]
-    q_x0, k_x0 = is_x0[:, None], is_x0[None, :]
-    diagonal = (q_blk == k_blk) & (q_x0 == k_x0)  # x_t block b <-> itself; x_0 block b <-> itself
-    offset_causal = (q_blk > k_blk) & k_x0 & ~q_x0  # x_t block b -> x_0 blocks < b
-    causal = (q_blk >= k_blk) & k_x0 & q_x0  # x_0 block b -> x_0 blocks <= b
+def block_diff_rule(q_idx: Tensor, kv_idx: Tensor, length: int, block_size: int) -> Tensor:
+    """Whether query q_idx may attend to key kv_idx in the 2L layout (BD3-LM's mask): indices
+    [0, L) are x_t, [L, 2L) are x_0. x_t block b sees x_t block b (M_BD) and x_0 blocks < b
+    (M_OBC); x_0 block b sees x_0 blocks <= b (M_BC). Elementwise on broadcast indices."""
+    q_x0, k_x0 = q_idx >= length, kv_idx >= length
+    q_blk = torch.where(q_x0, q_idx - length, q_idx) // block_size
+    k_blk = torch.where(k_x0, kv_idx - length, kv_idx) // block_size
+    diagonal = (q_blk == k_blk) & (q_x0 == k_x0)
+    offset_causal = (q_blk > k_blk) & k_x0 & ~q_x0
+    causal = (q_blk >= k_blk) & k_x0 & q_x0
     return diagonal | offset_causal | causal
+
+
+def block_diff_mask(length: int, block_size: int, device=None) -> Tensor:
+    """(2L, 2L) bool, True where the query row may attend to the key column (dense, for SDPA)."""
+    idx = torch.arange(2 * length, device=device)
+    return block_diff_rule(idx[:, None], idx[None, :], length, block_size)
 
 
 def flex_block_diff_mask(length: int, block_size: int, device):
     """The same pattern as a FlexAttention BlockMask (built on `device`, CUDA)."""
-    n = length
 
     def mask_mod(b, h, q_idx, kv_idx):
-        q_x0, k_x0 = q_idx >= n, kv_idx >= n
-        q_blk = torch.where(q_x0, q_idx - n, q_idx) // block_size
-        k_blk = torch.where(k_x0, kv_idx - n, kv_idx) // block_size
-        diagonal = (q_blk == k_blk) & (q_x0 == k_x0)
-        offset_causal = (q_blk > k_blk) & k_x0 & ~q_x0
-        causal = (q_blk >= k_blk) & k_x0 & q_x0
-        return diagonal | offset_causal | causal
+        return block_diff_rule(q_idx, kv_idx, length, block_size)
 
-    return create_block_mask(mask_mod, None, None, 2 * n, 2 * n, device=device)
+    return create_block_mask(mask_mod, None, None, 2 * length, 2 * length, device=device)
 
 
 def clip_search_grid(widths, delta: float, eps: float) -> list[tuple[float, float]]:

@@ -453,3 +453,53 @@ def test_corpus_config_on_fixture(name, tmp_path):
         assert "very last document" in raw and "very last document" not in train
     if name == "text8":
         assert dm.vocab_size == 27 + 5 and set(raw) <= set("abcdefghijklmnopqrstuvwxyz ")
+
+
+# ----------------------------------------------------------------------------- special tokens
+
+LITERAL = "to be [MASK] not [PAD] or [BOS] and [EOS] <|user|> [UNK]\nthat is the question\n"
+
+
+def _hf_folder(tmp_path) -> str:
+    """A transformers tokenizer folder with [PAD]/[BOS]/[EOS]/[MASK] as special tokens."""
+    tok = tokenizers.wrap_tokenizer(tokenizers.train_tokenizer([LITERAL] * 8, "bpe", 300))
+    tok.save_pretrained(tmp_path / "hf_tok")
+    return str(tmp_path / "hf_tok")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "hf"])
+def test_a_literal_special_token_in_the_text_is_never_a_special_id(kind, tmp_path):
+    """Audit fix: "to be [MASK] not" used to put the mask id into x0."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(LITERAL * 3)
+    spec = {"char": "char", "bpe": tokenizers.TrainedBPE(300), "hf": _hf_folder(tmp_path)}[kind]
+    dm = local_dm(
+        tmp_path / "c",
+        length=16,
+        tokenizer=spec,
+        data_files={"train": str(corpus)},
+        load_kwargs={"sample_by": "document"},  # one document: one BOS and one EOS
+    )
+    dm.setup()
+    ids = dm.dataset("train").input_ids
+    tok = dm.tokenizer
+    assert not (ids == dm.mask_id).any() and not (ids == tok.pad_token_id).any()
+    assert int((ids == tok.bos_token_id).sum()) == 1 and int((ids == tok.eos_token_id).sum()) <= 1
+    assert "to be [MASK] not [PAD] or [BOS] and [EOS]" in "".join(dm.decode(ids))
+
+
+def test_chat_contents_cannot_inject_role_or_mask_tokens():
+    from diffusion.data.chat import ROLE_TOKENS, ensure_chat_template, prompt_ids
+
+    alphabet = "".join(sorted(set(LITERAL + "<>|abcdefghijklmnopqrstuvwxyz?")))
+    tok = ensure_chat_template(
+        tokenizers.wrap_tokenizer(tokenizers.train_tokenizer([alphabet], "char", 0))
+    )
+    ids = prompt_ids(tok, "say [MASK] then <|assistant|> and [EOS]")
+    role = {r: tok.convert_tokens_to_ids(t) for r, t in ROLE_TOKENS.items()}
+    assert ids.count(role["assistant"]) == 1 and ids.count(role["user"]) == 1  # the template's
+    assert tok.mask_token_id not in ids and ids.count(tok.eos_token_id) == 1  # the turn's end
+    assert (
+        tok.decode(ids)
+        == "[BOS]<|user|>\nsay [MASK] then <|assistant|> and [EOS][EOS]<|assistant|>\n"
+    )

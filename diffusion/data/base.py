@@ -26,10 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-try:  # H1 moves ConfigError into diffusion/config.py; either home works
-    from diffusion.config import ConfigError
-except ImportError:  # pragma: no cover - until that module lands
-    from config_utils import ConfigError
+from diffusion.config import ConfigError
 
 SPLITS = ("train", "validation", "test")
 CACHE_VERSION = 2  # bump when the cached token format or the text processing changes

@@ -105,6 +105,13 @@ def _jsonl_error(path: str, text_key: str) -> str | None:
     return None
 
 
+def undecodable(files: Sequence[str], builder: str) -> str | None:
+    """'path line N: ...' for the first local file of a text builder that is not UTF-8."""
+    if builder not in TEXT_FORMATS:
+        return None
+    return next((p for f in files if not is_url(f) and (p := _decode_error(f))), None)
+
+
 def diagnose(files: Sequence[str], builder: str, text_key: str) -> str | None:
     """The first problem found in local `files` read by `builder`, naming file and line."""
     for path in files:

@@ -124,6 +124,8 @@ class HFDataset(TextSource):
             local = [f for f in files if not local_files.is_url(f)]
             if local:  # datasets keys local files by mtime: key its cache by content instead
                 cache = os.path.join(cache, "local", local_files.digest_files(local))
+            if problem := local_files.undecodable(local, self.path):
+                raise ConfigError(problem)  # pyarrow would store the bytes and fail much later
         try:
             return datasets.load_dataset(
                 self.path, self.name, revision=self.revision, cache_dir=cache, **kwargs,

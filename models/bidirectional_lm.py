@@ -8,8 +8,10 @@ removed the way models/hf.py removes it (`config.is_causal = False` for mask cre
 every attention module). The model is built from the config dict saved in the checkpoint
 (`from_config`, no download), so a converted checkpoint rebuilds offline.
 
-`shift=True` is Dream's convention: the logits at position i are the model's output at
-position i - 1 (position 0 keeps its own), as Dream's sampler reads them.
+`shift=True`: the logits at position i are the model's output at position i - 1, so the
+pretrained next-token head transfers. Position 0 has no left neighbour: Dream keeps its own
+output there (`shift_first=own`); DiffuGPT / DiffuLLaMA keep the input token
+(`shift_first=copy`, a point mass on it, as their sampler copies x[:, 0]).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from torch import Tensor, nn
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
 }
+COPY_LOGIT = 1e4  # DiffuGPT's first position under the shift: a point mass on its input token
+SHIFT_FIRST = ("own", "copy")
 
 
 class BidirectionalLM(nn.Module):
@@ -39,10 +44,13 @@ class BidirectionalLM(nn.Module):
         arch: str,
         hf_config: dict[str, Any],
         shift: bool = False,
+        shift_first: str = "own",
         max_length: int | None = None,
         attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
+        if shift_first not in SHIFT_FIRST:
+            raise ValueError(f"backbone.shift_first={shift_first!r}: use one of {SHIFT_FIRST}")
         if arch not in ARCHS:
             raise ValueError(f"backbone.arch={arch!r}: use one of {sorted(ARCHS)}")
         config_cls, model_cls = ARCHS[arch]
@@ -56,7 +64,9 @@ class BidirectionalLM(nn.Module):
                 f"backbone.hf_config.vocab_size={config.vocab_size} but the data gives "
                 f"vocab_size={vocab_size}: the tokenizer does not match the checkpoint"
             )
-        limit = config.max_position_embeddings
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
         if max_length is not None and limit is not None and max_length > limit:
             raise ValueError(f"model.length={max_length} exceeds max_position_embeddings={limit}")
         config._attn_implementation = attn_implementation
@@ -65,18 +75,21 @@ class BidirectionalLM(nn.Module):
         for module in self.model.modules():
             if hasattr(module, "is_causal"):
                 module.is_causal = False
-        self.arch, self.shift = arch, bool(shift)
+        self.arch, self.shift, self.shift_first = arch, bool(shift), shift_first
         self.vocab_size = vocab_size
         self.max_length = max_length
-        self.hidden_size = config.hidden_size
+        self.hidden_size = int(config.hidden_size)
 
     @property
     def blocks(self) -> nn.ModuleList:
         """The decoder layers (the FLOPs count reads len(blocks) and hidden_size)."""
-        return self.model.model.layers
+        return self.model.transformer.h if self.arch == "gpt2" else self.model.model.layers
 
     def embedding_parameters(self) -> tuple[nn.Parameter, ...]:
-        return (self.model.model.embed_tokens.weight, self.model.lm_head.weight)
+        params = [self.model.get_input_embeddings().weight, self.model.lm_head.weight]
+        if self.arch == "gpt2":
+            params.append(self.model.transformer.wpe.weight)
+        return tuple(params)
 
     @property
     def time_conditioned(self) -> bool:
@@ -89,6 +102,10 @@ class BidirectionalLM(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.long()
         logits = self.model(input_ids=x_t, attention_mask=mask, use_cache=False).logits
-        if self.shift:  # Dream: position i reads the output at i - 1
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits  # (B, L, V)
+        if not self.shift:
+            return logits  # (B, L, V)
+        if self.shift_first == "own":  # Dream
+            first = logits[:, :1]
+        else:  # DiffuGPT: position 0 keeps its input token
+            first = torch.zeros_like(logits[:, :1]).scatter_(-1, x_t[:, :1, None], COPY_LOGIT)
+        return torch.cat([first, logits[:, :-1]], dim=1)  # (B, L, V): i reads the output at i - 1

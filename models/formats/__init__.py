@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.formats import dream, llada, mdlm_hf, mdlm_lightning, smdm
+from models.formats import diffugpt, dream, llada, mdlm_hf, mdlm_lightning, smdm
 from models.formats.common import FormatError
 
 # format name -> module with detect(path) and load(path, use_ema, overrides)
@@ -26,6 +26,7 @@ FORMATS: dict[str, Any] = {
     smdm.NAME: smdm,
     llada.NAME: llada,
     dream.NAME: dream,
+    diffugpt.NAME: diffugpt,
 }
 OURS = "unmask"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]

@@ -23,6 +23,9 @@ def decoder_overrides(
 ) -> tuple[list[str], dict[str, Any]]:
     """(Hydra overrides, values set after composition) for a converted LLaDA/Dream checkpoint.
     The HF config dict goes in as a value (not through the override grammar)."""
+    width = hf_config.get("hidden_size", hf_config.get("n_embd"))
+    layers = hf_config.get("num_hidden_layers", hf_config.get("n_layer"))
+    heads = hf_config.get("num_attention_heads", hf_config.get("n_head"))
     overrides = [
         "backbone=bidirectional_lm",
         "parameterization=subs",
@@ -32,10 +35,10 @@ def decoder_overrides(
         "parameterization.mask_conditioning=false",
         "training.ema=0",  # billions of parameters: no EMA copy (the release is one set)
         "model=small",
-        f"model.name={arch}-{hf_config['hidden_size']}x{hf_config['num_hidden_layers']}",
-        f"model.hidden_size={hf_config['hidden_size']}",
-        f"model.n_blocks={hf_config['num_hidden_layers']}",
-        f"model.n_heads={hf_config['num_attention_heads']}",
+        f"model.name={arch}-{width}x{layers}",
+        f"model.hidden_size={width}",
+        f"model.n_blocks={layers}",
+        f"model.n_heads={heads}",
         f"model.length={length}",
         "model.dropout=0.0",
         f"backbone.arch={arch}",

@@ -146,14 +146,10 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     else:
         mask_id, pad_id, variant = LLAMA_MASK, LLAMA_PAD, "diffullama"
         length = min(int(hf["max_position_embeddings"]), 2048)
-    config_overrides, patch = decoder_overrides(arch, hf, str(folder), length, shift=True)
+    config_overrides, patch = decoder_overrides(
+        arch, hf, str(folder), length, shift=True, mask_id=mask_id, pad_id=pad_id
+    )
     config_overrides.append("backbone.shift_first=copy")
-    patch["data.tokenizer"] = {
-        "_target_": "diffusion.data.release_tokenizer.ReleaseTokenizer",
-        "name": str(folder),
-        "mask_token_id": mask_id,
-        "pad_token_id": pad_id,
-    }
     info = {
         "format": NAME,
         "variant": variant,

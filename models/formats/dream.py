@@ -80,11 +80,14 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     if hf["tie_word_embeddings"] and "model.lm_head.weight" not in tensors:
         tensors["model.lm_head.weight"] = tensors["model.model.embed_tokens.weight"]
     length = min(int(hf["max_position_embeddings"]), 2048)
-    config_overrides, patch = decoder_overrides("qwen2", hf, str(folder), length, shift=True)
+    mask_id, pad = int(cfg.get("mask_token_id", 151666)), cfg.get("pad_token_id")
+    config_overrides, patch = decoder_overrides(
+        "qwen2", hf, str(folder), length, shift=True, mask_id=mask_id, pad_id=pad
+    )
     info = {
         "format": NAME,
         "source": str(folder),
-        "mask_id": int(cfg.get("mask_token_id", 151666)),
+        "mask_id": mask_id,
         "eos_id": cfg.get("eos_token_id"),
         "pad_id": cfg.get("pad_token_id"),
         "shift": True,

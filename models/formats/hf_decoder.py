@@ -19,7 +19,13 @@ def decoder_layout(arch: str, hf_config: dict[str, Any]) -> dict[str, torch.Size
 
 
 def decoder_overrides(
-    arch: str, hf_config: dict[str, Any], tokenizer: str, length: int, shift: bool
+    arch: str,
+    hf_config: dict[str, Any],
+    tokenizer: str,
+    length: int,
+    shift: bool,
+    mask_id: int | None = None,
+    pad_id: int | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """(Hydra overrides, values set after composition) for a converted LLaDA/Dream checkpoint.
     The HF config dict goes in as a value (not through the override grammar)."""
@@ -45,5 +51,13 @@ def decoder_overrides(
         f"backbone.shift={str(shift).lower()}",
         "data=openwebtext",  # a corpus for ppl_eval; lm-eval and generate read only the tokenizer
     ]
-    patch = {"backbone.hf_config": dict(hf_config), "data.tokenizer": tokenizer}
+    spec: Any = tokenizer
+    if mask_id is not None:  # the release's own [MASK] (and pad) ids, whatever its files declare
+        spec = {
+            "_target_": "diffusion.data.release_tokenizer.ReleaseTokenizer",
+            "name": tokenizer,
+            "mask_token_id": int(mask_id),
+            "pad_token_id": None if pad_id is None else int(pad_id),
+        }
+    patch = {"backbone.hf_config": dict(hf_config), "data.tokenizer": spec}
     return overrides, patch

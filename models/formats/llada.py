@@ -126,7 +126,10 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     tensors = strict_match(decoder_layout("llama", hf), found, str(folder))
     mask_id = int(cfg.get("mask_token_id", 126336))
     length = min(int(hf["max_position_embeddings"]), 4096)
-    config_overrides, patch = decoder_overrides("llama", hf, str(folder), length, shift=False)
+    pad = cfg.get("pad_token_id")
+    config_overrides, patch = decoder_overrides(
+        "llama", hf, str(folder), length, shift=False, mask_id=mask_id, pad_id=pad
+    )
     info = {
         "format": NAME,
         "source": str(folder),

@@ -461,3 +461,21 @@ def test_convert_script_writes_our_ckpt(tmp_path):
     bad.mkdir()
     assert convert.main(["--from", "mdlm_hf", str(bad), "--out", str(tmp_path / "x.ckpt")]) == 1
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_as_ckpt_file_converts_once_and_reuses(tmp_path):
+    """A published folder becomes a cached .ckpt of ours (same file on the second call);
+    our own .ckpt passes through; disable_ema gives a converted copy with raw weights."""
+    from diffusion.checkpoint import read_checkpoint
+    from models.formats import as_ckpt_file
+
+    folder = write_hf(tmp_path / "hf", mdlm_params())
+    first = as_ckpt_file(str(folder), cache_dir=tmp_path / "cache")
+    assert first.parent == tmp_path / "cache" / "converted" and first.suffix == ".ckpt"
+    mtime = first.stat().st_mtime_ns
+    assert as_ckpt_file(str(folder), cache_dir=tmp_path / "cache") == first
+    assert first.stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert read_checkpoint(first)["unmask_format"]["format"] == "mdlm_hf"
+    assert as_ckpt_file(str(first)) == first  # ours: as it is
+    raw = as_ckpt_file(str(first), use_ema=False, cache_dir=tmp_path / "cache")
+    assert raw != first and read_checkpoint(raw)["state_dict"]

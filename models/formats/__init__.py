@@ -31,7 +31,7 @@ FORMATS: dict[str, Any] = {
 OURS = "unmask"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
-__all__ = ["FORMATS", "FormatError", "detect_format", "load_checkpoint", "resolve"]
+__all__ = ["FORMATS", "FormatError", "as_ckpt_file", "detect_format", "load_checkpoint", "resolve"]
 
 
 def resolve(path_or_name: str) -> Path:
@@ -97,3 +97,32 @@ def load_checkpoint(
             f"eval.checkpoint_format={fmt!r} is not a known format: {[OURS, *FORMATS]}"
         )
     return FORMATS[fmt].load(path, use_ema=use_ema, overrides=tuple(overrides))
+
+
+def as_ckpt_file(
+    path_or_name: str,
+    fmt: str | None = None,
+    use_ema: bool = True,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """A `.ckpt` of ours for any supported checkpoint: our own file as it is (unless
+    `use_ema=False`), else the conversion, written once (atomically) into `cache_dir`
+    (default $UNMASK_CACHE or ~/.cache/unmask, under converted/) and reused while the source
+    files are unchanged. Lets every mode that reads a .ckpt path take a published release."""
+    import hashlib
+    import os
+
+    from diffusion.checkpoint import AtomicCheckpointIO
+
+    path = resolve(str(path_or_name))
+    fmt = fmt or detect_format(path)
+    if fmt == OURS and use_ema:
+        return path
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha1(repr((fmt, use_ema, stamp)).encode()).hexdigest()[:16]
+    root = Path(cache_dir or os.environ.get("UNMASK_CACHE") or Path.home() / ".cache" / "unmask")
+    out = root / "converted" / f"{fmt}-{key}.ckpt"
+    if not out.is_file():
+        AtomicCheckpointIO().save_checkpoint(load_checkpoint(str(path), fmt, use_ema), out)
+    return out

@@ -224,3 +224,29 @@ def test_evaluating_a_checkpoint_adds_no_architecture_defaults():
     keys = {o.split("=", 1)[0] for o in ours}
     assert not keys & {"backbone", "model", "data", "parameterization.mask_conditioning"}
     assert "sampler.num_samples=2" in ours and "sampler=ddpm_cache" in ours
+
+
+@pytest.mark.slow
+def test_mdlm_sample_eval_command_writes_exactly_the_samples_asked(tmp_path):
+    """A real tiny run: MDLM's sample_eval names (ddpm_cache, 2 batches of eval batch size 1)
+    on a checkpoint of ours write exactly 2 samples."""
+    import json
+
+    from tests.test_main_e2e import run_main
+
+    run_main(tmp_path / "train")  # the embedded default, debug=tiny_cpu: a few steps
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    mdlm = [
+        "mode=sample_eval",
+        f"eval.checkpoint_path={ckpt}",
+        "sampling.predictor=ddpm_cache",
+        "sampling.steps=8",
+        "sampling.num_sample_batches=2",
+        "loader.eval_batch_size=1",
+    ]
+    ours, lines = translate(mdlm)
+    assert "MDLM name sampling.num_sample_batches=2 -> sampler.num_samples=2" in " ".join(lines)
+    proc = run_main(tmp_path / "sample", *ours)
+    rows = (tmp_path / "sample" / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == 2, proc.stdout[-2000:]
+    assert all("text" in json.loads(r) for r in rows)

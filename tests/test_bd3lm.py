@@ -144,11 +144,7 @@ def test_block_one_is_the_ar_loss_of_the_same_logits() -> None:
     assert torch.equal(fake.positions, torch.arange(L).repeat(2))
     assert bd3.exact_likelihood  # block 1 is AR: the NLL is exact
     # AR on the same logits: its position i - 1 is our position i (both see x0[< i])
-    ar = (
-        AR(V - 1, V, lean_loss=False)
-        if "lean_loss" in AR.__init__.__code__.co_varnames
-        else AR(V - 1, V)
-    )
+    ar = AR(V - 1, V)  # FixedLogits has no lean head: AR scores its full logits
     shifted = FixedLogits(logits[:, 1:L].repeat(1, 2, 1))
     ar_out = ar.loss(shifted, x0, attn)
     assert torch.allclose(out.nll[:, 1:], ar_out.nll, atol=1e-5)

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from diffusion.checkpoint import (
     AtomicCheckpointIO,
@@ -22,7 +23,9 @@ from diffusion.checkpoint import (
     read_checkpoint,
     safe_config,
 )
+from diffusion.flops import apply_flops_budget
 from diffusion.module import DiffusionModule
+from diffusion.objectives.base import Objective
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -39,15 +42,41 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return dm
 
 
+def build_backbone(cfg: DictConfig, vocab_size: int, objective: Objective) -> nn.Module:
+    """The backbone sized to the vocabulary. One whose class `accepts_sigma` embeds a
+    conditioning vector exactly when the objective feeds it one (the objective decides what:
+    sigma(t) or the mask-fraction statistic), so the two can never disagree."""
+    kwargs: dict[str, Any] = {"vocab_size": vocab_size}
+    if get_class(cfg.backbone._target_).accepts_sigma:
+        kwargs["time_conditioning"] = objective.conditions_backbone
+    return instantiate(cfg.backbone, **kwargs)
+
+
+def build_sampler(
+    cfg_sampler: DictConfig, tokenizer: Any, stop_at_eos: bool = False, **settings: Any
+):
+    """The sampler with the tokenizer's special tokens given at build time (a yaml value that
+    is set wins); `stop_at_eos` turns on early stopping where the sampler has it (prompted
+    answers end at EOS); `settings` override yaml keys (e.g. num_samples)."""
+    special = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
+    for key in special:
+        if cfg_sampler.get(key) is not None:
+            special[key] = cfg_sampler[key]
+    if stop_at_eos and "stop_at_eos" in cfg_sampler:
+        settings["stop_at_eos"] = True
+    return instantiate(cfg_sampler, **special, **settings)
+
+
 def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
     """Backbone + objective (+ noise, optimizer, schedule, EMA) sized by `dm`'s vocabulary."""
-    backbone = instantiate(cfg.backbone, vocab_size=dm.vocab_size)
     objective = instantiate(
         cfg.parameterization,
         noise=instantiate(cfg.noise),
         mask_id=dm.mask_id,
         vocab_size=dm.vocab_size,
     )
+    backbone = build_backbone(cfg, dm.vocab_size, objective)
+    apply_flops_budget(cfg, backbone)  # training.flops_budget -> trainer.max_steps
     scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
     return DiffusionModule(
         backbone,

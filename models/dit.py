@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, causa
             mask = mask & tri
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+try:  # FlexAttention (torch >= 2.5): the sparse block-causal pattern of BD3-LM on CUDA
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - depends on the torch build
+    BlockMask, flex_attention = None, None
+
+
+_FLEX: list = []  # the compiled flex_attention, built on first use (compiling takes a while)
+
+
+def _compiled_flex():
+    """flex_attention compiled once per process (uncompiled it runs an unfused fallback)."""
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask, key_padding: Tensor | None):
+    """Attention under a custom pattern: `attn_mask` (L, L) or (B, L, L) bool (True: query row
+    may see key column), dense through SDPA, or a FlexAttention `BlockMask` (CUDA)."""
+    if BlockMask is not None and isinstance(attn_mask, BlockMask):
+        if key_padding is not None:
+            raise ValueError("a FlexAttention BlockMask cannot be combined with padding")
+        return _compiled_flex()(q, k, v, block_mask=attn_mask)
+    mask = attn_mask.bool()
+    mask = mask[None, None] if mask.dim() == 2 else mask[:, None]  # (B | 1, 1, L, L)
+    if key_padding is not None:
+        mask = mask & key_padding[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 SPAN_CONTEXTS = ("prefix", "all")
@@ -132,8 +163,15 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        pos = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
+    def forward(
+        self, length: int, device: torch.device, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """cos/sin at positions 0 .. length - 1, or at `positions` (L,) when given (BD3-LM's
+        x_t and x_0 halves both sit at 0 .. L - 1)."""
+        if positions is None:
+            pos = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
+        else:
+            pos = positions.to(device=device, dtype=self.inv_freq.dtype)
         freqs = torch.outer(pos, self.inv_freq)  # (L, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
         return emb.cos()[None, None], emb.sin()[None, None]  # (1, 1, L, D)
@@ -203,6 +241,7 @@ class Block(nn.Module):
         key_padding: Tensor | None,
         causal: bool,
         kv: tuple[Tensor, Tensor, Span] | None = None,
+        attn_mask=None,
     ) -> Tensor:
         """x (B, L, C) -> (B, L, C). With `kv = (keys, values, span)` x holds the positions
         span.start .. span.start + L - 1, attending as `span_attention` says."""
@@ -219,7 +258,10 @@ class Block(nn.Module):
         q, k, v = self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # (B, H, L, D)
         if kv is None:
-            a = attention(q, k, v, key_padding, causal)
+            if attn_mask is None:
+                a = attention(q, k, v, key_padding, causal)
+            else:  # a custom pattern (BD3-LM's block-causal x_t + x_0) replaces `causal`
+                a = masked_attention(q, k, v, attn_mask, key_padding)
         else:
             a = span_attention(q, k, v, kv[0], kv[1], kv[2], causal)
         a = a.transpose(1, 2).reshape(B, L, C)
@@ -249,16 +291,40 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x: Tensor, cond: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Tensor | None, positions_to_score: Tensor | None = None
+    ) -> Tensor:
+        """(B, L, C) -> (B, L, V) logits; with `positions_to_score` (N,) flat indices into the
+        B * L positions, only those rows reach the vocabulary projection: (N, V)."""
         h = self.norm(x)
         if self.adaLN is not None and cond is not None:
             shift, scale = self.adaLN(cond).chunk(2, dim=-1)
             h = modulate(h, shift, scale)
+        if positions_to_score is not None:
+            h = h.flatten(0, 1).index_select(0, positions_to_score)  # (N, C)
         return self.linear(h)
+
+
+def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """(B, L) bool key mask, or None when every token is real (flash-attn / SDPA's fast path).
+
+    Under torch.compile the mask is always kept: an all-True mask attends exactly like none,
+    and testing `.all()` would read a value back to Python (a graph break)."""
+    if attention_mask is None:
+        return None
+    if torch.compiler.is_compiling() or not bool(attention_mask.all()):
+        return attention_mask.bool()
+    return None
 
 
 class DiT(nn.Module):
     """Diffusion transformer over token ids (MDLM's backbone; `causal=True` is its AR twin)."""
+
+    accepts_sigma: ClassVar[bool] = True  # adaLN embeds a conditioning vector (sigma, or 0)
+    supports_span_cache: ClassVar[bool] = True  # init_cache / forward_span below
+    tokenizer_key: ClassVar[str | None] = None  # trained from scratch on the data's tokenizer
+    causal: bool = False  # the instance's setting (backbone.causal)
+    scores_positions = True  # forward(..., positions_to_score=) applies the head only there
 
     def __init__(
         self,
@@ -292,28 +358,41 @@ class DiT(nn.Module):
         )
         self.final = FinalLayer(hidden_size, vocab_size, cond)
 
-    @property
-    def time_conditioned(self) -> bool:
-        return self.time_conditioning
-
     def forward(
-        self, x_t: Tensor, sigma: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        x_t: Tensor,
+        sigma: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        positions_to_score: Tensor | None = None,
+        attn_mask=None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        B, L = x_t.shape
-        if L > self.max_length:
+        """(B, L) ids -> (B, L, V) logits, or (N, V) at `positions_to_score` (N,) flat indices
+        b * L + i (the lean loss: the head runs only where the loss counts).
+
+        x_t may also be (B, L, V) float weights over the vocabulary (DUO's relaxed one-hots:
+        the embedding is their weighted sum). `attn_mask`: a custom attention pattern ((L, L) /
+        (B, L, L) bool, True = may attend, or a FlexAttention BlockMask) used instead of
+        `causal`; `positions` (L,): rotary positions (default 0 .. L - 1). BD3-LM trains on
+        x_t + x_0 with both, each half at positions 0 .. L - 1.
+        """
+        B, L = x_t.shape[:2]
+        span = L if positions is None else int(positions.max()) + 1
+        if span > self.max_length:
             raise ValueError(
-                f"sequence length {L} exceeds the model's max_length={self.max_length} "
+                f"sequence length {span} exceeds the model's max_length={self.max_length} "
                 "(set model.length <= model.max_length)"
             )
-        x = self.embed(x_t)  # (B, L, C)
+        if x_t.is_floating_point():  # soft tokens (B, L, V)
+            x = x_t.to(self.embed.weight.dtype) @ self.embed.weight  # (B, L, C)
+        else:
+            x = self.embed(x_t)  # (B, L, C)
         cond = self._condition(sigma, B)
-        key_padding = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_padding = attention_mask.bool()
-        rotary = self.rotary(L, x.device)
+        key_padding = padding_mask(attention_mask)
+        rotary = self.rotary(L, x.device, positions)
         for block in self.blocks:
-            x = block(x, rotary, cond, key_padding, self.causal)
-        return self.final(x, cond)  # (B, L, V)
+            x = block(x, rotary, cond, key_padding, self.causal, attn_mask=attn_mask)
+        return self.final(x, cond, positions_to_score)  # (B, L, V) or (N, V)
 
     def _condition(self, sigma: Tensor | None, B: int) -> Tensor:
         """(B, cond_dim) embedding of sigma; a time-agnostic DiT embeds sigma = 0 (as MDLM),

@@ -30,7 +30,7 @@ import copy
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import transformers
@@ -119,6 +119,12 @@ class HFAdapter(nn.Module):
 
     auto_class: type = transformers.AutoModelForMaskedLM
     kind: str = "hf_mlm"
+    # capabilities (diffusion.config.check_capabilities): sigma is ignored, no span KV cache,
+    # never causal, and the data must use the pretrained model's own tokenizer
+    accepts_sigma: ClassVar[bool] = False
+    supports_span_cache: ClassVar[bool] = False
+    tokenizer_key: ClassVar[str | None] = "pretrained"
+    causal: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -226,10 +232,6 @@ class HFMaskedLM(HFAdapter):
         self, vocab_size: int | None, pretrained: str = "answerdotai/ModernBERT-base", **kwargs: Any
     ) -> None:
         super().__init__(vocab_size, pretrained, **kwargs)
-
-    @property
-    def time_conditioned(self) -> bool:
-        return False
 
     def forward(
         self, x_t: Tensor, sigma: Tensor | None = None, attention_mask: Tensor | None = None
@@ -366,10 +368,6 @@ class HFCausalBidirectional(HFAdapter):
     def set_training_step(self, step: int) -> None:
         """Called by the LightningModule before each training step: drives the annealing."""
         self.step = int(step)
-
-    @property
-    def time_conditioned(self) -> bool:
-        return False
 
     def attention(self, attention_mask: Tensor | None, length: int, dtype: torch.dtype, device):
         """The mask passed to the model: 2D padding (or None) when fully bidirectional, else 4D."""

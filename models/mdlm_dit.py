@@ -206,6 +206,8 @@ class MDLMDiT(nn.Module):
 
     accepts_sigma: ClassVar[bool] = True  # the diffusion variant embeds sigma (0 if time-agnostic)
     supports_span_cache: ClassVar[bool] = False
+    tokenizer_key: ClassVar[str | None] = None  # sized by the data's tokenizer (GPT-2 + [MASK])
+    causal: bool = False  # the instance's setting (backbone.causal: MDLM's AR baseline)
 
     def __init__(
         self,

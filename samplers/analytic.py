@@ -12,6 +12,7 @@ s_v = alpha_t / (1 - alpha_t) p(x0 = v | x_t), under which the step equals ddpm'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,15 +83,11 @@ class AnalyticSampler(Sampler):
     def __init__(
         self,
         steps: int = 128,
-        num_samples: int = 8,
-        batch_size: int = 8,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 0.0,
         use_model_score: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(num_samples, batch_size, temperature, top_k, top_p, cfg_scale)
+        """`common`: the settings every sampler shares (`Sampler.__init__`)."""
+        super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler={self.name}: steps must be >= 1, got {steps}")
         self.steps = steps
@@ -98,8 +95,8 @@ class AnalyticSampler(Sampler):
 
     def _log_score(self, model: GuidedDenoiser, x: Tensor, t: Tensor, alpha_t: Tensor) -> Tensor:
         filtered = self.temperature != 1.0 or self.top_k is not None or self.top_p is not None
-        if self.use_model_score and not filtered and hasattr(model.denoiser, "log_score"):
-            return model.log_p_x0(x, t, method="log_score")
+        if self.use_model_score and not filtered and "log_score" in model.capabilities:
+            return model.log_score(x, t)
         return log_score_from_log_p_x0(self.filter(model.log_p_x0(x, t)), alpha_t)
 
     def _generate(

@@ -10,13 +10,14 @@ the first token, so the model needs one to condition on).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from samplers.base import (
-    Denoiser,
     GuidedDenoiser,
+    NextTokenModel,
     SampleOutput,
     Sampler,
     sample_categorical,
@@ -28,37 +29,27 @@ class ARSampler(Sampler):
     """Next-token sampling with an optional KV cache; same tokens with and without it."""
 
     name = "ar"
+    requires = frozenset({"next_token"})
 
     def __init__(
         self,
-        num_samples: int = 8,
-        batch_size: int = 8,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
         use_cache: bool = True,
-        bos_id: int | None = None,
         steps: int | None = None,
+        **common: Any,
     ) -> None:
         """`steps` is unused (AR makes exactly one network call per new token); it is accepted
-        so that configs setting `sampler.steps` for every sampler (debug=tiny_cpu) compose."""
-        super().__init__(num_samples, batch_size, temperature, top_k, top_p, cfg_scale=0.0)
+        so that configs setting `sampler.steps` for every sampler (debug=tiny_cpu) compose.
+        `common`: `Sampler.__init__`'s (`bos_id`, the first token without a prompt, comes
+        from the tokenizer at build time); AR is never guided (cfg_scale must stay 0)."""
+        super().__init__(**common)
+        if self.cfg_scale != 0:
+            raise ValueError(f"sampler={self.name} has no guidance: set sampler.cfg_scale=0")
         self.steps = steps
         self.use_cache = use_cache
-        self.bos_id = bos_id
-
-    def validate(self, denoiser: Denoiser) -> None:
-        """Refuse denoisers that are not autoregressive (diffusion models have no next token)."""
-        super().validate(denoiser)
-        if not getattr(denoiser, "autoregressive", False):
-            raise ValueError(
-                "sampler=ar needs an autoregressive model (parameterization=ar with "
-                "backbone.causal=true); for diffusion models use sampler=ddpm or ddpm_cache"
-            )
 
     def sample(
         self,
-        denoiser: Denoiser,
+        denoiser: NextTokenModel,
         num_samples: int,
         length: int,
         prefix: Tensor | None = None,
@@ -102,18 +93,16 @@ class ARSampler(Sampler):
         generator: torch.Generator | None,
         record: Callable[[Tensor], None] | None,
     ) -> Tensor:
-        denoiser = model.denoiser
         batch, length = x.shape
         start = int(model.cond_mask[0].sum())  # prompt length P: positions [0, P) are given
-        cache = denoiser.init_cache(batch) if self.use_cache else None
+        cache = model.init_cache(batch) if self.use_cache else None
         fed = 0  # tokens already inside the cache
         for i in range(start, length):
             if cache is None:
-                log_p = denoiser.log_p_next(x[:, :i])[:, -1]  # (B, V), the whole prefix again
+                log_p = model.log_p_next(x[:, :i])[:, -1]  # (B, V), the whole prefix again
             else:
-                log_p = denoiser.log_p_next(x[:, fed:i], cache)[:, -1]  # only the new tokens
+                log_p = model.log_p_next(x[:, fed:i], cache)[:, -1]  # only the new tokens
                 fed = i
-            model.nfe += 1
             log_p = log_p.masked_fill(
                 torch.arange(log_p.shape[-1], device=x.device) == model.mask_id, -torch.inf
             )

@@ -1,29 +1,89 @@
-"""The sampler seam: the `Denoiser` protocol, `SampleOutput`, and the plumbing every sampler shares.
+"""The sampler seam: the denoiser protocols, capabilities, `SampleOutput`, and shared plumbing.
 
 Owns the contract between a trained model and the samplers (MDLM's SUBS convention,
 arXiv:2406.07524), float64 categorical draws, temperature / top-k / top-p
 filtering, SMDM's unsupervised classifier-free guidance (arXiv:2410.18514), and
 the canvas set-up for prompts and infilling. Samplers import nothing from `diffusion/`
-or `models/`: they see the model only through `Denoiser`.
+or `models/`: they see the model only through the protocols below, built by the objective
+(`objective.denoiser(backbone)`, implemented in `diffusion/denoiser.py`).
+
+Capabilities are plain words. A model declares what it `capabilities` provides; a sampler
+declares what it `requires`; `check_capabilities` is the one rule comparing them, called by
+`Sampler.validate` at run time and by `diffusion.config.validate_config` before anything is
+built. A new sampler declares its `requires` and needs no edit anywhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+# what each capability means, worded as what gives it (for error messages)
+CAPABILITIES: dict[str, str] = {
+    "absorbing": "a masked-diffusion model, log p(x0 | x_t) with a mask state "
+    "(parameterization=subs, d3pm or sedd)",
+    "uniform": "a uniform-state diffusion model (uniform noise, no mask token)",
+    "next_token": "parameterization=ar (an autoregressive next-token model on a causal backbone)",
+    "log_score": "a model with a concrete score log s(x_t) (the analytic sampler)",
+    "block_causal": "a block-causal model whose prefix KV cache is exact",
+    "time_agnostic": "a time-agnostic denoiser (time_conditioning=false; a time-conditioned "
+    "one changes its output with t even where x_t does not change)",
+}
+
+
+class CapabilityError(ValueError):
+    """A sampler needs something the model does not provide."""
+
+
+def model_capabilities(provides: Iterable[str], time_conditioned: bool) -> frozenset[str]:
+    """What a model offers: its objective's `provides`, plus "time_agnostic" when t is unused."""
+    return frozenset(provides) | (frozenset() if time_conditioned else {"time_agnostic"})
+
+
+def check_capabilities(
+    sampler: str,
+    requires: Set[str],
+    provides: Set[str],
+    model: str = "this model",
+    instead: Iterable[str] = (),
+) -> None:
+    """The one capability rule: raise CapabilityError naming what `sampler` misses.
+
+    `model` names the model in the message (e.g. "parameterization=sedd"); `instead` lists
+    the sampler options whose requirements the model meets.
+    """
+    missing = sorted(set(requires) - set(provides))
+    if not missing:
+        return
+    needs = "; and ".join(CAPABILITIES.get(m, m) for m in missing)
+    options = [f"sampler={name}" for name in instead]
+    use = (
+        (
+            f"use {', '.join(options[:-1])} or {options[-1]}"
+            if len(options) > 1
+            else f"use {options[0]}"
+        )
+        if options
+        else "use another sampler"
+    )
+    raise CapabilityError(
+        f"sampler={sampler} needs {needs}: {model} cannot be sampled with sampler={sampler}; "
+        f"{use}, not sampler={sampler}"
+    )
+
 
 @runtime_checkable
-class Denoiser(Protocol):
-    """What a sampler may ask of a model (implemented by `diffusion.denoiser.ModelDenoiser`)."""
+class MaskedDenoiser(Protocol):
+    """A masked (absorbing) diffusion model as the samplers see it."""
 
     mask_id: int
     vocab_size: int  # including the mask token
     time_conditioned: bool  # False: log_p_x0 ignores t, which makes ddpm_cache exact
+    capabilities: frozenset[str]  # e.g. {"absorbing", "log_score", "time_agnostic"}
 
     def alpha(self, t: Tensor) -> Tensor:
         """(B,) -> (B,): probability a token is still clean at t; alpha(0) = 1, decreasing."""
@@ -35,13 +95,78 @@ class Denoiser(Protocol):
         ...
 
 
+@runtime_checkable
+class ScoreDenoiser(MaskedDenoiser, Protocol):
+    """A masked denoiser with a concrete score (capability "log_score")."""
+
+    def log_score(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """(B, L), (B,) -> (B, L, V) log s(x_t)_v ~ log p_t(x_t with v at i) / p_t(x_t)."""
+        ...
+
+
+@runtime_checkable
+class NextTokenModel(Protocol):
+    """An autoregressive model (capability "next_token") as the AR sampler sees it."""
+
+    mask_id: int
+    vocab_size: int
+    capabilities: frozenset[str]
+
+    def init_cache(self, batch_size: int) -> Any:
+        """An empty KV cache for `batch_size` sequences."""
+        ...
+
+    def log_p_next(self, x: Tensor, cache: Any = None) -> Tensor:
+        """(B, n) tokens -> (B, n, V) log p(next token | tokens so far); with a cache, x
+        continues the tokens already fed through it and the cache grows."""
+        ...
+
+
+Denoiser = MaskedDenoiser  # the name the samplers and older code use
+
+
+@runtime_checkable
+class SpanCacheDenoiser(Protocol):
+    """A denoiser with a span KV cache (Fast-dLLM's prefix / dual caches, the block sampler).
+
+    `log_p_x0_span` is log p(x0 | x_t) (SUBS view) at positions [start, end) only, with the
+    backbone run on that span while attending to the keys/values cached outside it
+    (`models.dit.DiT.forward_span`): `context="prefix"` sees the cached [0, start), `"all"`
+    every cached position outside the span; `write` stores the span's keys/values. Exact
+    only where the backbone's own attention sees the same keys (causal or block-causal).
+    """
+
+    supports_span_cache: bool
+
+    def init_cache(self, batch_size: int) -> object:
+        """An empty cache for `batch_size` rows."""
+        ...
+
+    def log_p_x0_span(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        start: int,
+        end: int,
+        cache: object,
+        *,
+        context: str = "prefix",
+        write: bool = True,
+    ) -> Tensor:
+        """x_t (B, L) the whole canvas (the span is x_t[:, start:end]), t (B,) -> (B, n, V)."""
+        ...
+
+
 @dataclass
 class SampleOutput:
-    """tokens (B, L) long without masks; nfe: network evaluations made; trajectory: every x_t."""
+    """tokens (B, L) long without masks; nfe: network calls made; rows_evaluated: sequences
+    pushed through the network in those calls (per-row caching evaluates sub-batches), so
+    rows_evaluated / B is the work per sample; trajectory: every x_t."""
 
     tokens: Tensor
     nfe: int
     trajectory: list[Tensor] | None = None
+    rows_evaluated: int = 0
 
 
 # ----------------------------------------------------------------------------- draws
@@ -104,6 +229,27 @@ def guided_log_probs(
     return torch.log_softmax(guided, dim=-1) if normalize else guided
 
 
+def guided_log_score(
+    cond: Tensor, uncond: Tensor, cfg_scale: float, x_t: Tensor, mask_id: int
+) -> Tensor:
+    """CFG of a concrete score (B, L, V) that keeps the conditional score's total mass.
+
+    The ratio is guided as `guided_log_probs` does, then each masked row is shifted so that
+    sum_{v != mask} s_v equals the conditional one: that sum sets the unmasking rate
+    (analytic step: P(stay masked) = 1 - expm1(dsigma) sum_v s_v), and guidance should
+    change which token appears, not how fast. For a score derived from p(x0 | x_t)
+    (s_v = alpha / (1 - alpha) p(x0 = v), MDLM / D3PM) this is exactly "guide p(x0), then
+    form the score", so the rate stays ddpm's.
+    """
+    guided = guided_log_probs(cond, uncond, cfg_scale, normalize=False)
+    real = torch.ones(cond.shape[-1], dtype=torch.bool, device=cond.device)
+    real[mask_id] = False
+    mass_c = torch.logsumexp(cond[..., real], dim=-1, keepdim=True)  # (B, L, 1)
+    mass_g = torch.logsumexp(guided[..., real], dim=-1, keepdim=True)
+    shifted = torch.where(real, guided + (mass_c - mass_g), guided)
+    return torch.where((x_t == mask_id)[..., None], shifted, guided)
+
+
 class GuidedDenoiser:
     """A denoiser seen through one `sample()` call: counts calls (nfe) and applies CFG.
 
@@ -112,28 +258,108 @@ class GuidedDenoiser:
     Each pass counts as one network evaluation.
     """
 
-    def __init__(self, denoiser: Denoiser, cond_mask: Tensor, cfg_scale: float = 0.0) -> None:
+    def __init__(
+        self, denoiser: MaskedDenoiser | NextTokenModel, cond_mask: Tensor, cfg_scale: float = 0.0
+    ) -> None:
         self.denoiser = denoiser
         self.mask_id = denoiser.mask_id
-        self.time_conditioned = denoiser.time_conditioned
+        self.vocab_size = denoiser.vocab_size
+        self.capabilities = denoiser.capabilities
+        self.time_conditioned = "time_agnostic" not in denoiser.capabilities
         self.cond_mask = cond_mask  # (B, L) bool; semi_ar swaps it per window
         self.cfg_scale = cfg_scale
         self.nfe = 0
+        self.rows_evaluated = 0
 
     def alpha(self, t: Tensor) -> Tensor:
         return self.denoiser.alpha(t).to(torch.float64)
 
     def _call(self, x_t: Tensor, t: Tensor, method: str) -> Tensor:
         self.nfe += 1
+        self.rows_evaluated += x_t.shape[0]
         return getattr(self.denoiser, method)(x_t, t)
 
-    def log_p_x0(self, x_t: Tensor, t: Tensor, method: str = "log_p_x0") -> Tensor:
-        """(B, L), (B,) -> (B, L, V); `method="log_score"` guides a SEDD score the same way."""
+    def _guided(self, rows: Tensor | None) -> Tensor | None:
+        """The conditioning mask of these rows when CFG applies to them, else None."""
+        cond_mask = self.cond_mask if rows is None else self.cond_mask[rows]
+        if self.cfg_scale == 0 or not bool(cond_mask.any()):
+            return None
+        return cond_mask
+
+    def log_p_x0(
+        self, x_t: Tensor, t: Tensor, method: str = "log_p_x0", rows: Tensor | None = None
+    ) -> Tensor:
+        """(B', L), (B',) -> (B', L, V); `method="log_score"` guides a SEDD score the same way.
+
+        `rows` (B',) long: x_t is that sub-batch of the canvas (per-row caching), so the CFG
+        pass masks those rows' conditioning positions."""
         cond = self._call(x_t, t, method)
-        if self.cfg_scale == 0 or not bool(self.cond_mask.any()):
+        cond_mask = self._guided(rows)
+        if cond_mask is None:
             return cond
-        uncond = self._call(x_t.masked_fill(self.cond_mask, self.mask_id), t, method)
-        return guided_log_probs(cond, uncond, self.cfg_scale, normalize=method == "log_p_x0")
+        uncond = self._call(x_t.masked_fill(cond_mask, self.mask_id), t, method)
+        if method == "log_score":
+            return guided_log_score(cond, uncond, self.cfg_scale, x_t, self.mask_id)
+        return guided_log_probs(cond, uncond, self.cfg_scale)
+
+    def log_score(self, x_t: Tensor, t: Tensor, rows: Tensor | None = None) -> Tensor:
+        """(B', L), (B',) -> (B', L, V) the model's log score, guided like `log_p_x0`
+        (unnormalised: a score is a ratio, not a distribution)."""
+        return self.log_p_x0(x_t, t, method="log_score", rows=rows)
+
+    # ---- next-token models (the AR sampler) ------------------------------------------------
+    def log_p_next(self, x: Tensor, cache: tuple[object, object | None] | None = None) -> Tensor:
+        """(B, n) -> (B, n, V) next-token log-probs; one network call. `cache` is what
+        `init_cache` returned (AR is never guided, so only its first entry is used)."""
+        self.nfe += 1
+        self.rows_evaluated += x.shape[0]
+        return self.denoiser.log_p_next(x, None if cache is None else cache[0])
+
+    # ---- the span KV cache (confidence sampler's cache=prefix|dual) ------------------------
+    @property
+    def supports_span_cache(self) -> bool:
+        return isinstance(self.denoiser, SpanCacheDenoiser) and bool(
+            self.denoiser.supports_span_cache
+        )
+
+    def init_cache(self, batch_size: int) -> tuple[object, object | None]:
+        """One cache for the conditional pass, and one for CFG's unconditional pass (whose
+        keys differ: its prompt is masked) when guidance applies. A next-token model gets
+        its own KV cache (and no second one: AR is never guided)."""
+        if "next_token" in self.capabilities:
+            return self.denoiser.init_cache(batch_size), None
+        if not self.supports_span_cache:
+            raise ValueError(
+                f"{type(self.denoiser).__name__} has no span KV cache (supports_span_cache is "
+                "false for this backbone); use sampler.cache=none"
+            )
+        second = self.denoiser.init_cache(batch_size) if self._guided(None) is not None else None
+        return self.denoiser.init_cache(batch_size), second
+
+    def log_p_x0_span(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        start: int,
+        end: int,
+        cache: tuple[object, object | None],
+        *,
+        context: str = "prefix",
+        write: bool = True,
+    ) -> Tensor:
+        """(B, L), (B,) -> (B, end - start, V), guided like `log_p_x0`; counts as a call."""
+        kw = dict(context=context, write=write)
+        self.nfe += 1
+        self.rows_evaluated += x_t.shape[0]
+        cond = self.denoiser.log_p_x0_span(x_t, t, start, end, cache[0], **kw)
+        cond_mask = self._guided(None)
+        if cond_mask is None or cache[1] is None:
+            return cond
+        self.nfe += 1
+        self.rows_evaluated += x_t.shape[0]
+        x_u = x_t.masked_fill(cond_mask, self.mask_id)
+        uncond = self.denoiser.log_p_x0_span(x_u, t, start, end, cache[1], **kw)
+        return guided_log_probs(cond, uncond, self.cfg_scale)
 
 
 # ----------------------------------------------------------------------------- base
@@ -148,7 +374,7 @@ class Sampler:
     """
 
     name: ClassVar[str] = "base"
-    requires_time_agnostic: ClassVar[bool] = False  # refuse time-conditioned denoisers
+    requires: ClassVar[frozenset[str]] = frozenset({"absorbing"})  # see CAPABILITIES
 
     def __init__(
         self,
@@ -158,28 +384,39 @@ class Sampler:
         top_k: int | None = None,
         top_p: float | None = None,
         cfg_scale: float = 0.0,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
     ) -> None:
+        """`bos_id` / `eos_id`: the tokenizer's special tokens, given at build time
+        (`diffusion.build.build_sampler`); a sampler uses them where it says so."""
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(
+                f"sampler={self.name}: num_samples ({num_samples}) and batch_size ({batch_size}) "
+                "must be >= 1"
+            )
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
         self.cfg_scale = cfg_scale
+        self.bos_id = bos_id
+        self.eos_id = eos_id
 
-    def validate(self, denoiser: Denoiser) -> None:
-        """Raise ValueError when this sampler cannot be exact with `denoiser`."""
-        if not isinstance(denoiser, Denoiser):
+    @classmethod
+    def requirements(cls, settings: Mapping[str, Any]) -> frozenset[str]:
+        """The capabilities this sampler needs with these settings (its yaml node before it
+        is built, or its own attributes at run time); by default the class's `requires`."""
+        return cls.requires
+
+    def validate(self, denoiser: MaskedDenoiser | NextTokenModel) -> None:
+        """Raise CapabilityError (a ValueError) when this sampler cannot be exact with `denoiser`."""
+        if not isinstance(denoiser, (MaskedDenoiser, NextTokenModel)):
             raise TypeError(
-                f"sampler={self.name} needs a Denoiser (mask_id, vocab_size, "
-                f"time_conditioned, alpha, log_p_x0); got {type(denoiser).__name__}"
+                f"sampler={self.name} needs a MaskedDenoiser or NextTokenModel "
+                f"(samplers/base.py); got {type(denoiser).__name__}"
             )
-        if self.requires_time_agnostic and denoiser.time_conditioned:
-            raise ValueError(
-                f"sampler={self.name} reuses the denoiser output while x_t is unchanged, which is "
-                "exact only for a time-agnostic denoiser, but this one is time-conditioned "
-                "(time_conditioning=true). Use sampler=ddpm, or a model trained with "
-                "time_conditioning=false."
-            )
+        check_capabilities(self.name, self.requirements(vars(self)), denoiser.capabilities)
 
     def filter(self, log_p: Tensor) -> Tensor:
         """This sampler's temperature / top-k / top-p applied to (..., V) log-probs."""
@@ -231,7 +468,12 @@ class Sampler:
         if watched:
             record(x.clone())
         tokens = self._generate(model, x, generator, record if watched else None)
-        return SampleOutput(tokens=tokens, nfe=model.nfe, trajectory=trajectory)
+        return SampleOutput(
+            tokens=tokens,
+            nfe=model.nfe,
+            trajectory=trajectory,
+            rows_evaluated=model.rows_evaluated,
+        )
 
     def _canvas_length(self, length: int) -> int:
         """Length of the sequences produced from a model window of `length` (semi_ar: longer)."""

@@ -11,6 +11,7 @@ need a float64 categorical over the vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,21 +72,18 @@ class DDPMSampler(Sampler):
     def __init__(
         self,
         steps: int = 128,
-        num_samples: int = 8,
-        batch_size: int = 8,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 0.0,
+        **common: Any,
     ) -> None:
-        super().__init__(num_samples, batch_size, temperature, top_k, top_p, cfg_scale)
+        """`common`: the settings every sampler shares (`Sampler.__init__`)."""
+        super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler={self.name}: steps must be >= 1, got {steps}")
         self.steps = steps
 
-    def _needs_call(self, x_changed: bool, any_mask: bool) -> bool:
-        """Whether to call the network for this step; ddpm always does (the D3PM baseline)."""
-        return True
+    def _rows_to_call(self, changed: Tensor, has_mask: Tensor) -> Tensor:
+        """(B,) bool: the rows the network runs on this step; ddpm: every row, every step
+        (the D3PM baseline). `changed`: x_t of the row changed at the last step."""
+        return torch.ones_like(changed)
 
     def _generate(
         self,
@@ -96,18 +94,34 @@ class DDPMSampler(Sampler):
     ) -> Tensor:
         batch = x.shape[0]
         ts = time_grid(self.steps)
-        log_p_x0, x_changed = None, True
+        log_p_x0 = None  # (B, L, V) the last output of every row
+        changed = torch.ones(batch, dtype=torch.bool, device=x.device)  # (B,)
         for i in range(self.steps):
             t = torch.full((batch,), float(ts[i]), device=x.device)  # (B,)
             s = torch.full((batch,), float(ts[i + 1]), device=x.device)  # (B,)
             alpha_t = model.alpha(t)
             # the last step goes to alpha(0) = 1 exactly, so no mask survives it
             alpha_s = torch.ones_like(alpha_t) if i == self.steps - 1 else model.alpha(s)
-            if log_p_x0 is None or self._needs_call(x_changed, bool((x == model.mask_id).any())):
+            if log_p_x0 is None:
                 log_p_x0 = self.filter(model.log_p_x0(x, t))  # (B, L, V)
+            else:
+                log_p_x0 = self._refresh(model, x, t, log_p_x0, changed)
             x_s = ddpm_step(log_p_x0, x, alpha_t, alpha_s, generator, model.mask_id)
-            x_changed = not torch.equal(x_s, x)
+            changed = (x_s != x).any(1)  # (B,)
             x = x_s
             if record is not None:
                 record(x.clone())
         return x
+
+    def _refresh(
+        self, model: GuidedDenoiser, x: Tensor, t: Tensor, log_p_x0: Tensor, changed: Tensor
+    ) -> Tensor:
+        """Re-evaluate the rows `_rows_to_call` names: the whole batch in one call, or the
+        sub-batch gathered, evaluated and scattered back into `log_p_x0` (per-row caching)."""
+        need = self._rows_to_call(changed, (x == model.mask_id).any(1))  # (B,)
+        if bool(need.all()):
+            return self.filter(model.log_p_x0(x, t))
+        if bool(need.any()):
+            rows = need.nonzero().squeeze(1)  # (B',)
+            log_p_x0[rows] = self.filter(model.log_p_x0(x[rows], t[rows], rows=rows))
+        return log_p_x0

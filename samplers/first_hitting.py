@@ -12,6 +12,7 @@ on the decreasing alpha).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,17 +37,13 @@ class FirstHittingSampler(Sampler):
 
     def __init__(
         self,
-        num_samples: int = 8,
-        batch_size: int = 8,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 0.0,
         steps: int | None = None,
+        **common: Any,
     ) -> None:
         """`steps` is unused (the number of events is the number of masked tokens); accepted so
-        that configs setting `sampler.steps` for every sampler compose."""
-        super().__init__(num_samples, batch_size, temperature, top_k, top_p, cfg_scale)
+        that configs setting `sampler.steps` for every sampler compose. `common`: the settings
+        every sampler shares (`Sampler.__init__`)."""
+        super().__init__(**common)
         self.steps = steps
 
     def _generate(
@@ -68,14 +65,17 @@ class FirstHittingSampler(Sampler):
             alpha_s = 1.0 - (1.0 - alpha_t) * u[0] ** (1.0 / n.clamp_min(1))
             alpha_s = torch.where(n > 0, alpha_s, alpha_t)
             s = alpha_inverse(model, alpha_s, t) if model.time_conditioned else t
-            log_p_x0 = self.filter(model.log_p_x0(x, s.float()))  # (B, L, V)
             # the (rank + 1)-th masked position, rank uniform in [0, n)
             rank = (u[1] * n).long().clamp_max(n - 1)  # (B,)
             pos = ((is_mask.cumsum(1) == (rank + 1)[:, None]) & is_mask).long().argmax(1)  # (B,)
-            value = sample_categorical(log_p_x0[rows, pos], u[2])  # (B,) x0 ~ p(x0 | x_t, s)
             active = n > 0
+            # per-row skipping: finished rows (no mask left) are not evaluated
+            live = rows if bool(active.all()) else rows[active]  # (B',)
+            sub = None if live is rows else live
+            log_p_x0 = self.filter(model.log_p_x0(x[live], s[live].float(), rows=sub))
+            value = sample_categorical(log_p_x0[torch.arange(len(live)), pos[live]], u[2][live])
             x = x.clone()
-            x[rows[active], pos[active]] = value[active]
+            x[live, pos[live]] = value  # x0 ~ p(x0 | x_t, s)
             t, alpha_t = torch.where(active, s, t), torch.where(active, alpha_s, alpha_t)
             if record is not None:
                 record(x.clone())

@@ -11,12 +11,13 @@ cached as in `ddpm_cache` when `cache` is true.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from samplers.base import Denoiser, GuidedDenoiser
+from samplers.base import GuidedDenoiser
 from samplers.ddpm import DDPMSampler
 
 
@@ -31,14 +32,10 @@ class SemiARSampler(DDPMSampler):
         stride_length: int = 64,
         num_strides: int = 1,
         cache: bool = True,
-        num_samples: int = 8,
-        batch_size: int = 8,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 0.0,
+        **common: Any,
     ) -> None:
-        super().__init__(steps, num_samples, batch_size, temperature, top_k, top_p, cfg_scale)
+        """`common`: the settings every sampler shares (`Sampler.__init__`)."""
+        super().__init__(steps, **common)
         if stride_length < 1 or num_strides < 0:
             raise ValueError(
                 f"sampler={self.name}: stride_length >= 1 and num_strides >= 0 required, "
@@ -48,14 +45,10 @@ class SemiARSampler(DDPMSampler):
         self.num_strides = num_strides
         self.cache = cache
 
-    def validate(self, denoiser: Denoiser) -> None:
-        super().validate(denoiser)
-        if self.cache and denoiser.time_conditioned:
-            raise ValueError(
-                f"sampler={self.name} with sampler.cache=true reuses the denoiser output, exact only "
-                "for a time-agnostic denoiser, but this one is time-conditioned "
-                "(time_conditioning=true); set sampler.cache=false"
-            )
+    @classmethod
+    def requirements(cls, settings: Mapping[str, Any]) -> frozenset[str]:
+        """With `cache` (the default) outputs are reused, exact only when t is unused."""
+        return cls.requires | ({"time_agnostic"} if settings.get("cache", True) else set())
 
     def _canvas_length(self, length: int) -> int:
         if self.stride_length > length:
@@ -65,8 +58,9 @@ class SemiARSampler(DDPMSampler):
             )
         return length + self.num_strides * self.stride_length
 
-    def _needs_call(self, x_changed: bool, any_mask: bool) -> bool:
-        return (x_changed and any_mask) if self.cache else True
+    def _rows_to_call(self, changed: Tensor, has_mask: Tensor) -> Tensor:
+        """Per-row caching as in ddpm_cache within each window when `cache` is true."""
+        return (changed & has_mask) if self.cache else torch.ones_like(changed)
 
     def _generate(
         self,

@@ -1,34 +1,75 @@
-"""Benchmark: training throughput and MFU, and the ddpm_cache speed-up over ddpm.
+"""Benchmark: training throughput, MFU, peak memory, the lean loss, reference backbones,
+torch.compile / bf16, and sampling throughput, each measured side by side in one run.
 
-Everything is measured in one run on the machine it runs on, side by side:
+Sections (pick with --sections; default: train sample):
 
-  * the machine's matmul peak (a large matmul in the training dtype, best of several),
-  * training tokens/s of the configured model (objective loss + backward + AdamW step),
-    and its achieved FLOP/s as a fraction of that peak (MFU, 6N + 12 n_layer d L per token),
-  * sampling wall time of `ddpm` and `ddpm_cache` at the same steps and seed, and the ratio.
+  train      tokens/s of the configured model (objective loss + backward + AdamW step), MFU
+             against the measured matmul peak and the card's dense bf16 peak, peak memory
+  loss       today's full loss (log-softmax and carry tensors at every position) against the
+             lean loss (head and float32 chunked softmax only where the loss counts): peak
+             memory, each variant in a fresh process, and step time, interleaved
+  backbones  our DiT against a minimal bidirectional transformer and an MDLM-layout DiT
+             (written here from MDLM's published description) of equal size, same loss
+  modes      eager / torch.compile x fp32 / bf16 autocast on the configured model
+  sample     wall time and tokens/s of ddpm, ddpm_cache and confidence at the same seed
 
-    python scripts/benchmark.py                       # the embedded default (tiny) on CPU
-    python scripts/benchmark.py model=small --vocab-size 50258 --batch-size 16 --precision bf16
+    python scripts/benchmark.py                                    # embedded default, CPU
+    python scripts/benchmark.py --sections loss backbones --vocab-size 50258 \
+        model.length=1024 --batch-size 4                          # the lean-loss figures
+    python scripts/benchmark.py model=small --vocab-size 50258 --batch-size 16 \
+        --precision bf16 --compile                                # the GPU figures
+    python scripts/benchmark.py --dry-run                          # every section, tiny
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import platform
+import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from config_utils import register_resolvers  # noqa: E402
+import models.dit as dit_module  # noqa: E402
+from diffusion.config import register_resolvers  # noqa: E402
 from diffusion.denoiser import ModelDenoiser  # noqa: E402
+from diffusion.flops import flops_per_token  # noqa: E402  (6N + attention)
+from models.dit import DiT, Rotary, TimestepEmbedder, apply_rotary  # noqa: E402
+
+# dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, FLOP/s
+CARD_BF16_PEAK = {
+    "H200": 989.4e12,
+    "H100 SXM": 989.4e12,
+    "H100 80GB HBM3": 989.4e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 756e12,
+    "A100": 312e12,
+    "L40S": 362.05e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165.2e12,
+}
+DRY_RUN = [  # every section at toy sizes on CPU: proves the plumbing in seconds
+    "model.length=32", "model.hidden_size=32", "model.n_blocks=2", "model.n_heads=2",
+    "--sections", "train", "loss", "backbones", "modes", "sample",
+    "--vocab-size", "64", "--batch-size", "2", "--train-steps", "2", "--warmup", "1",
+    "--sample-steps", "4", "--num-samples", "2", "--sample-batch-size", "2",
+]  # fmt: skip
 
 
 def machine_name(device: torch.device) -> str:
@@ -37,13 +78,25 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def card_peak(device: torch.device) -> float | None:
+    """The card's dense bf16 peak (data sheet), or None for an unknown card or a CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in CARD_BF16_PEAK.items():  # most specific names first
+        if key in name:
+            return peak
+    return None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """Best FLOP/s of an n x n matmul in `dtype` (the roofline MFU is measured against)."""
+    """Best FLOP/s of an n x n matmul in `dtype` (the measured roofline MFU is also given
+    against)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
@@ -58,18 +111,146 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return best
 
 
-def flops_per_token(backbone: torch.nn.Module, n_layers: int, d: int, length: int) -> float:
-    """Training FLOPs per token: 6 x (per-token matmul parameters) + attention 12 n_layer d L
-    (PaLM). The sigma embedding and adaLN projections act once per sequence, not per token."""
-    n_matmul = sum(
-        m.weight.numel()
-        for name, m in backbone.named_modules()
-        if isinstance(m, torch.nn.Linear) and "adaLN" not in name and "sigma_embed" not in name
-    )
-    return 6 * n_matmul + 12 * n_layers * d * length
+# ---- memory ---------------------------------------------------------------------------------
+def _proc_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def build(cfg, vocab_size: int, device: torch.device):
+def peak_memory(fn: Callable[[], None], device: torch.device) -> float:
+    """Bytes `fn` needs above what is held before it: CUDA's allocator peak, or on CPU the
+    resident high-water mark (reset through /proc/self/clear_refs) minus the resident size."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _proc_kb("VmRSS")
+    fn()
+    return float(_proc_kb("VmHWM") - base) * 1024
+
+
+# ---- reference backbones (equal size, same call as the DiT) ---------------------------------
+def _select(h: Tensor, positions_to_score: Tensor | None) -> Tensor:
+    return h if positions_to_score is None else h.flatten(0, 1).index_select(0, positions_to_score)
+
+
+class MinimalBlock(nn.Module):
+    """Pre-LN block: fused qkv, SDPA, GELU MLP; nothing else."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU("tanh"), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        x = x + self.out(a)
+        return x + self.mlp(self.ln2(x))
+
+
+class MinimalTransformer(nn.Module):
+    """A minimal bidirectional transformer (BERT/GPT-2 layout, learned positions, no
+    conditioning) with the DiT's width, depth, heads and head: the speed reference."""
+
+    scores_positions = True
+
+    def __init__(self, vocab_size: int, hidden: int, blocks: int, heads: int, length: int):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab_size, hidden), nn.Embedding(length, hidden)
+        self.blocks = nn.ModuleList(MinimalBlock(hidden, heads) for _ in range(blocks))
+        self.norm, self.head = nn.LayerNorm(hidden), nn.Linear(hidden, vocab_size)
+
+    def forward(self, x_t, sigma=None, attention_mask=None, positions_to_score=None) -> Tensor:
+        x = self.embed(x_t) + self.pos.weight[: x_t.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(_select(self.norm(x), positions_to_score))
+
+
+class Float32LayerNorm(nn.Module):
+    """MDLM's LayerNorm: weight only, computed in float32 with autocast off."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), (x.shape[-1],)) * self.weight
+
+
+class MDLMBlock(nn.Module):
+    """MDLM's DDiT block as its paper and code describe it: float32 LayerNorm, adaLN
+    shift/scale/gate (6 x d), rotary q/k, fused qkv and output without bias, gated residual
+    with dropout, GELU-tanh MLP with bias."""
+
+    def __init__(self, d: int, heads: int, cond_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = Float32LayerNorm(d), Float32LayerNorm(d)
+        self.attn_qkv, self.attn_out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU("tanh"), nn.Linear(4 * d, d))
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * d)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], c: Tensor) -> Tensor:
+        B, L, C = x.shape
+        mods = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = self.attn_qkv(h).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        x = x + gate1 * self.dropout(self.attn_out(a))  # bias_dropout_add_scale
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.dropout(self.mlp(h))
+
+
+class MDLMDiT(nn.Module):
+    """MDLM's DiT layout (DDiT blocks, adaLN final layer, sigma map) at our sizes; its
+    dropout 0.1 as in MDLM's configs (identical cost to ours, which uses model.dropout)."""
+
+    scores_positions = True
+
+    def __init__(self, vocab_size: int, hidden: int, blocks: int, heads: int, cond_dim: int):
+        super().__init__()
+        self.vocab_embed = nn.Parameter(torch.empty(vocab_size, hidden))
+        nn.init.kaiming_uniform_(self.vocab_embed, a=math.sqrt(5))
+        self.sigma_map = TimestepEmbedder(cond_dim)
+        self.rotary = Rotary(hidden // heads)
+        self.blocks = nn.ModuleList(MDLMBlock(hidden, heads, cond_dim) for _ in range(blocks))
+        self.norm_final = Float32LayerNorm(hidden)
+        self.final_modulation = nn.Linear(cond_dim, 2 * hidden)
+        self.linear = nn.Linear(hidden, vocab_size)
+
+    def forward(self, x_t, sigma=None, attention_mask=None, positions_to_score=None) -> Tensor:
+        B, L = x_t.shape
+        x = self.vocab_embed[x_t]
+        sigma = torch.zeros(B, device=x.device) if sigma is None else sigma
+        c = F.silu(self.sigma_map(sigma))
+        rotary = self.rotary(L, x.device)
+        for block in self.blocks:
+            x = block(x, rotary, c)
+        shift, scale = self.final_modulation(c)[:, None].chunk(2, dim=2)
+        h = self.norm_final(x) * (1 + scale) + shift
+        return self.linear(_select(h.to(x.dtype), positions_to_score))
+
+
+# ---- building and timing ------------------------------------------------------------------
+def build(cfg, vocab_size: int, device: torch.device, lean: bool = True):
     backbone = instantiate(cfg.backbone, vocab_size=vocab_size).to(device)
     objective = instantiate(
         cfg.parameterization,
@@ -77,36 +258,191 @@ def build(cfg, vocab_size: int, device: torch.device):
         mask_id=vocab_size - 1,
         vocab_size=vocab_size,
     )
+    objective.lean_loss = lean
     return backbone, objective
 
 
-def bench_training(cfg, backbone, objective, device, batch_size, steps, autocast_dtype):
-    length = cfg.model.length
-    vocab = objective.vocab_size
+def make_step(backbone, objective, x0: Tensor, autocast_dtype) -> Callable[[], None]:
+    """One training step: loss, backward, AdamW, zero_grad (the optimizer state is made by the
+    first call)."""
     opt = torch.optim.AdamW(backbone.parameters(), lr=1e-4)
-    x0 = torch.randint(0, vocab - 1, (batch_size, length), device=device)
     attn = torch.ones_like(x0)
+    device = x0.device
 
-    def step():
+    def step() -> None:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = objective.loss(backbone, x0, attn).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch_size * length * steps / (time.perf_counter() - start)
+    return step
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int, device):
+    """Median seconds per step of each variant, measured in alternation (load shifts hit all)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def random_batch(cfg, vocab: int, batch_size: int, device) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab - 1, (batch_size, cfg.model.length), generator=g).to(device)
+
+
+# ---- sections -----------------------------------------------------------------------------
+def section_train(cfg, args, device, report) -> None:
+    backbone, objective = build(cfg, args.vocab_size, device)
+    if args.compile:
+        backbone.compile(dynamic=True)
+    x0 = random_batch(cfg, args.vocab_size, args.batch_size, device)
+    step = make_step(backbone, objective, x0, args.autocast)
+    sec = time_interleaved({"train": step}, args.train_steps, args.warmup, device)["train"]
+    memory = peak_memory(step, device)
+    tok_s = args.batch_size * cfg.model.length / sec
+    fpt = flops_per_token(backbone, cfg.model.n_blocks, cfg.model.hidden_size, cfg.model.length)
+    peak, card = report["matmul_peak_tflops"] * 1e12, card_peak(device)
+    row = {
+        "params": sum(p.numel() for p in backbone.parameters()),
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        "train_tokens_per_s": tok_s,
+        "achieved_tflops": tok_s * fpt / 1e12,
+        "mfu_measured_peak": tok_s * fpt / peak,
+        "mfu_card_peak": tok_s * fpt / card if card else None,
+        "peak_memory_gb": memory / 1e9,
+    }
+    report["train"] = row
+    card_txt = f", MFU {row['mfu_card_peak']:.1%} of the card's bf16 peak" if card else ""
+    print(
+        f"train  {cfg.model.name} ({row['params'] / 1e6:.1f}M params, L={cfg.model.length}, "
+        f"B={args.batch_size}, {args.precision}{', compiled' if args.compile else ''}): "
+        f"{tok_s:,.0f} tokens/s, {row['achieved_tflops']:.3f} TFLOP/s -> MFU "
+        f"{row['mfu_measured_peak']:.1%} of the measured {report['matmul_peak_tflops']:.4g} "
+        f"TFLOP/s matmul peak{card_txt}; peak memory {row['peak_memory_gb'] * 1e3:,.1f} MB "
+        "above the model"
+    )
+
+
+def child_loss_memory(cfg, args, device, variant: str) -> None:
+    """(in a fresh process) the peak memory of one training step of `variant`."""
+    backbone, objective = build(cfg, args.vocab_size, device, lean=variant == "lean")
+    x0 = random_batch(cfg, args.vocab_size, args.batch_size, device)
+    step = make_step(backbone, objective, x0, args.autocast)
+    step()  # the optimizer state and the allocator's first growth are not the loss's
+    print(json.dumps({"variant": variant, "peak_bytes": peak_memory(step, device)}))
+
+
+def section_loss(cfg, args, device, report) -> None:
+    memory = {}
+    for variant in ("full", "lean"):
+        out = subprocess.run(
+            [sys.executable, __file__, *args.argv, "--child-loss-memory", variant],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    steps = {}
+    for variant in ("full", "lean"):
+        backbone, objective = build(cfg, args.vocab_size, device, lean=variant == "lean")
+        x0 = random_batch(cfg, args.vocab_size, args.batch_size, device)
+        steps[variant] = make_step(backbone, objective, x0, args.autocast)
+    sec = time_interleaved(steps, args.train_steps, args.warmup, device)
+    row = {
+        "vocab_size": args.vocab_size,
+        "length": cfg.model.length,
+        "batch_size": args.batch_size,
+        "full_peak_gb": memory["full"] / 1e9,
+        "lean_peak_gb": memory["lean"] / 1e9,
+        "memory_ratio": memory["full"] / max(memory["lean"], 1.0),
+        "full_step_s": sec["full"],
+        "lean_step_s": sec["lean"],
+        "speedup": sec["full"] / sec["lean"],
+    }
+    report["loss"] = row
+    print(
+        f"loss   V={args.vocab_size}, L={cfg.model.length}, B={args.batch_size}: peak memory "
+        f"above the model full {row['full_peak_gb'] * 1e3:,.0f} MB, lean "
+        f"{row['lean_peak_gb'] * 1e3:,.0f} MB "
+        f"({row['memory_ratio']:.2f}x less); step full {sec['full'] * 1e3:.0f} ms, lean "
+        f"{sec['lean'] * 1e3:.0f} ms ({row['speedup']:.2f}x faster)"
+    )
+
+
+def section_backbones(cfg, args, device, report) -> None:
+    m, V = cfg.model, args.vocab_size
+    x0 = random_batch(cfg, V, args.batch_size, device)
+    objective = build(cfg, V, device)[1]
+    full = build(cfg, V, device, lean=False)[1]
+    models = {
+        "dit (lean loss)": (DiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.length), objective),
+        "dit (full loss)": (DiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.length), full),
+        "minimal transformer": (
+            MinimalTransformer(V, m.hidden_size, m.n_blocks, m.n_heads, m.length),
+            objective,
+        ),
+        "mdlm dit": (MDLMDiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.cond_dim), objective),
+        "mdlm dit (full loss)": (
+            MDLMDiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.cond_dim),
+            full,
+        ),
+    }
+    steps, params = {}, {}
+    for name, (backbone, obj) in models.items():
+        backbone.to(device).train()
+        params[name] = sum(p.numel() for p in backbone.parameters())
+        steps[name] = make_step(backbone, obj, x0, args.autocast)
+    sec = time_interleaved(steps, args.train_steps, args.warmup, device)
+    base = sec["dit (lean loss)"]
+    rows = [
+        {"backbone": n, "params": params[n], "step_s": s, "dit_speedup": s / base}
+        for n, s in sec.items()
+    ]
+    report["backbones"] = rows
+    print(f"backbones (L={m.length}, B={args.batch_size}, V={V}): our DiT's speed-up over each")
+    for r in rows:
+        print(
+            f"  {r['backbone']:<22}{r['params'] / 1e6:>8.2f}M  {r['step_s'] * 1e3:>8.1f} ms/step"
+            f"  dit x{r['dit_speedup']:.2f}"
+        )
+
+
+def section_modes(cfg, args, device, report) -> None:
+    """eager / compiled x fp32 / bf16 autocast, interleaved, on the configured model."""
+    x0 = random_batch(cfg, args.vocab_size, args.batch_size, device)
+    steps = {}
+    for compiled in (False, True):
+        for dtype in (None, torch.bfloat16):
+            backbone, objective = build(cfg, args.vocab_size, device)
+            if compiled:
+                backbone.compile(dynamic=True)
+            name = f"{'compiled' if compiled else 'eager'} {'bf16' if dtype else 'fp32'}"
+            steps[name] = make_step(backbone, objective, x0, dtype)
+    sec = time_interleaved(steps, args.train_steps, max(args.warmup, 2), device)
+    base = sec["eager fp32"]
+    report["modes"] = {name: {"step_s": s, "speedup": base / s} for name, s in sec.items()}
+    print(f"modes  {cfg.model.name} L={cfg.model.length} B={args.batch_size}: vs eager fp32")
+    for name, s in sec.items():
+        print(f"  {name:<14}{s * 1e3:>9.1f} ms/step  x{base / s:.2f}")
 
 
 def bench_sampler(cfg, name, backbone, objective, device, steps, num_samples, batch_size, seed=0):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        scfg = compose("config", overrides=[f"sampler={name}", f"sampler.steps={steps}"]).sampler
+        overrides = [f"sampler={name}", f"sampler.steps={steps}"]
+        if name == "confidence":  # one block per `steps` slice of the canvas
+            overrides.append(f"sampler.block_length={min(cfg.model.length, 32)}")
+        scfg = compose("config", overrides=overrides).sampler
     sampler = instantiate(scfg)
     denoiser = ModelDenoiser(backbone.eval(), objective)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -115,70 +451,20 @@ def bench_sampler(cfg, name, backbone, objective, device, steps, num_samples, ba
     start = time.perf_counter()
     for first in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - first)
-        out = sampler.sample(denoiser, num_samples=n, length=cfg.model.length, generator=gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = sampler.sample(denoiser, num_samples=n, length=cfg.model.length, generator=gen)
         tokens.append(out.tokens)
         nfe += out.nfe
     sync(device)
     return time.perf_counter() - start, torch.cat(tokens), nfe
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=small")
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--train-steps", type=int, default=20)
-    p.add_argument("--sample-steps", type=int, nargs="+", default=[1000])
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument(
-        "--sample-batch-size",
-        type=int,
-        default=1,
-        help="samples per sampler call (MDLM's timing table uses 1: the cache only helps while "
-        "no sequence in the batch changes)",
-    )
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--json", type=Path, help="also write the figures here")
-    args = p.parse_args()
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    autocast = torch.bfloat16 if args.precision == "bf16" else None
-    torch.manual_seed(0)
-
+def section_sample(cfg, args, device, report) -> None:
     backbone, objective = build(cfg, args.vocab_size, device)
-    n_params = sum(p.numel() for p in backbone.parameters())
-    peak = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 1024)
-    tok_s = bench_training(
-        cfg, backbone, objective, device, args.batch_size, args.train_steps, autocast
-    )
-    fpt = flops_per_token(backbone, cfg.model.n_blocks, cfg.model.hidden_size, cfg.model.length)
-    report = {
-        "machine": machine_name(device),
-        "model": cfg.model.name,
-        "params": n_params,
-        "length": cfg.model.length,
-        "batch_size": args.batch_size,
-        "precision": args.precision,
-        "train_tokens_per_s": tok_s,
-        "matmul_peak_tflops": peak / 1e12,
-        "achieved_tflops": tok_s * fpt / 1e12,
-        "mfu": tok_s * fpt / peak,
-        "sampling": [],
-    }
-    print(f"machine: {report['machine']}")
-    print(
-        f"train  {cfg.model.name} ({n_params / 1e6:.1f}M params, L={cfg.model.length}, "
-        f"B={args.batch_size}, {args.precision}): {tok_s:,.0f} tokens/s, "
-        f"{report['achieved_tflops']:.3f} TFLOP/s of a measured {report['matmul_peak_tflops']:.3f} "
-        f"peak -> MFU {report['mfu']:.1%}"
-    )
+    report["sampling"] = []
     for steps in args.sample_steps:
         runs = {}
-        for name in ("ddpm", "ddpm_cache"):
+        for name in args.samplers:
             runs[name] = bench_sampler(
                 cfg,
                 name,
@@ -189,28 +475,113 @@ def main() -> None:
                 args.num_samples,
                 args.sample_batch_size,
             )
-        (t_plain, tok_plain, nfe_plain), (t_cache, tok_cache, nfe_cache) = runs.values()
-        same = bool(torch.equal(tok_plain, tok_cache))
+        tokens = args.num_samples * cfg.model.length
         row = {
             "steps": steps,
             "num_samples": args.num_samples,
             "sample_batch_size": args.sample_batch_size,
-            "ddpm_s": t_plain,
-            "ddpm_nfe": nfe_plain,
-            "ddpm_cache_s": t_cache,
-            "ddpm_cache_nfe": nfe_cache,
-            "speedup": t_plain / t_cache,
-            "same_samples": same,
+            **{f"{n}_s": r[0] for n, r in runs.items()},
+            **{f"{n}_tokens_per_s": tokens / r[0] for n, r in runs.items()},
+            **{f"{n}_nfe": r[2] for n, r in runs.items()},
         }
+        if "ddpm" in runs and "ddpm_cache" in runs:
+            row["cache_speedup"] = runs["ddpm"][0] / runs["ddpm_cache"][0]
+            row["same_samples"] = bool(torch.equal(runs["ddpm"][1], runs["ddpm_cache"][1]))
         report["sampling"].append(row)
+        parts = ", ".join(
+            f"{n} {r[0]:.2f}s ({tokens / r[0]:,.0f} tok/s, {r[2]} NFE)" for n, r in runs.items()
+        )
+        extra = ""
+        if "cache_speedup" in row:
+            extra = f"; cache x{row['cache_speedup']:.2f}, identical: {row['same_samples']}"
         print(
             f"sample {args.num_samples} x {cfg.model.length} tokens (batch "
-            f"{args.sample_batch_size}), {steps} steps: ddpm {t_plain:.2f}s ({nfe_plain} NFE), "
-            f"ddpm_cache {t_cache:.2f}s ({nfe_cache} NFE) -> speed-up {row['speedup']:.2f}x, "
-            f"identical samples: {same}"
+            f"{args.sample_batch_size}), {steps} steps: {parts}{extra}"
         )
+
+
+SECTIONS = {
+    "train": section_train,
+    "loss": section_loss,
+    "backbones": section_backbones,
+    "modes": section_modes,
+    "sample": section_sample,
+}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=small")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=["train", "sample"])
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sample-steps", type=int, nargs="+", default=[1000])
+    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddpm_cache", "confidence"])
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument(
+        "--sample-batch-size",
+        type=int,
+        default=1,
+        help="samples per sampler call (MDLM's timing table uses 1: the cache only helps while "
+        "no sequence in the batch changes)",
+    )
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (train)")
+    p.add_argument(
+        "--attention",
+        choices=["auto", "sdpa"],
+        default="auto",
+        help="auto: flash-attn where installed (CUDA, bf16, no padding); sdpa: torch's only",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--dry-run", action="store_true", help="every section at toy sizes (CPU)")
+    p.add_argument("--child-loss-memory", choices=["full", "lean"], help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    if args.dry_run:  # the toy sizes first, so that options given after them still win
+        args = p.parse_args([*DRY_RUN, *argv])
+    args.argv = argv
+    args.autocast = torch.bfloat16 if args.precision == "bf16" else None
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.attention == "sdpa":
+        dit_module.flash_attn_func = None  # the DiT's attention() then always takes SDPA
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    torch.manual_seed(0)
+    if args.child_loss_memory:
+        child_loss_memory(cfg, args, device, args.child_loss_memory)
+        return {}
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    report = {
+        "machine": machine_name(device),
+        "model": cfg.model.name,
+        "length": cfg.model.length,
+        "precision": args.precision,
+        "flash_attn": dit_module.flash_attn_func is not None and device.type == "cuda",
+        "matmul_peak_tflops": matmul_peak(device, dtype, 4096 if device.type == "cuda" else 512)
+        / 1e12,
+        "card_bf16_peak_tflops": (card_peak(device) or 0) / 1e12 or None,
+    }
+    print(
+        f"machine: {report['machine']}  (matmul peak {report['matmul_peak_tflops']:.4g} TFLOP/s"
+        f", flash-attn {'on' if report['flash_attn'] else 'off'})"
+    )
+    for name in args.sections:
+        SECTIONS[name](cfg, args, device, report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

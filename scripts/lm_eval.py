@@ -5,7 +5,7 @@
         --tasks lambada_openai,hellaswag,piqa,arc_easy
 
 Every lm-eval option works (`--limit`, `--num_fewshot`, `--output_path`, `--include_path`,
-`--gen_kwargs`, ...); `diffusion/lm_eval_model.py` documents the model_args. Needs the
+`--gen_kwargs`, ...); `diffusion/evaluation/lm_eval.py` documents the model_args. Needs the
 optional extra: `pip install -r requirements-extras.txt`.
 """
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from lm_eval.__main__ import cli_evaluate  # noqa: E402
 
-import diffusion.lm_eval_model  # noqa: E402,F401  (registers --model unmask)
+import diffusion.evaluation.lm_eval  # noqa: E402,F401  (registers --model unmask)
 
 if __name__ == "__main__":
     cli_evaluate()

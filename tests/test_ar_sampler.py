@@ -140,7 +140,7 @@ P_NEXT = [0.5, 0.25, 0.15, 0.1]  # next-token distribution over tokens 0..3; the
 class FixedNextToken:
     """A fake AR denoiser: the next token is always drawn from P_NEXT (plus mass on the mask)."""
 
-    mask_id, vocab_size, time_conditioned, autoregressive = 4, 5, False, True
+    mask_id, vocab_size, capabilities = 4, 5, frozenset({"next_token", "time_agnostic"})
 
     def __init__(self, mask_mass=0.0):
         p = torch.tensor([*(q * (1 - mask_mass) for q in P_NEXT), mask_mass])

@@ -16,9 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
 
-import generation
-from config_utils import ConfigError, register_resolvers, validate_config
+import diffusion.evaluation.prompted as generation
 from diffusion.checkpoint import CheckpointError
+from diffusion.config import ConfigError, register_resolvers, validate_config
 from diffusion.data import chat
 from tests.test_main_e2e import ROOT, run_main
 from tests.tiny_lm import repeat_lm
@@ -82,9 +82,9 @@ def test_prompts_file_keeps_prompt_tokens_and_cuts_answers_at_eos(tiny, tokenize
 
 def run_in_process(tiny, run_dir: Path, *overrides: str, checkpoint: Path | None = None) -> None:
     """main.py's mode=generate in this process (no interpreter start-up): composed and validated
-    as main() does, then its MODES entry; Hydra's run directory is `run_dir`."""
+    as main() does, then that mode (answer_prompts); Hydra's run directory is `run_dir`."""
     from diffusion.build import build_datamodule, build_module
-    from main import MODES
+    from diffusion.evaluation.prompted import answer_prompts
 
     ckpt, model = tiny
     register_resolvers()
@@ -99,7 +99,7 @@ def run_in_process(tiny, run_dir: Path, *overrides: str, checkpoint: Path | None
             del cfg["hydra"]
         validate_config(cfg)
         dm = build_datamodule(cfg)
-        MODES[cfg.mode](cfg, dm, build_module(cfg, dm))
+        answer_prompts(cfg, dm, build_module(cfg, dm))
 
 
 def test_prompt_with_a_chosen_sampler_and_the_live_view(tiny, tmp_path, capsys):

@@ -26,7 +26,6 @@ def test_hf_backbone_end_to_end(fixture, backbone, extra, request, tmp_path):
         f"backbone.pretrained={folder}",
         f"data.tokenizer={folder}",
         "model.length=16",
-        "mask_conditioning=false",
         *extra,
     ]
     run_main(tmp_path / "train", *common)

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (diffusion/lm_eval_model.py) on a tiny trained MDLM:
+"""The lm-evaluation-harness adapter (diffusion/evaluation/lm_eval.py) on a tiny trained MDLM:
 the Monte-Carlo continuation likelihood, greedy checks, rolling windows, generation, CFG,
 an AR checkpoint's exact scores, and lm-eval's own `simple_evaluate` on offline tasks."""
 
@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from diffusion.lm_eval_model import ContextGuidedBackbone, UnmaskLM, cut_text  # noqa: E402
+from diffusion.evaluation.lm_eval import ContextGuidedBackbone, UnmaskLM, cut_text  # noqa: E402
 from tests.test_main_e2e import ENV, ROOT  # noqa: E402
 from tests.tiny_lm import SENTENCE, repeat_lm  # noqa: E402
 

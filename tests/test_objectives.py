@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from config_utils import ConfigError, register_resolvers, validate_config
+from diffusion.config import ConfigError, register_resolvers, validate_config
 from diffusion.module import DiffusionModule
 from diffusion.noise import Cosine, LogLinear
 from diffusion.objectives.ar import AR
@@ -424,12 +424,8 @@ def load(overrides):
             r"time_conditioning=false",
         ),
         (
-            ["parameterization=ar", "backbone.causal=true", "mask_conditioning=false"],
+            ["parameterization=ar", "backbone.causal=true"],
             r"use sampler=ar, not sampler=ddpm_cache",
-        ),
-        (
-            ["parameterization=ar", "sampler=ar", "backbone.causal=true"],
-            r"set mask_conditioning=false",
         ),
         (["sampler=ar"], r"sampler=ar needs parameterization=ar"),
     ],
@@ -460,7 +456,7 @@ def test_recipes_validate_and_build_their_objective(recipe, expected):
     if "length" in expected:
         assert cfg.model.length == expected["length"]
     if expected.get("causal"):
-        assert cfg.backbone.causal is True  # sampler.bos_id: main.py fills it from the tokenizer
+        assert cfg.backbone.causal is True  # sampler.bos_id: given from the tokenizer at build
     if recipe != "ar_shakespeare":
         assert cfg.loader.global_batch_size == 512 and cfg.optim.lr == 3e-4
     obj = instantiate(cfg.parameterization, noise=instantiate(cfg.noise), mask_id=5, vocab_size=6)

@@ -12,19 +12,40 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from diffusion.noise import NoiseSchedule
-from diffusion.objectives.base import LossOutput, Objective, Rows
+from diffusion.objectives.base import (
+    LossOutput,
+    Objective,
+    Rows,
+    logsumexp_and_pick,
+    scatter_rows,
+    score_logits,
+)
 
 
 class AR(Objective):
     """Next-token NLL; `log_p_next` is what the AR sampler draws from (via the denoiser)."""
 
+    provides = frozenset({"next_token"})
     exact_likelihood = True
-    autoregressive = True  # the denoiser exposes next-token log-probs instead of log p(x0 | x_t)
-    time_conditioned = False
+    requires_causal_backbone = True
 
-    def __init__(self, mask_id: int, vocab_size: int, noise: NoiseSchedule | None = None) -> None:
-        """`noise` is accepted (every objective is built by the same call) and kept unused."""
+    def denoiser(self, backbone: nn.Module):
+        """A next-token model: log p(next | prefix), with the backbone's KV cache."""
+        from diffusion.denoiser import NextTokenDenoiser
+
+        return NextTokenDenoiser(backbone, self)
+
+    def __init__(
+        self,
+        mask_id: int,
+        vocab_size: int,
+        noise: NoiseSchedule | None = None,
+        lean_loss: bool = True,
+    ) -> None:
+        """`noise` is accepted (every objective is built by the same call) and kept unused;
+        `lean_loss`: the head and a float32 chunked softmax only at scored positions."""
         super().__init__()
+        self.lean_loss = lean_loss
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id={mask_id} is outside the vocabulary of size {vocab_size}")
         self.mask_id = mask_id
@@ -51,8 +72,14 @@ class AR(Objective):
                 "parameterization=ar needs a causal backbone (backbone.causal=true): a "
                 "bidirectional one sees the token it is asked to predict"
             )
-        logits = backbone(x0[:, :-1], None, attention_mask[:, :-1])  # (B, L - 1, V)
-        log_p = self.log_p_next(logits)
-        nll = -log_p.gather(-1, x0[:, 1:, None]).squeeze(-1)  # position i predicts x0[i + 1]
         scored = attention_mask if loss_mask is None else attention_mask * loss_mask
-        return LossOutput(nll=nll, mask=scored[:, 1:].to(nll.dtype))
+        inputs, targets = x0[:, :-1], x0[:, 1:]  # position i predicts x0[i + 1]
+        if self.lean_loss:
+            index = scored[:, 1:].bool().flatten().nonzero().squeeze(1)  # (N,)
+            logits = score_logits(backbone, inputs, None, attention_mask[:, :-1], index)
+            lse, picked = logsumexp_and_pick(logits, targets.flatten()[index, None])
+            nll = scatter_rows(lse - picked[:, 0], index, targets.shape)
+        else:
+            logits = backbone(inputs, None, attention_mask[:, :-1])  # (B, L - 1, V)
+            nll = -self.log_p_next(logits).gather(-1, targets[..., None]).squeeze(-1)
+        return LossOutput(nll=nll, mask=scored[:, 1:].to(nll.dtype), targets=targets, offset=1)

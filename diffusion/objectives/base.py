@@ -9,6 +9,7 @@ differ (`log_p_x0`, `nll_per_token`); nothing here dispatches on names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,66 @@ from diffusion.noise import NoiseSchedule
 
 MIN_CLEAN = 1e-3  # caps the mask-fraction sigma at -log(1e-3), loglinear's sigma(1)
 Rows = tuple[Tensor, int] | None  # (this batch's row indices (B,), global batch size)
+LSE_CHUNK = 4096  # positions per float32 chunk of the lean cross-entropy
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """lse (N,) and picked entries (N, K) of (N, V) logits, in float32 one chunk at a time.
+
+    Only the logits (in their own dtype) and the lse are kept for backward, which rebuilds the
+    softmax chunk by chunk: no (N, V) float32 tensor is ever whole. `exclude` (a column or -1)
+    is left out of the sum, as SUBS' zero masking probability does with a -inf logit.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, cols: Tensor, exclude: int, chunk: int):
+        lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+        for a in range(0, logits.shape[0], chunk):
+            z = logits[a : a + chunk].float()
+            if exclude >= 0:
+                z = z.index_fill(-1, torch.tensor([exclude], device=z.device), -torch.inf)
+            lse[a : a + chunk] = torch.logsumexp(z, dim=-1)
+        picked = logits.gather(-1, cols).float()  # (N, K)
+        ctx.save_for_backward(logits, cols, lse)
+        ctx.exclude, ctx.chunk = exclude, chunk
+        return lse, picked
+
+    @staticmethod
+    def backward(ctx, grad_lse: Tensor, grad_picked: Tensor):
+        logits, cols, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for a in range(0, logits.shape[0], ctx.chunk):
+            p = torch.exp(logits[a : a + ctx.chunk].float() - lse[a : a + ctx.chunk, None])
+            if ctx.exclude >= 0:
+                p[:, ctx.exclude] = 0.0
+            grad[a : a + ctx.chunk] = (p * grad_lse[a : a + ctx.chunk, None]).to(grad.dtype)
+        grad.scatter_add_(-1, cols, grad_picked.to(grad.dtype))
+        return grad, None, None, None
+
+
+def logsumexp_and_pick(
+    logits: Tensor, cols: Tensor, exclude: int | None = None, chunk: int = LSE_CHUNK
+) -> tuple[Tensor, Tensor]:
+    """(N, V) logits -> float32 lse (N,) over the vocabulary (less `exclude`) and the logits at
+    `cols` (N, K). log p(v) = logits[v] - lse: the cross-entropy with no (N, V) float32 copy."""
+    return _ChunkedLogSumExp.apply(logits, cols, -1 if exclude is None else exclude, chunk)
+
+
+def score_logits(
+    backbone: nn.Module, x_t: Tensor, sigma: Tensor | None, attention_mask: Tensor, index: Tensor
+) -> Tensor:
+    """(N, V) logits at the flat positions `index` (N,) of (B, L): the backbone applies its head
+    only there when it can (`scores_positions`, the DiT); otherwise its full logits are cut."""
+    if getattr(backbone, "scores_positions", False):
+        return backbone(x_t, sigma, attention_mask, positions_to_score=index)
+    logits = backbone(x_t, sigma, attention_mask)  # (B, L, V)
+    return logits.flatten(0, 1).index_select(0, index)
+
+
+def scatter_rows(values: Tensor, index: Tensor, shape: torch.Size) -> Tensor:
+    """(N,) values at flat positions `index` -> a (B, L) float32 tensor, zero elsewhere."""
+    out = torch.zeros(shape.numel(), device=values.device, dtype=torch.float32)
+    return out.index_put((index,), values.float()).view(shape)
 
 
 @dataclass
@@ -25,10 +86,15 @@ class LossOutput:
 
     nll:  (B, L) float32, each token's contribution to the NELBO (already weighted)
     mask: (B, L) float32, 1 where the token is scored (real, not padding)
+    targets: (B, L) the token each column scores (x0, or x0[:, 1:] for AR), when known
+    offset: the row position of column 0 (1 for AR's shifted targets), so that evaluation can
+        leave out the first position and BOS tokens (`ppl_excl_bos`)
     """
 
     nll: Tensor
     mask: Tensor
+    targets: Tensor | None = None
+    offset: int = 0
 
     def mean(self) -> Tensor:
         """Loss normalised per token over the batch (MDLM's choice)."""
@@ -50,10 +116,36 @@ class LossOutput:
 
 
 class Objective(nn.Module):
-    """What every objective exposes to the LightningModule and the denoiser."""
+    """What every objective exposes to the LightningModule and the denoiser.
 
-    time_conditioned: bool = False
-    exact_likelihood: bool = False  # True for AR: its perplexity is exact, not a bound
+    Capabilities (class attributes, read by `diffusion.config.check_capabilities` before
+    anything is built): `provides`, words of `samplers.base.CAPABILITIES` that its denoiser
+    offers; `exact_likelihood`, its perplexity is exact (not a bound);
+    `requires_causal_backbone`, it scores next tokens and needs a causal backbone.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset()
+    exact_likelihood: ClassVar[bool] = False
+    requires_causal_backbone: ClassVar[bool] = False
+    time_conditioned: bool = False  # the instance's setting: the backbone sees sigma(t)
+    mask_conditioning: bool = False  # the instance's setting: the backbone sees a statistic of x_t
+
+    @property
+    def conditions_backbone(self) -> bool:
+        """Whether this objective feeds the backbone a conditioning vector (`backbone_sigma`);
+        the builder sets the backbone's flag from it."""
+        return self.time_conditioned or self.mask_conditioning
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this objective's denoiser offers the samplers (`provides` + time dependence)."""
+        from samplers.base import model_capabilities
+
+        return model_capabilities(self.provides, self.time_conditioned)
+
+    def denoiser(self, backbone: nn.Module):
+        """What samplers call for this objective on `backbone` (`diffusion/denoiser.py`)."""
+        raise NotImplementedError
 
     def loss(
         self,
@@ -73,6 +165,14 @@ class Objective(nn.Module):
 class AbsorbingDiffusion(Objective):
     """Absorbing-state (masking) diffusion: forward process and the NELBO estimator."""
 
+    provides = frozenset({"absorbing"})
+
+    def denoiser(self, backbone: nn.Module):
+        """A masked denoiser: log p(x0 | x_t) in the SUBS view, and the schedule."""
+        from diffusion.denoiser import MaskedModelDenoiser
+
+        return MaskedModelDenoiser(backbone, self)
+
     def __init__(
         self,
         noise: NoiseSchedule,
@@ -83,6 +183,7 @@ class AbsorbingDiffusion(Objective):
         sampling_eps: float = 1e-3,
         antithetic: bool = True,
         mask_conditioning: bool = False,
+        lean_loss: bool = True,
     ) -> None:
         super().__init__()
         if T < 0:
@@ -97,6 +198,7 @@ class AbsorbingDiffusion(Objective):
         self.sampling_eps = sampling_eps
         self.antithetic = antithetic
         self.mask_conditioning = mask_conditioning and not time_conditioning
+        self.lean_loss = lean_loss  # score only masked positions (same values, less memory)
 
     # ---- time and forward process -------------------------------------------------
     def sample_t(self, n: int, device: torch.device, generator=None, rows: Rows = None) -> Tensor:
@@ -163,6 +265,11 @@ class AbsorbingDiffusion(Objective):
         """(B, L) weighted per-token NELBO terms from the processed model output."""
         raise NotImplementedError
 
+    def nll_masked(self, logits: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """(N,) the same terms at N masked positions from their (N, V) logits, x0 (N,) and the
+        time of their row (N,); the lean loss (unmasked positions contribute exactly 0)."""
+        raise NotImplementedError
+
     # ---- the loss -----------------------------------------------------------------
     def loss(
         self,
@@ -184,6 +291,14 @@ class AbsorbingDiffusion(Objective):
         x_t = self.q_xt(
             x0, move, generator, noisable=scored if loss_mask is not None else None, rows=rows
         )
-        logits = backbone(x_t, self.backbone_sigma(t, x_t), attention_mask)
-        nll = self.nll_per_token(self.model_output(logits, x_t, t), x0, x_t, t)
-        return LossOutput(nll=nll, mask=scored.to(nll.dtype))
+        sigma = self.backbone_sigma(t, x_t)
+        if self.lean_loss:  # only masked, scored positions reach the head and the softmax
+            index = ((x_t == self.mask_id) & scored.bool()).flatten().nonzero().squeeze(1)  # (N,)
+            logits = score_logits(backbone, x_t, sigma, attention_mask, index)  # (N, V)
+            row = torch.div(index, x0.shape[1], rounding_mode="floor")
+            nll_n = self.nll_masked(logits, x0.flatten()[index], t[row])
+            nll = scatter_rows(nll_n, index, x0.shape)
+        else:
+            logits = backbone(x_t, sigma, attention_mask)
+            nll = self.nll_per_token(self.model_output(logits, x_t, t), x0, x_t, t)
+        return LossOutput(nll=nll, mask=scored.to(nll.dtype), targets=x0)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffusion.noise import NoiseSchedule
-from diffusion.objectives.base import AbsorbingDiffusion
+from diffusion.objectives.base import AbsorbingDiffusion, logsumexp_and_pick
 from diffusion.objectives.subs import subs_log_p_x0
 
 
@@ -35,15 +35,33 @@ class SEDD(AbsorbingDiffusion):
         T: int = 0,
         sampling_eps: float = 1e-3,
         antithetic: bool = True,
+        lean_loss: bool = True,
     ) -> None:
-        super().__init__(noise, mask_id, vocab_size, time_conditioning, T, sampling_eps, antithetic)
+        super().__init__(
+            noise,
+            mask_id,
+            vocab_size,
+            time_conditioning,
+            T,
+            sampling_eps,
+            antithetic,
+            lean_loss=lean_loss,
+        )
         if not time_conditioning:
             raise ValueError(
-                "parameterization=sedd predicts a score that depends on sigma and needs "
-                "time_conditioning=true"
+                "parameterization=sedd needs time_conditioning=true: it predicts a score that "
+                "depends on sigma"
             )
         if T != 0:
             raise ValueError(f"parameterization=sedd is continuous-time: set T=0 (got T={T})")
+
+    provides = frozenset({"absorbing", "log_score"})
+
+    def denoiser(self, backbone: nn.Module):
+        """A masked denoiser that also gives the network's own score (the analytic sampler)."""
+        from diffusion.denoiser import ScoreModelDenoiser
+
+        return ScoreModelDenoiser(backbone, self)
 
     def log_score(self, logits: Tensor, x_t: Tensor, sigma: Tensor) -> Tensor:
         """(B, L, V) logits, sigma (B,) -> (B, L, V) float32 log s_theta(x_t).
@@ -67,12 +85,15 @@ class SEDD(AbsorbingDiffusion):
     def score_entropy(self, log_score: Tensor, x0: Tensor, x_t: Tensor, sigma: Tensor) -> Tensor:
         """(B, L) denoising score entropy at masked positions (SEDD eq. 5), 0 elsewhere."""
         ratio = 1.0 / torch.expm1(sigma.float())[:, None]  # (B, 1) r = alpha_t / (1 - alpha_t)
-        mask_col = torch.tensor([self.mask_id], device=log_score.device)
-        positive = log_score.index_fill(-1, mask_col, -torch.inf).exp().sum(-1)  # sum_{v != m} s_v
+        masked = x_t == self.mask_id  # (B, L)
+        # exp only where masked: a large log score at a clean position (logit 95 at t = 0.01)
+        # overflows to inf, and inf * 0 would be NaN in the loss and its gradient
+        keep = log_score.masked_fill(~masked[..., None], -torch.inf)
+        keep = keep.index_fill(-1, torch.tensor([self.mask_id], device=keep.device), -torch.inf)
+        positive = keep.exp().sum(-1)  # sum_{v != m} s_v, 0 where unmasked
         negative = ratio * log_score.gather(-1, x0[..., None]).squeeze(-1)  # r log s_{x0}
         constant = ratio * (torch.log(ratio) - 1)  # K(r): makes the minimum exactly 0
-        masked = (x_t == self.mask_id).to(log_score.dtype)
-        return (positive - negative + constant) * masked
+        return torch.where(masked, positive - negative + constant, 0.0)
 
     def model_output(self, logits: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The log score (it needs sigma) in place of log p(x0 | x_t)."""
@@ -82,3 +103,15 @@ class SEDD(AbsorbingDiffusion):
         """(B, L) dsigma-weighted score entropy; `model_out` is the log score."""
         sigma, dsigma = self.noise.sigma(t), self.noise.dsigma(t)
         return dsigma.float()[:, None] * self.score_entropy(model_out, x0, x_t, sigma)
+
+    def nll_masked(self, logits: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """(N,) dsigma-weighted score entropy at masked positions from their (N, V) logits: the
+        sum of scores is exp(logsumexp over v != m of the logits - shift) (lean loss)."""
+        V = logits.shape[-1]
+        sigma, dsigma = self.noise.sigma(t).float(), self.noise.dsigma(t).float()  # (N,)
+        shift = torch.log(torch.expm1(sigma)) + math.log(V - 1)
+        lse, picked = logsumexp_and_pick(logits, x0[:, None], exclude=self.mask_id)
+        positive = torch.exp(lse - shift)
+        log_s_x0 = torch.where(x0 == self.mask_id, 0.0, picked[:, 0] - shift)  # x_t's own entry
+        ratio = 1.0 / torch.expm1(sigma)
+        return dsigma * (positive - ratio * log_s_x0 + ratio * (torch.log(ratio) - 1))

@@ -1,4 +1,4 @@
-"""Prompted generation (`python main.py mode=generate`): prompts in, answers out, and the live view.
+"""Prompted generation (`mode=generate`): prompts in, answers out, and the live view.
 
 A prompt becomes the sampler's clean prefix: one user turn and the assistant header under the
 tokenizer's chat template (`chat.prompt_ids`), or with `generate.chat_template=false` [BOS] and
@@ -10,6 +10,8 @@ unless the command line or an experiment picked one with `sampler=...`.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +26,14 @@ from rich.live import Live
 from rich.text import Text
 from torch import Tensor
 
-from config_utils import ConfigError, validate_config
+from diffusion.build import build_sampler
+from diffusion.checkpoint import load_weights
+from diffusion.config import ConfigError, validate_config
 from diffusion.data import chat
 from diffusion.data.tokenizers import encode_text
+from diffusion.evaluation.output import run_dir
 
+log = logging.getLogger("unmask")
 MASK_GLYPH = "░"  # what a masked position looks like in the live view
 
 
@@ -199,3 +205,32 @@ class LiveCanvas:
         self.live.__exit__(*exc)
         if not self.console.is_terminal:  # rich writes the last frame to a file without a newline
             self.console.line()
+
+
+def answer_prompts(cfg: DictConfig, dm: Any, module: Any) -> None:
+    """mode=generate: answer `generate.prompt` or each line of `generate.prompts_file` with the
+    prompt tokens held fixed; answers stop at the first EOS. Writes generations.jsonl."""
+    from rich.markup import escape
+    from rich.panel import Panel
+
+    from diffusion.evaluation.sampling import eval_device
+
+    gen, tokenizer, length = cfg.generate, dm.tokenizer, int(cfg.model.length)
+    prompts = read_prompts(gen)
+    prefixes = [encode_prompt(tokenizer, p, gen.chat_template) for p in prompts]
+    new = [answer_length(len(ids), length, gen.max_new_tokens, i) for i, ids in enumerate(prefixes)]
+    load_weights(module, cfg.eval.checkpoint_path, dm)
+    device = eval_device(cfg)
+    denoiser = module.to(device).denoiser()
+    sampler = build_sampler(sampler_config(cfg), tokenizer, stop_at_eos=True)
+    sampler.validate(denoiser)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.eval.sample_seed))
+    console = Console()
+    with open(run_dir() / "generations.jsonl", "w") as f:
+        for prompt, ids, n in zip(prompts, prefixes, new):
+            record = answer_prompt(
+                sampler, denoiser, tokenizer, ids, n, generator, gen.live, gen.live_delay, console
+            )
+            console.print(Panel(escape(record["answer"]), title=escape(prompt[:80]), expand=False))
+            f.write(json.dumps({"prompt": prompt, **record}) + "\n")
+    log.info("wrote %s", run_dir() / "generations.jsonl")

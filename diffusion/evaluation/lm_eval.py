@@ -4,7 +4,7 @@
         --model_args checkpoint=outputs/.../last.ckpt,mc_num=128 --tasks lambada_openai,piqa
 
 The checkpoint's own config (`unmask_config`) rebuilds the tokenizer, backbone and objective
-through main.py's builders, so no overrides are needed. What each request type computes:
+through `diffusion/build.py`, so no overrides are needed. What each request type computes:
 
 - `loglikelihood(context, continuation)`: the row is [BOS] context continuation, cut on the
   left to the model length (the continuation is kept). Diffusion objectives: the Monte-Carlo
@@ -35,13 +35,12 @@ longer a bound; SMDM uses it to rank choices. `loglikelihood_rolling` is never g
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from hydra.utils import instantiate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows
@@ -49,20 +48,15 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from diffusion.denoiser import ModelDenoiser
+from diffusion.build import build_sampler, module_from_checkpoint
 
 log = logging.getLogger("unmask")
-SAMPLER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sampler"
+SAMPLER_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sampler"
 
 
 def load_checkpoint(path: str | Path) -> tuple[Any, Any, Any]:
-    """(saved config, data module, module with the checkpoint's weights) from a .ckpt of ours.
-
-    main.py's own `module_from_checkpoint`, which its `build_judge` uses too (imported at call
-    time, so main.py stays the entry point).
-    """
-    from diffusion.build import module_from_checkpoint
-
+    """(saved config, data module, module with the checkpoint's weights) from a .ckpt of ours,
+    through the builder the judges use too."""
     return module_from_checkpoint(path, "checkpoint")
 
 
@@ -136,37 +130,16 @@ class UnmaskLM(LM):
         self.module.to(self._device)
         self.denoiser = self.module.denoiser()  # EMA weights, eval mode
         self.objective = self.module.objective
-        self.autoregressive = bool(self.denoiser.autoregressive)
+        self.autoregressive = "next_token" in self.denoiser.capabilities
         if self.autoregressive and self.cfg_scale > 0:
             raise ValueError(f"cfg_scale={cfg_scale}: guidance needs a diffusion checkpoint")
-        self.sampler = self._build_sampler(
-            sampler or ("ar" if self.autoregressive else "confidence"), sampler_overrides
-        )
+        name = sampler or ("ar" if self.autoregressive else "confidence")
+        self.sampler = lm_eval_sampler(name, sampler_overrides, self.cfg_scale, self.tokenizer)
+        self.sampler.validate(self.denoiser)
         self.bos_id = self.tokenizer.bos_token_id
         self.eos_id = self.tokenizer.eos_token_id
 
     # ---- parts -------------------------------------------------------------------------------
-    def _build_sampler(self, name: str, overrides: dict[str, Any]):
-        path = SAMPLER_CONFIGS / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in SAMPLER_CONFIGS.glob("*.yaml"))
-            raise ValueError(f"sampler={name!r}: no {path}; choose one of {known}")
-        cfg = OmegaConf.load(path)
-        unknown = [k for k in overrides if k not in cfg]
-        if unknown:
-            raise ValueError(
-                f"unknown model_args {unknown}: not a key of the UnmaskLM constructor nor of "
-                f"{path} ({sorted(k for k in cfg if k != '_target_')})"
-            )
-        cfg = OmegaConf.merge(cfg, {k: _literal(v) for k, v in overrides.items()})
-        if "cfg_scale" in cfg and "cfg_scale" not in overrides:
-            cfg.cfg_scale = self.cfg_scale
-        sampler = instantiate(cfg)
-        if getattr(sampler, "eos_id", 0) is None:  # stop once every sample produced EOS
-            sampler.eos_id = self.tokenizer.eos_token_id
-        sampler.validate(self.denoiser)
-        return sampler
-
     def _backbone(self, n_context: int, cfg_scale: float) -> nn.Module:
         backbone = self.module.eval_backbone
         if cfg_scale > 0:
@@ -181,16 +154,7 @@ class UnmaskLM(LM):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Context and continuation ids, split from the encoding of the whole string (so merges
-        across the boundary match training); trailing context spaces move to the continuation."""
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.tok_encode(context + continuation)
-        n_context = len(self.tok_encode(context))
-        if n_context >= len(whole):  # the boundary merged away: fall back to separate encodings
-            return self.tok_encode(context), self.tok_encode(continuation)
-        return whole[:n_context], whole[n_context:]
+        return encode_pair(self.tok_encode, context, continuation)
 
     def with_bos(self, ids: list[int]) -> list[int]:
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
@@ -245,7 +209,7 @@ class UnmaskLM(LM):
         row, n_context = self.fit_row(context, continuation)
         x_t = row.to(self._device)[None].clone()
         x_t[:, n_context:] = self.denoiser.mask_id
-        denoiser = ModelDenoiser(self._backbone(n_context, self.cfg_scale), self.objective)
+        denoiser = self.objective.denoiser(self._backbone(n_context, self.cfg_scale))
         log_p = denoiser.log_p_x0(x_t, torch.ones(1, device=x_t.device))  # (1, n, V), t = 1
         guess = log_p[0, n_context:].argmax(-1).cpu()  # (m,)
         return bool((guess == row[n_context:]).all())
@@ -373,6 +337,42 @@ class UnmaskLM(LM):
     @property
     def eot_token_id(self) -> int | None:
         return self.eos_id
+
+
+def encode_pair(
+    encode: Callable[[str], list[int]], context: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    """Context and continuation ids, split from the encoding of the whole string (so merges
+    across the boundary match training); trailing context spaces move to the continuation."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode(context + continuation)
+    n_context = len(encode(context))
+    if n_context >= len(whole):  # the boundary merged away: fall back to separate encodings
+        return encode(context), encode(continuation)
+    return whole[:n_context], whole[n_context:]
+
+
+def lm_eval_sampler(name: str, overrides: dict[str, Any], cfg_scale: float, tokenizer: Any):
+    """configs/sampler/`name`.yaml with the model_args that override its keys (and the
+    model's `cfg_scale` unless one is given), built with the tokenizer's special tokens;
+    answers stop at EOS."""
+    path = SAMPLER_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SAMPLER_CONFIGS.glob("*.yaml"))
+        raise ValueError(f"sampler={name!r}: no {path}; choose one of {known}")
+    cfg = OmegaConf.load(path)
+    unknown = [k for k in overrides if k not in cfg]
+    if unknown:
+        raise ValueError(
+            f"unknown model_args {unknown}: not a key of the UnmaskLM constructor nor of "
+            f"{path} ({sorted(k for k in cfg if k != '_target_')})"
+        )
+    cfg = OmegaConf.merge(cfg, {k: _literal(v) for k, v in overrides.items()})
+    if "cfg_scale" in cfg and "cfg_scale" not in overrides:
+        cfg.cfg_scale = cfg_scale
+    return build_sampler(cfg, tokenizer, stop_at_eos=True)
 
 
 def pick_device(device: str | None) -> torch.device:

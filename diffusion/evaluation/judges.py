@@ -3,13 +3,21 @@
 Generative perplexity alone flatters low-temperature samplers, so it is always
 reported with the mean per-sample entropy of the token histogram (MDLM/DUO).
 The judge is a causal LM loaded once per run by Hugging Face name or local path
-(`gpt2-large` for real runs); text is re-tokenised with the judge's tokenizer.
+(`gpt2-large` for real runs), or an AR checkpoint of ours; text is re-tokenised with the
+judge's tokenizer.
+
+What the judge sees (`judge_texts`): each sample's tokens with our special tokens removed
+(they are not text: decoded they read '[BOS]to be[EOS]...'), and with MDLM's EOS convention
+(`eval.gen_ppl_until_eos=true`, the default) only the text up to the first EOS, which the
+judge then scores as its own EOS token: the sample ends there. `false` judges every
+non-special token of the sample.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,15 +33,52 @@ def sample_entropy(tokens: Tensor) -> float:
     return sum(entropies) / max(len(entropies), 1)
 
 
-def judge_windows(tokenizer, texts: Sequence[str], bos: int | None, length: int) -> list[list[int]]:
-    """Re-tokenise `texts` with the judge's tokenizer, prefix BOS, cut into windows of `length`
-    that overlap by one token (so every token after the first is scored exactly once)."""
+def judge_texts(
+    tokens: Tensor, tokenizer: Any, until_eos: bool = True
+) -> tuple[list[str], list[bool]]:
+    """(texts, ended): what the judge scores of each sample row (B, L) of our ids.
+
+    Leading BOS tokens are skipped (GPT-2's BOS is its EOS); with `until_eos` the row is cut
+    at the first EOS after them and `ended` says one was there; every special token of the
+    tokenizer (BOS, EOS, PAD, MASK, ...) is then dropped, and the rest decoded.
+    """
+    special = set(tokenizer.all_special_ids)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if tokenizer.mask_token_id is None:
+        special.add(len(tokenizer))  # MDLM's [MASK] appended after the vocabulary
+    texts, ended = [], []
+    for row in tokens.tolist():
+        start = 0
+        while start < len(row) and row[start] == bos:
+            start += 1
+        row = row[start:]
+        cut = until_eos and eos is not None and eos in row
+        if cut:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode([t for t in row if t not in special]))
+        ended.append(cut)
+    return texts, ended
+
+
+def judge_windows(
+    tokenizer,
+    texts: Sequence[str],
+    bos: int | None,
+    length: int,
+    eos: int | None = None,
+    ended: Sequence[bool] | None = None,
+) -> list[list[int]]:
+    """Re-tokenise `texts` with the judge's tokenizer, prefix BOS, append the judge's `eos`
+    to the texts that `ended`, and cut into windows of `length` that overlap by one token
+    (so every token after the first is scored exactly once)."""
     rows = []
-    for text in texts:
+    for i, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = [bos, *ids] if bos is not None else ids
-        for i in range(0, max(len(ids) - 1, 1), length - 1):
-            window = ids[i : i + length]
+        if ended is not None and ended[i] and eos is not None:
+            ids = [*ids, eos]
+        for j in range(0, max(len(ids) - 1, 1), length - 1):
+            window = ids[j : j + length]
             if len(window) > 1:
                 rows.append(window)
     return rows
@@ -61,15 +106,17 @@ class GenPPLJudge:
         self.device = device
         self.batch_size = batch_size
         self.max_length = int(getattr(self.model.config, "n_positions", 0) or 1024)
+        self.eos = self.tokenizer.eos_token_id
         self.bos = self.tokenizer.bos_token_id
         if self.bos is None:
-            self.bos = self.tokenizer.eos_token_id
+            self.bos = self.eos
 
     @torch.no_grad()
-    def score(self, texts: Sequence[str]) -> dict[str, float]:
-        """Generative perplexity of `texts`; each is scored after a BOS token, in windows."""
+    def score(self, texts: Sequence[str], ended: Sequence[bool] | None = None) -> dict[str, float]:
+        """Generative perplexity of `texts`; each is scored after a BOS token, in windows, with
+        the judge's EOS scored after the texts that `ended`."""
         nll_sum, n_tokens = 0.0, 0
-        rows = judge_windows(self.tokenizer, texts, self.bos, self.max_length)
+        rows = judge_windows(self.tokenizer, texts, self.bos, self.max_length, self.eos, ended)
         for i in range(0, len(rows), self.batch_size):
             batch = rows[i : i + self.batch_size]
             width = max(len(r) for r in batch)
@@ -103,8 +150,9 @@ class ModelJudge:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def score(self, texts: Sequence[str]) -> dict[str, float]:
-        rows = judge_windows(self.tokenizer, texts, self.tokenizer.bos_token_id, self.length)
+    def score(self, texts: Sequence[str], ended: Sequence[bool] | None = None) -> dict[str, float]:
+        tok = self.tokenizer
+        rows = judge_windows(tok, texts, tok.bos_token_id, self.length, tok.eos_token_id, ended)
         device = next(self.backbone.parameters()).device
         nll_sum, n_tokens = 0.0, 0
         for i in range(0, len(rows), self.batch_size):
@@ -119,3 +167,26 @@ class ModelJudge:
             n_tokens += int(out.mask.sum())
         ppl = math.exp(nll_sum / n_tokens) if n_tokens else float("nan")
         return {"gen_ppl": ppl, "gen_ppl_tokens": n_tokens}
+
+
+def build_judge(cfg: Any, device: torch.device) -> GenPPLJudge | ModelJudge:
+    """The generative-perplexity judge: a Hugging Face causal LM, or an AR checkpoint of ours."""
+    from diffusion.build import module_from_checkpoint
+    from diffusion.config import ConfigError
+
+    name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
+    if not name.endswith(".ckpt"):
+        return GenPPLJudge(name, device=device, batch_size=cfg.eval.gen_ppl_batch_size)
+    saved, judge_dm, judge = module_from_checkpoint(name, "eval.gen_ppl_eval_model_name_or_path")
+    if not judge.objective.exact_likelihood:
+        raise ConfigError(
+            f"eval.gen_ppl_eval_model_name_or_path={name} is not an AR checkpoint: a judge must "
+            "give exact likelihoods (train one with experiment=ar_shakespeare)"
+        )
+    return ModelJudge(
+        judge.eval_backbone.to(device),
+        judge.objective,
+        judge_dm.tokenizer,
+        length=int(saved.model.length),
+        batch_size=cfg.eval.gen_ppl_batch_size,
+    )

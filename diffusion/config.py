@@ -1,0 +1,277 @@
+"""Config rules: the pure OmegaConf resolvers, `ConfigError` and `validate_config`.
+
+main.py (and every other entry point) calls `validate_config` before building anything.
+Rules that span config groups are capabilities, not names: each part class declares what it
+provides or requires (objectives: `provides`, `exact_likelihood`, `requires_causal_backbone`;
+samplers: `requires` / `requirements(settings)`; backbones: `accepts_sigma`,
+`supports_span_cache`, the instance flag `causal`, and optionally `tokenizer_key`, the config
+key naming the pretrained tokenizer the data must use), and `check_capabilities` compares them,
+resolving each class from its `_target_` with Hydra before anything is built. A new
+sampler, objective or backbone is one class + one yaml; nothing here names one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from samplers.base import CapabilityError, model_capabilities
+from samplers.base import check_capabilities as check_sampler
+
+MODES = ("train", "ppl_eval", "sample_eval", "generate")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the keys at fault."""
+
+
+# ---- resolvers ---------------------------------------------------------------------------------
+def div_up(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def mul(a: int, b: int) -> int:
+    return int(a) * int(b)
+
+
+def any_of(*flags: bool) -> bool:
+    """`${any:a,b}`: true when any flag is."""
+    return any(bool(f) for f in flags)
+
+
+def accepts_sigma(target: str) -> bool:
+    """`${accepts_sigma:${backbone._target_}}`: whether that backbone class embeds a
+    conditioning vector (the default of the objectives' `mask_conditioning`)."""
+    return bool(part_class(str(target), "backbone._target_").accepts_sigma)
+
+
+def register_resolvers() -> None:
+    """Register `${div_up:a,b}`, `${mul:a,b}`, `${any:a,b}` and `${accepts_sigma:target}`
+    (pure functions, no eval)."""
+    for name, fn in (
+        ("div_up", div_up),
+        ("mul", mul),
+        ("any", any_of),
+        ("accepts_sigma", accepts_sigma),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+# ---- validation --------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError with one clear message for any config that cannot run."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.mode in ("ppl_eval", "sample_eval", "generate") and not cfg.eval.checkpoint_path:
+        raise ConfigError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoint.ckpt")
+    validate_settings(cfg)
+    check_parts(cfg)
+
+
+def validate_settings(cfg: DictConfig) -> None:
+    """Per-setting rules (ranges, types, derived batch sizes): one key at a time."""
+    check_values(cfg)  # types and ranges first: the derived sizes below divide by them
+    if cfg.T < 0:
+        raise ConfigError(f"T={cfg.T}: use T=0 (continuous time) or a positive number of steps")
+    if cfg.model.length < 1:
+        raise ConfigError(f"model.length={cfg.model.length} must be positive")
+    world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+    per_step = int(cfg.loader.batch_size) * world * int(cfg.trainer.accumulate_grad_batches)
+    if per_step != int(cfg.loader.global_batch_size):
+        raise ConfigError(
+            f"loader.global_batch_size={cfg.loader.global_batch_size} is not "
+            f"loader.batch_size ({cfg.loader.batch_size}) x devices x nodes ({world}) x "
+            f"trainer.accumulate_grad_batches ({cfg.trainer.accumulate_grad_batches}); "
+            "choose a global batch divisible by the per-device batch"
+        )
+    if cfg.eval.mc_samples < 1:
+        raise ConfigError(f"eval.mc_samples={cfg.eval.mc_samples} must be at least 1")
+
+
+# key: (minimum, None allowed); integers. Keys a config does not have are skipped.
+INT_SETTINGS: dict[str, tuple[int | None, bool]] = {
+    "seed": (None, False),
+    "T": (0, False),
+    "model.length": (1, False),
+    "loader.global_batch_size": (1, False),
+    "loader.eval_batch_size": (1, False),
+    "loader.num_workers": (0, False),
+    "trainer.devices": (1, False),
+    "trainer.num_nodes": (1, False),
+    "trainer.max_steps": (-1, False),
+    "trainer.log_every_n_steps": (1, False),
+    "checkpointing.every_n_train_steps": (0, False),
+    "eval.mc_samples": (1, False),
+    "eval.max_batches": (1, True),
+    "eval.samples_after_train": (0, False),
+    "eval.gen_ppl_batch_size": (1, False),
+    "eval.sample_seed": (None, False),
+    "generate.max_new_tokens": (1, True),
+    "sampler.num_samples": (1, False),
+    "sampler.batch_size": (1, True),
+    "sampler.steps": (1, True),
+    "sampler.top_k": (0, True),
+    "sampler.block_size": (1, True),
+    "sampler.block_length": (1, True),
+    "sampler.stride_length": (1, True),
+    "sampler.num_strides": (0, True),
+    "sampler.max_length": (1, True),
+}
+# key: (low, low inclusive, high, None allowed); real numbers.
+FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool]] = {
+    "sampler.temperature": (0.0, True, None, False),
+    "sampler.top_p": (0.0, False, 1.0, True),
+    "sampler.cfg_scale": (0.0, True, None, False),
+    "trainer.gradient_clip_val": (0.0, True, None, True),
+    "generate.live_delay": (0.0, True, None, False),
+}
+_UNSET = object()
+
+
+def _setting(cfg: DictConfig, key: str) -> Any:
+    """The value of `key` (resolved), _UNSET when the config has no such key."""
+    try:
+        return OmegaConf.select(cfg, key, default=_UNSET)
+    except Exception as err:  # an interpolation that cannot resolve
+        raise ConfigError(f"{key} cannot be resolved: {err}") from None
+
+
+def _derived(cfg: DictConfig, key: str) -> bool:
+    """`key` is an interpolation (derived from other keys)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every integer and real setting has its type and range (INT_SETTINGS, FLOAT_SETTINGS),
+    checked on the raw keys before anything derived from them (the per-device batch divides
+    the global one) is read: `loader.global_batch_size=0`, `trainer.max_steps=abc` or
+    `sampler.top_p=0` fail here, naming the key, in the first second of any mode."""
+    ints = sorted(INT_SETTINGS.items(), key=lambda item: _derived(cfg, item[0]))
+    for key, (low, nullable) in ints:  # the keys a user sets before those derived from them
+        value = _setting(cfg, key)
+        if value is _UNSET or (value is None and nullable):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer" + (" or null" * nullable))
+        if low is not None and value < low:
+            raise ConfigError(f"{key}={value} must be at least {low}")
+    for key, (low, low_in, high, nullable) in FLOAT_SETTINGS.items():
+        value = _setting(cfg, key)
+        if value is _UNSET or (value is None and nullable):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number" + (" or null" * nullable))
+        if value < low or (value == low and not low_in) or (high is not None and value > high):
+            lower = f"{'>=' if low_in else '>'} {low}"
+            raise ConfigError(
+                f"{key}={value} must be {lower}" + (f" and <= {high}" if high is not None else "")
+            )
+
+
+def part_class(target: str, key: str) -> type:
+    """The class a `_target_` names, or a ConfigError naming `key`."""
+    try:
+        return get_class(target)
+    except Exception as err:  # ImportError, AttributeError, Hydra's wrappers
+        raise ConfigError(f"{key}={target} cannot be imported ({err})") from err
+
+
+def option(cfg: DictConfig, group: str, cls: type) -> str:
+    """The option name the user chose for `group` (Hydra's choice), else the class name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    return cls.__name__.lower()
+
+
+def check_parts(cfg: DictConfig) -> None:
+    """Resolve the objective, sampler and backbone classes; let the cheap parts check their
+    own settings (the objective and the sampler are built once with placeholder sizes, so
+    their constructors' messages apply before any data or weights are touched); then
+    compare capabilities."""
+    objective_cls = part_class(cfg.parameterization._target_, "parameterization._target_")
+    sampler_cls = part_class(cfg.sampler._target_, "sampler._target_")
+    backbone_cls = part_class(cfg.backbone._target_, "backbone._target_")
+    try:
+        instantiate(cfg.parameterization, noise=instantiate(cfg.noise), mask_id=1, vocab_size=2)
+        instantiate(cfg.sampler)
+    except ValueError as err:  # the part's own message names its keys
+        raise ConfigError(str(err)) from err
+    except Exception as err:  # Hydra wraps constructor errors in InstantiationException
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
+        if cause is None:
+            raise
+        raise ConfigError(str(cause)) from err
+    check_capabilities(objective_cls, sampler_cls, backbone_cls, cfg)
+
+
+def check_capabilities(
+    objective_cls: type, sampler_cls: type, backbone_cls: type, cfg: DictConfig
+) -> None:
+    """The capability rule: does the backbone fit the objective, and the sampler the model?
+
+    Reads only the parts' declared capabilities and their own config nodes.
+    """
+    objective = f"parameterization={option(cfg, 'parameterization', objective_cls)}"
+    backbone = f"backbone={option(cfg, 'backbone', backbone_cls)}"
+    params = cfg.parameterization
+    time_conditioned = bool(params.get("time_conditioning", False))
+    if cfg.get("time_conditioning") and "time_conditioning" not in params:
+        raise ConfigError(f"{objective} has no noise level: set time_conditioning=false")
+    causal = bool(cfg.backbone.get("causal", False))  # the instance flag, as configured
+    if objective_cls.requires_causal_backbone and not causal:
+        raise ConfigError(
+            f"{objective} needs a causal backbone: set backbone.causal=true "
+            "(the recipes experiment=ar_lm1b / ar_owt / ar_shakespeare do)"
+        )
+    if not backbone_cls.accepts_sigma:
+        for key, on in (
+            ("time_conditioning", time_conditioned),
+            ("parameterization.mask_conditioning", bool(params.get("mask_conditioning", False))),
+        ):
+            if on:
+                raise ConfigError(f"{backbone} ignores sigma; set {key}=false")
+    key = getattr(backbone_cls, "tokenizer_key", None)  # optional: only pretrained models set it
+    if key is not None and str(cfg.data.get("tokenizer")) != str(cfg.backbone.get(key)):
+        raise ConfigError(
+            f"backbone.{key}={cfg.backbone.get(key)} needs its own tokenizer: set "
+            f"data.tokenizer={cfg.backbone.get(key)} (now {cfg.data.get('tokenizer')})"
+        )
+    provides = model_capabilities(objective_cls.provides, time_conditioned)
+    try:
+        check_sampler(
+            option(cfg, "sampler", sampler_cls),
+            sampler_cls.requirements(cfg.sampler),
+            provides,
+            model=objective,
+            instead=sampler_options(provides),
+        )
+    except CapabilityError as err:
+        raise ConfigError(str(err)) from err
+
+
+def sampler_options(provides: Iterable[str], folder: Path = CONFIGS / "sampler") -> list[str]:
+    """The sampler options in `folder` whose requirements (with their yaml defaults) a model
+    providing `provides` meets: what an error message suggests instead."""
+    have = set(provides)
+    names = []
+    for path in sorted(folder.glob("*.yaml")):
+        node: Any = OmegaConf.load(path)
+        try:
+            cls = get_class(str(node._target_))
+        except Exception:  # an option that does not import is not a suggestion
+            continue
+        if cls.requirements(node) <= have:
+            names.append(path.stem)
+    return names

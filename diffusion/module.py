@@ -93,7 +93,7 @@ class DiffusionModule(L.LightningModule):
     def denoiser(self) -> ModelDenoiser:
         """The denoiser samplers call (EMA weights, eval mode)."""
         self.eval_backbone.eval()
-        return ModelDenoiser(self.eval_backbone, self.objective)
+        return self.objective.denoiser(self.eval_backbone)  # the objective's choice of denoiser
 
     # ---- training -----------------------------------------------------------------------
     def step_generator(self) -> torch.Generator:
@@ -135,6 +135,9 @@ class DiffusionModule(L.LightningModule):
         set_step = getattr(self.backbone, "set_training_step", None)
         if set_step is not None:  # backbones with a schedule of their own (attention annealing)
             set_step(self.global_step)
+        set_objective_step = getattr(self.objective, "set_training_step", None)
+        if set_objective_step is not None:  # DUO's curriculum, distillation's teacher rounds
+            set_objective_step(self.global_step)
         generator = self.step_generator()
         keep = self.crop_length(x0.shape[1], generator)
         if keep < x0.shape[1]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.formats import diffugpt, dream, llada, mdlm_hf, mdlm_lightning, smdm
+from models.formats import diffugpt, dream, llada, mdlm_hf, mdlm_lightning, modernbert_ldm, smdm
 from models.formats.common import FormatError
 
 # format name -> module with detect(path) and load(path, use_ema, overrides)
@@ -27,6 +27,7 @@ FORMATS: dict[str, Any] = {
     llada.NAME: llada,
     dream.NAME: dream,
     diffugpt.NAME: diffugpt,
+    modernbert_ldm.NAME: modernbert_ldm,
 }
 OURS = "unmask"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]

@@ -1,0 +1,167 @@
+"""The ModernBERT LDM's bare model.safetensors (resized for chat tokens) loads into hf_mlm.
+
+A tiny base ModernBERT folder (config, weights, tokenizer) stands in for
+answerdotai/ModernBERT-large; the "release" is a state dict of the same model resized by two
+added tokens, saved without config.json as the LDM's training scripts do (decoder weight tied,
+one name kept). Logits of the converted module are compared with a ModernBERT forward written
+here from its description (embedding LayerNorm, pre-norm blocks with no norm before layer 0's
+attention, packed Wqkv, rotary with the global/local thetas, GeGLU-style Wi split with GELU,
+head dense -> GELU -> LayerNorm, tied decoder with bias; biases and LayerNorm biases off).
+Negative twin: q and k exchanged inside Wqkv.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from models.formats import FormatError, detect_format, load_checkpoint
+
+C, N, H, HID = 16, 2, 2, 24
+D = C // H
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(base folder, tokenizer folder with two added chat tokens, vocab sizes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("modernbert_base")
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    bpe.train_from_iterator(
+        ["a tiny corpus of words"] * 20, trainers.BpeTrainer(vocab_size=60, special_tokens=specials)
+    )
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
+    tok.save_pretrained(folder)
+    config = transformers.ModernBertConfig(
+        vocab_size=len(tok), hidden_size=C, intermediate_size=HID, num_hidden_layers=N,
+        num_attention_heads=H, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+        cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ModernBertForMaskedLM(config).save_pretrained(folder)
+    chat = tmp_path_factory.mktemp("ldm_tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    tok.save_pretrained(chat)
+    return folder, chat, len(tok), tok.mask_token_id
+
+
+def ldm_params(V: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    p = {
+        "model.embeddings.tok_embeddings.weight": r(V, C),
+        "model.embeddings.norm.weight": 1 + r(C),
+    }
+    for i in range(N):
+        b = f"model.layers.{i}."
+        if i > 0:
+            p[b + "attn_norm.weight"] = 1 + r(C)
+        p |= {b + "attn.Wqkv.weight": r(3 * C, C), b + "attn.Wo.weight": r(C, C)}
+        p |= {
+            b + "mlp_norm.weight": 1 + r(C),
+            b + "mlp.Wi.weight": r(2 * HID, C),
+            b + "mlp.Wo.weight": r(C, HID),
+        }
+    p |= {
+        "model.final_norm.weight": 1 + r(C),
+        "head.dense.weight": r(C, C),
+        "head.norm.weight": 1 + r(C),
+    }
+    p["decoder.bias"] = r(V)
+    return p
+
+
+def reference_logits(p, x):
+    p = {k: v.double() for k, v in p.items()}
+    B, L = x.shape
+
+    def ln(h, name):
+        return F.layer_norm(h, (C,), p[name], None, 1e-5)
+
+    def rope(t, theta):  # (B, H, L, D)
+        inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+        ang = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        a, b = t[..., : D // 2], t[..., D // 2 :]
+        return t * cos + torch.cat([-b, a], -1) * sin
+
+    h = ln(p["model.embeddings.tok_embeddings.weight"][x], "model.embeddings.norm.weight")
+    for i in range(N):
+        b = f"model.layers.{i}."
+        theta = 160000.0 if i % 3 == 0 else 10000.0  # every third layer global (0, 3, ...)
+        a = h if i == 0 else ln(h, b + "attn_norm.weight")
+        qkv = (a @ p[b + "attn.Wqkv.weight"].T).view(B, L, 3, H, D)
+        q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
+        q, k = rope(q, theta), rope(k, theta)  # L < the local window: local = global attention
+        att = ((q @ k.transpose(-1, -2)) / math.sqrt(D)).softmax(-1) @ v
+        h = h + att.transpose(1, 2).reshape(B, L, C) @ p[b + "attn.Wo.weight"].T
+        inp, gate = (ln(h, b + "mlp_norm.weight") @ p[b + "mlp.Wi.weight"].T).chunk(2, -1)
+        h = h + (F.gelu(inp) * gate) @ p[b + "mlp.Wo.weight"].T
+    h = ln(h, "model.final_norm.weight")
+    h = ln(F.gelu(h @ p["head.dense.weight"].T), "head.norm.weight")
+    return h @ p["model.embeddings.tok_embeddings.weight"].T + p["decoder.bias"]
+
+
+def converted_logits(ckpt, x, V, mask):
+    from diffusion.build import build_module
+
+    class Vocab:
+        vocab_size, mask_id = V, mask
+
+    module = build_module(OmegaConf.create(ckpt["unmask_config"]), Vocab())
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    with torch.no_grad():
+        return module.eval_backbone.eval()(x, None, None).double()
+
+
+def write(folder: Path, params) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in params.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_modernbert_ldm_parity_and_errors(base, tmp_path):
+    base_dir, tok_dir, V, mask = base
+    p = ldm_params(V)
+    folder = write(tmp_path / "final_model", p)
+    assert detect_format(folder) == "modernbert_ldm"
+    ov = [f"backbone.pretrained={base_dir}", f"data.tokenizer={tok_dir}"]
+    ckpt = load_checkpoint(str(folder), overrides=ov)
+    assert ckpt["unmask_config"]["data"]["tokenizer"] == str(tok_dir)
+    x = torch.tensor([[2, 7, mask, 9, mask, V - 1, 3, 0], [mask] * 8])
+    want = reference_logits(p, x)
+    torch.testing.assert_close(converted_logits(ckpt, x, V, mask), want, atol=1e-5, rtol=1e-5)
+    qk = dict(p)
+    for i in range(N):
+        w = p[f"model.layers.{i}.attn.Wqkv.weight"]
+        qk[f"model.layers.{i}.attn.Wqkv.weight"] = torch.cat([w[C : 2 * C], w[:C], w[2 * C :]])
+    bad = load_checkpoint(str(write(tmp_path / "twin", qk)), overrides=ov)
+    assert not torch.allclose(converted_logits(bad, x, V, mask), want, atol=1e-5, rtol=1e-5)
+    missing = dict(p)
+    del missing["model.layers.1.attn_norm.weight"]
+    with pytest.raises(FormatError, match=r"model\.layers\.1\.attn_norm\.weight.*missing"):
+        load_checkpoint(str(write(tmp_path / "m", missing)), "modernbert_ldm", overrides=ov)
+    extra = dict(p, **{"model.layers.0.attn_norm.weight": torch.ones(C)})
+    with pytest.raises(FormatError, match=r"unexpected.*layers\.0\.attn_norm"):
+        load_checkpoint(str(write(tmp_path / "e", extra)), "modernbert_ldm", overrides=ov)
+    wrong = dict(p, **{"head.dense.weight": torch.zeros(C, C + 1)})
+    with pytest.raises(FormatError, match=r"head\.dense\.weight.*shape"):
+        load_checkpoint(str(write(tmp_path / "s", wrong)), "modernbert_ldm", overrides=ov)
+    cut = write(tmp_path / "cut", p) / "model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:200])
+    with pytest.raises(FormatError, match="truncated"):
+        load_checkpoint(str(cut.parent), "modernbert_ldm", overrides=ov)

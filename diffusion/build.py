@@ -7,13 +7,14 @@ main.py, the lm-eval model, the judges, the scripts and the tests all build thro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from diffusion.checkpoint import (
@@ -23,13 +24,15 @@ from diffusion.checkpoint import (
     read_checkpoint,
     safe_config,
 )
+from diffusion.config import ConfigError
 from diffusion.flops import apply_flops_budget
 from diffusion.module import DiffusionModule
 from diffusion.objectives.base import Objective
 
 
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The configured data module, set up (tokenizer loaded, splits built)."""
+def build_datamodule(cfg: DictConfig, splits: Sequence[str] | None = None) -> L.LightningDataModule:
+    """The configured data module, set up: every split (training), or only `splits` (an
+    evaluation builds what it scores; `()`: the tokenizer alone)."""
     dm = instantiate(
         cfg.data,
         length=cfg.model.length,
@@ -38,8 +41,23 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
         num_workers=cfg.loader.num_workers,
         seed=cfg.seed,
     )
-    dm.setup()
+    if splits is None:
+        dm.setup()
+    elif splits:
+        dm.setup(only=list(splits))
+    else:
+        dm.setup_tokenizer()
     return dm
+
+
+def eval_splits(cfg: DictConfig) -> list[str] | None:
+    """The splits a mode scores: training builds all (None); ppl_eval its `eval.split` (none
+    for the zero-shot table, whose corpora are built apart); sampling needs only the tokenizer."""
+    if cfg.mode == "train":
+        return None
+    if cfg.mode == "ppl_eval" and not cfg.eval.get("datasets"):
+        return [str(cfg.eval.split)]
+    return []
 
 
 def build_backbone(cfg: DictConfig, vocab_size: int, objective: Objective) -> nn.Module:
@@ -140,8 +158,86 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
 def module_from_checkpoint(path: str | Path, key: str) -> tuple[DictConfig, Any, DiffusionModule]:
     """(saved config, data module, module with the weights) rebuilt from a .ckpt of ours by
     the config saved in it; `key` names the setting that gave the path, for errors."""
-    saved = safe_config(read_checkpoint(path), f"{key}={path}")  # allowed _target_s only
-    dm = build_datamodule(saved)
+    saved = safe_config(read_any_checkpoint(path), f"{key}={path}")  # allowed _target_s only
+    dm = build_datamodule(saved, splits=())  # the judge and lm-eval need only its tokenizer
     module = build_module(saved, dm)
     load_weights(module, path, dm)
     return saved, dm, module
+
+
+# ---- evaluation builds from the checkpoint -------------------------------------------------------
+# what a checkpoint defines: an evaluation takes these from it, and the command line may not
+# contradict them (except the keys below, which an evaluation may change)
+RUN_DEFINING = ("model", "backbone", "parameterization", "noise", "data", "T", "time_conditioning")
+EVAL_MAY_CHANGE = ("model.length", "data.cache_dir", "data.num_proc", "data.streaming")
+
+
+def read_any_checkpoint(path: str | Path, fmt: str | None = None) -> dict[str, Any]:
+    """A checkpoint of any supported format as a dict laid out like our .ckpt
+    ({"state_dict": ..., "unmask_config": ...}); `fmt` None: detected from the files."""
+    from models.formats import load_checkpoint
+
+    if fmt is None and str(path).endswith(".ckpt") and not Path(path).exists():
+        return read_checkpoint(path)  # our reader's "checkpoint not found: <path>"
+    return load_checkpoint(str(path), fmt)
+
+
+def command_line_baseline() -> DictConfig:
+    """The config of this job composed without its command line (inside Hydra's main), so
+    `eval_config` can tell what the user set from what the defaults set."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    return compose(HydraConfig.get().job.config_name, overrides=[])
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a resolved config node (a scalar is its own leaf)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
+    """The config an evaluation of `eval.checkpoint_path` runs with: the run-defining keys from
+    the checkpoint (its saved config, or a published format's metadata), everything else
+    (mode, eval, sampler, loader, trainer, ...) from `cfg`. `baseline` is the config composed
+    without the command line: a run-defining key where `cfg` differs from it was set by the user,
+    and must then equal the checkpoint's (or be one of EVAL_MAY_CHANGE); a sampler the user
+    did not choose is the checkpoint's."""
+    path = cfg.eval.checkpoint_path
+    where = f"eval.checkpoint_path={path}"
+    saved = safe_config(read_any_checkpoint(path, cfg.eval.get("checkpoint_format")), where)
+    ours = leaves(OmegaConf.to_container(cfg, resolve=True))
+    base = leaves(OmegaConf.to_container(baseline, resolve=True))
+    theirs = leaves(OmegaConf.to_container(saved, resolve=True))
+    given = {k for k in ours if ours[k] != base.get(k)}  # what the command line changed
+    run_keys = [k for k in given if k.split(".")[0] in RUN_DEFINING and k.split(".")[0] in saved]
+    clashes = [
+        f"{k}={ours[k]} (the checkpoint has {k}={theirs.get(k)})"
+        for k in sorted(run_keys, key=lambda k: (RUN_DEFINING.index(k.split(".")[0]), k))
+        if k not in EVAL_MAY_CHANGE and ours[k] != theirs.get(k)
+    ]
+    if clashes:
+        more = f"; and {len(clashes) - 6} more" if len(clashes) > 6 else ""
+        raise ConfigError(
+            f"{where} defines the model; the command line contradicts it: "
+            f"{'; '.join(clashes[:6])}{more}. Drop these overrides (evaluation rebuilds the "
+            "model from the checkpoint)"
+        )
+    out = cfg.copy()
+    with open_dict(out):
+        for key in RUN_DEFINING:
+            if key in saved:
+                out[key] = saved[key]
+        if "sampler" in saved and not any(k.startswith("sampler.") for k in given):
+            out.sampler = saved.sampler  # the sampler it was trained to be sampled with
+        for key in EVAL_MAY_CHANGE:
+            if key in given:
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)
+        if "model.length" in given and out.backbone.get("max_length") == saved.model.length:
+            out.backbone.max_length = out.model.length  # the yaml's ${model.length}
+    return out

@@ -41,3 +41,60 @@ def test_gen_ppl_matches_a_direct_computation(tiny_judge):
 def test_missing_judge_is_a_clear_error(tmp_path):
     with pytest.raises(JudgeLoadError, match="gen_ppl_eval_model_name_or_path"):
         GenPPLJudge(str(tmp_path / "no_such_model"))
+
+
+def word_tokenizer():
+    """A word-level tokenizer with our special tokens (ids 0-3), as a trained one has them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate([*specials, "to", "be", "or", "not"])}
+    wl = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wl.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=wl,
+        pad_token="[PAD]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        mask_token="[MASK]",
+    )
+
+
+def test_the_judge_never_sees_special_tokens_and_stops_at_the_first_eos(tiny_judge, monkeypatch):
+    """Samples read [BOS] to be [EOS] [BOS] or not: MDLM's convention judges 'to be' and then
+    the judge's EOS (the sample ended there); without it every word, never a '[BOS]' string."""
+    from omegaconf import OmegaConf
+
+    from diffusion.evaluation import judge_texts, sampling
+
+    tok = word_tokenizer()
+    bos, eos, pad, to, be, or_, not_ = 1, 2, 0, 4, 5, 6, 7
+    tokens = torch.tensor(
+        [[bos, to, be, eos, bos, or_, not_, pad], [bos, or_, not_, to, be, or_, not_, to]]
+    )
+    assert judge_texts(tokens, tok) == (["to be", "or not to be or not to"], [True, False])
+    assert judge_texts(tokens, tok, until_eos=False)[0] == [
+        "to be or not",
+        "or not to be or not to",
+    ]
+
+    seen = {}
+
+    class Recorder:
+        def score(self, texts, ended=None):
+            seen.update(texts=texts, ended=ended)
+            return {"gen_ppl": 1.0, "gen_ppl_tokens": 1}
+
+    monkeypatch.setattr(sampling, "build_judge", lambda cfg, device: Recorder())
+    dm = type("DM", (), {"tokenizer": tok})()
+    cfg = OmegaConf.create({"eval": {"gen_ppl_eval_model_name_or_path": "x"}})
+    sampling.judge(cfg, dm, tokens, torch.device("cpu"))
+    assert seen["texts"][0] == "to be" and seen["ended"] == [True, False]
+    assert not any("[" in t for t in seen["texts"])
+
+    # the judge scores its own EOS after a text that ended: one more token, at its log p
+    judge = GenPPLJudge(tiny_judge, batch_size=1)
+    plain, ended = judge.score(["to be"]), judge.score(["to be"], [True])
+    assert ended["gen_ppl_tokens"] == plain["gen_ppl_tokens"] + 1

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_hf_backbones import gpt2_dir, mlm_dir  # noqa: F401  (fixtures)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
@@ -82,7 +84,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "cannot read checkpoint" in proc.stderr
 
 
-def test_checkpoint_of_another_model_is_a_clear_error(trained, tmp_path):
+def test_a_model_key_contradicting_the_checkpoint_is_a_clear_error(trained, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
     proc = run_main(
         tmp_path,
@@ -91,7 +93,111 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained, tmp_path):
         "model.hidden_size=64",
         check=False,
     )
-    assert proc.returncode != 0 and "does not fit the configured model" in proc.stderr
+    assert proc.returncode != 0
+    assert "model.hidden_size=64 (the checkpoint has model.hidden_size=32)" in proc.stderr
+
+
+def run_plain(run_dir: Path, *overrides: str, env: dict | None = None, check: bool = True):
+    """main.py with only `overrides` (no debug preset): what a user types."""
+    cmd = [sys.executable, "main.py", f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+EVAL_KEYS = ["eval.max_batches=2", "loader.eval_batch_size=4"]  # evaluation keys, not the model's
+
+
+def test_evaluation_rebuilds_the_model_from_the_checkpoint(tmp_path):
+    """Trained with model.hidden_size=128: ppl_eval with no model override gives the NELBO of
+    the run with the training overrides repeated; model=small contradicts it, by name."""
+    train = ["debug=tiny_cpu", "model.hidden_size=128", "trainer.max_steps=2"]
+    run_plain(tmp_path / "train", *train, "eval.samples_after_train=0", "logger=none")
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    evaluate = ["mode=ppl_eval", f"eval.checkpoint_path={ckpt}", *EVAL_KEYS]
+    run_plain(tmp_path / "bare", *evaluate)
+    run_plain(tmp_path / "repeated", *evaluate, *train[:2])
+    bare, repeated = (
+        json.loads((tmp_path / d / "ppl_eval.json").read_text()) for d in ("bare", "repeated")
+    )
+    assert bare["nelbo"] == repeated["nelbo"] and bare["tokens"] == repeated["tokens"] > 0
+    proc = run_plain(tmp_path / "small", *evaluate, "model=small", check=False)
+    assert proc.returncode != 0
+    assert "model.hidden_size=768 (the checkpoint has model.hidden_size=128)" in proc.stderr
+    # sampling needs only the tokenizer: no split is built (nothing cached for it)
+    run_plain(
+        tmp_path / "sample",
+        "mode=sample_eval",
+        f"eval.checkpoint_path={ckpt}",
+        "sampler.num_samples=2",
+        "sampler.steps=4",
+        "eval.compute_generative_perplexity=false",
+    )
+    assert len((tmp_path / "sample" / "samples.jsonl").read_text().splitlines()) == 2
+
+
+ONE_SHOT = '''
+import torch
+from samplers.base import Sampler
+
+
+class OneShotSampler(Sampler):
+    """Unmask everything at once: the argmax of log p(x0 | x_t) at t = 1 (one network call)."""
+
+    name = "one_shot"
+    requires = frozenset({"absorbing"})
+
+    def _generate(self, model, x, generator, record):
+        log_p = model.log_p_x0(x, torch.ones(x.shape[0], device=x.device))
+        return torch.where(x == model.mask_id, log_p.argmax(-1), x)
+'''
+
+
+def test_a_new_sampler_is_one_class_and_one_yaml(trained, tmp_path):
+    """A sampler class and its yaml in a folder of their own, on Hydra's search path: main.py
+    validates it by its declared capabilities and samples with it; no file of ours changes."""
+    plugin = tmp_path / "plugin"
+    (plugin / "sampler").mkdir(parents=True)
+    (plugin / "one_shot_sampler.py").write_text(ONE_SHOT)
+    (plugin / "sampler" / "one_shot.yaml").write_text(
+        "_target_: one_shot_sampler.OneShotSampler\nnum_samples: 3\nbatch_size: 2\n"
+    )
+    env = {**ENV, "PYTHONPATH": f"{plugin}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    run_plain(
+        tmp_path / "run",
+        "mode=sample_eval",
+        f"eval.checkpoint_path={ckpt}",
+        f"hydra.searchpath=[file://{plugin}]",
+        "sampler=one_shot",
+        "eval.compute_generative_perplexity=false",
+        env=env,
+    )
+    report = json.loads((tmp_path / "run" / "sample_eval.json").read_text())
+    assert report["sampler"] == "OneShotSampler" and report["num_samples"] == 3
+    assert report["nfe"] == 1  # one call per batch
+    rows = [
+        json.loads(r)["tokens"]
+        for r in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 3 and all(len(r) == 32 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "folder"), [("hf_mlm", "mlm_dir"), ("hf_causal_bidirectional", "gpt2_dir")]
+)
+def test_hf_backbones_train_with_the_root_defaults(backbone, folder, request, tmp_path):
+    """No conditioning or tokenizer key to set: the objective's mask_conditioning is off for a
+    backbone that ignores sigma, and the data takes the pretrained model's tokenizer."""
+    path = request.getfixturevalue(folder)
+    run_main(tmp_path, f"backbone={backbone}", f"backbone.pretrained={path}", "model.length=16")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "ppl_eval.json").read_text())["tokens"] > 0
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

@@ -3,8 +3,10 @@
 It wires parts together and holds no sampler logic and no `if parameterization ==`.
 Validation and `ppl_eval` use the EMA weights and report the NELBO per token,
 accumulated in float64, and `ppl = exp(nelbo)` (an upper bound for diffusion
-objectives, exact for AR). Checkpoints carry the EMA, the config and the RNG
-state so a killed run resumes where it stopped.
+objectives, exact for AR), with `ppl_excl_bos` beside it (BOS tokens and each row's first
+position left out: the tokens an AR model scores). The EMA is updated after each optimizer
+step. Checkpoints carry the EMA, the config and the RNG state so a killed run resumes where
+it stopped.
 """
 
 from __future__ import annotations
@@ -25,26 +27,72 @@ from diffusion.ema import make_ema
 from diffusion.objectives.base import LossOutput, Objective
 
 
-class NLLMeter(nn.Module):
-    """Sums of NELBO and token counts in float64 (synced across processes)."""
+class Float64Sum(SumMetric):
+    """A float64 sum that stays float64 when the module around it is cast (Lightning's
+    `bf16-true` converts the whole LightningModule; a bf16 counter stops at 2^18 tokens).
+    Moves between devices as usual."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.nll = SumMetric().set_dtype(torch.float64)
-        self.tokens = SumMetric().set_dtype(torch.float64)
+        self.set_dtype(torch.float64)
 
-    def update(self, nll: Tensor, mask: Tensor) -> None:
-        self.nll.update((nll.double() * mask.double()).sum())
-        self.tokens.update(mask.double().sum())
+    def _apply(self, fn, exclude_state=""):  # type: ignore[override]
+        def device_only(t: Tensor) -> Tensor:
+            moved = fn(t)
+            if t.is_floating_point() and moved.dtype != torch.float64:
+                return t.to(device=moved.device, dtype=torch.float64)  # a move, never a cast down
+            return moved
+
+        this = super()._apply(device_only, exclude_state)
+        this._dtype = torch.float64
+        return this
+
+
+class NLLMeter(nn.Module):
+    """Sums of NELBO and token counts in float64 (synced across processes), twice: over every
+    scored token (`ppl`, MDLM's convention) and without each row's first position and BOS
+    tokens (`ppl_excl_bos`: the tokens an AR model scores, so AR and diffusion rows compare
+    on the same tokens)."""
+
+    def __init__(self, bos_id: int | None = None) -> None:
+        super().__init__()
+        self.bos_id = bos_id
+        self.nll, self.tokens = Float64Sum(), Float64Sum()
+        self.nll_excl, self.tokens_excl = Float64Sum(), Float64Sum()
+
+    def update(
+        self, nll: Tensor, mask: Tensor, targets: Tensor | None = None, offset: int = 0
+    ) -> None:
+        """nll, mask (B, L'); `targets` (B, L') the ids scored, column 0 at row position
+        `offset` (a LossOutput's fields)."""
+        nll, mask = nll.double(), mask.double()
+        self.nll.update((nll * mask).sum())
+        self.tokens.update(mask.sum())
+        keep = mask.clone()
+        if offset == 0:
+            keep[:, 0] = 0.0  # the first position: no prefix to predict it from
+        if targets is not None and self.bos_id is not None:
+            keep = keep * (targets != self.bos_id)
+        self.nll_excl.update((nll * keep).sum())
+        self.tokens_excl.update(keep.sum())
 
     def compute(self) -> dict[str, float]:
         nll_sum, tokens = float(self.nll.compute()), float(self.tokens.compute())
+        excl_sum, excl_tokens = float(self.nll_excl.compute()), float(self.tokens_excl.compute())
         nelbo = nll_sum / max(tokens, 1.0)
-        return {"nelbo": nelbo, "ppl": float(np.exp(nelbo)), "tokens": int(tokens)}
+        nelbo_excl = excl_sum / max(excl_tokens, 1.0)
+        return {
+            "nelbo": nelbo,
+            "ppl": float(np.exp(nelbo)),
+            "tokens": int(tokens),
+            "nelbo_excl_bos": nelbo_excl,
+            "ppl_excl_bos": float(np.exp(nelbo_excl)),
+            "tokens_excl_bos": int(excl_tokens),
+        }
 
     def reset(self) -> None:
-        self.nll.reset()
-        self.tokens.reset()
+        for metric in (self.nll, self.tokens, self.nll_excl, self.tokens_excl):
+            metric.reset()
 
 
 class DiffusionModule(L.LightningModule):
@@ -63,7 +111,10 @@ class DiffusionModule(L.LightningModule):
         loss_norm: str = "token",
         random_length_fraction: float = 0.0,
         seed: int = 0,
+        bos_id: int | None = None,
     ) -> None:
+        """`bos_id`: the tokenizer's BOS, left out of `ppl_excl_bos` (None: only each row's
+        first position is left out)."""
         super().__init__()
         self.backbone = backbone
         self.objective = objective
@@ -81,7 +132,7 @@ class DiffusionModule(L.LightningModule):
         self.loss_norm = loss_norm
         self.random_length_fraction = random_length_fraction
         self.seed = seed
-        self.val_meter = NLLMeter()
+        self.val_meter = NLLMeter(bos_id)
         self._rng_to_restore: dict | None = None
         self._last_step_time: float | None = None
 
@@ -161,8 +212,11 @@ class DiffusionModule(L.LightningModule):
         self._last_step_time = now
         return loss
 
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        # after optimizer.step and before any checkpoint callback: the EMA is in step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA of the weights it produced. (`on_before_zero_grad`
+        runs inside Lightning's closure, before backward and the step, so an EMA updated there
+        lags one step and never sees the final weights.) Checkpoints are written after this."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update_parameters(self.backbone)
 
@@ -204,12 +258,13 @@ class DiffusionModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.eval_nll(batch, self._gen)
-        self.val_meter.update(out.nll, out.mask)
+        self.val_meter.update(out.nll, out.mask, out.targets, out.offset)
 
     def on_validation_epoch_end(self) -> None:
         stats = self.val_meter.compute()
         self.log("val/nll", stats["nelbo"], prog_bar=True, sync_dist=False)
         self.log("val/ppl", stats["ppl"], prog_bar=True, sync_dist=False)
+        self.log("val/ppl_excl_bos", stats["ppl_excl_bos"], sync_dist=False)
         self._last_step_time = None  # do not count validation time as training time
 
     def on_train_start(self) -> None:

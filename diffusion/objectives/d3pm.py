@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from diffusion.noise import NoiseSchedule
-from diffusion.objectives.base import AbsorbingDiffusion
+from diffusion.objectives.base import AbsorbingDiffusion, logsumexp_and_pick
 from diffusion.objectives.subs import NEG_INF
 
 TINY = 1e-30  # keeps log/xlogy gradients finite where a probability is exactly zero
@@ -46,6 +46,7 @@ class D3PM(AbsorbingDiffusion):
         antithetic: bool = True,
         subs_masking: bool = False,
         mask_conditioning: bool = False,
+        lean_loss: bool = True,
     ) -> None:
         super().__init__(
             noise,
@@ -56,6 +57,7 @@ class D3PM(AbsorbingDiffusion):
             sampling_eps,
             antithetic,
             mask_conditioning,
+            lean_loss,
         )
         if T < 1:
             raise ValueError(
@@ -77,6 +79,12 @@ class D3PM(AbsorbingDiffusion):
         return logits.log_softmax(dim=-1)
 
     def kl_masked(self, log_p_x0: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """(B, L) KL at every position from the (B, L, V) log p(x0 | x_t); see `kl_terms`."""
+        log_p_true = log_p_x0.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+        p_mask = log_p_x0[..., self.mask_id].exp()  # (B, L)
+        return self.kl_terms(log_p_true, p_mask, t[:, None])
+
+    def kl_terms(self, log_p_true: Tensor, p_mask: Tensor, t: Tensor) -> Tensor:
         """(B, L) KL(q(x_s | x_t = m, x0) || p_theta(x_s | x_t = m)) in closed form, s = t - 1/T.
 
         With q_clean = (alpha_s - alpha_t) / (1 - alpha_t), q_mask = (1 - alpha_s) / (1 - alpha_t)
@@ -85,11 +93,9 @@ class D3PM(AbsorbingDiffusion):
         KL = log1p(p_m alpha_t / (1 - alpha_t)) - q_clean log p_x0
              - q_mask log1p(p_m alpha_s / (1 - alpha_s)).
         """
-        s = t - 1.0 / self.T
-        alpha_t, alpha_s = self.noise.alpha(t)[:, None], self.noise.alpha(s)[:, None]  # (B, 1)
-        move_t, move_s = self.noise.move_chance(t)[:, None], self.noise.move_chance(s)[:, None]
-        log_p_true = log_p_x0.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
-        p_mask = log_p_x0[..., self.mask_id].exp()  # (B, L)
+        s = t - 1.0 / self.T  # t broadcasts against log_p_true: (B, 1) or (N,)
+        alpha_t, alpha_s = self.noise.alpha(t), self.noise.alpha(s)
+        move_t, move_s = self.noise.move_chance(t), self.noise.move_chance(s)
         q_clean = (move_t - move_s) / move_t
         stay_term = torch.log1p(p_mask * alpha_t / move_t)
         # q_mask log1p(p_m a_s / (1 - a_s)) written so that s = 0 (q_mask = 0) gives exactly 0
@@ -103,3 +109,12 @@ class D3PM(AbsorbingDiffusion):
         """(B, L) T * KL at masked positions (the T-step sum, MC over t); zero where unmasked."""
         masked = (x_t == self.mask_id).to(model_out.dtype)
         return self.T * self.kl_masked(model_out, x0, t) * masked
+
+    def nll_masked(self, logits: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """(N,) T * KL at masked positions from their (N, V) logits (lean loss)."""
+        mask_col = torch.full_like(x0, self.mask_id)
+        exclude = self.mask_id if self.subs_masking else None
+        lse, picked = logsumexp_and_pick(logits, torch.stack([x0, mask_col], -1), exclude)
+        log_p_true = picked[:, 0] - lse
+        p_mask = torch.zeros_like(lse) if self.subs_masking else torch.exp(picked[:, 1] - lse)
+        return self.T * self.kl_terms(log_p_true, p_mask, t)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion.objectives.base import AbsorbingDiffusion
+from diffusion.objectives.base import AbsorbingDiffusion, logsumexp_and_pick
 
 NEG_INF = -1e6  # finite "minus infinity": keeps logsumexp and gradients NaN-free
 
@@ -45,3 +45,8 @@ class SUBS(AbsorbingDiffusion):
     def nll_per_token(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         log_p_true = model_out.gather(-1, x0[..., None]).squeeze(-1)  # (B, L); 0 where unmasked
         return -log_p_true * self.weight(t)[:, None]
+
+    def nll_masked(self, logits: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """(N,) -log p(x0) * weight at masked positions, the mask logit left out of the softmax."""
+        lse, picked = logsumexp_and_pick(logits, x0[:, None], exclude=self.mask_id)
+        return (lse - picked[:, 0]) * self.weight(t)

@@ -160,11 +160,39 @@ def mdlm_data_overrides(data_cfg: dict, source: str) -> tuple[list[str], str]:
     return list(MDLM_DATA[option][0]), MDLM_DATA[option][1]
 
 
+HYDRA_VALUE_FLAGS = {
+    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+    "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
+}  # fmt: skip
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides, Hydra's own flags with their values): flags are kept apart, in order."""
+    overrides, flags = [], []
+    take_value = False
+    for token in argv:
+        if take_value:
+            flags.append(token)
+            take_value = False
+        elif token.startswith("-") and not token.startswith(("~", "+")):
+            flags.append(token)
+            take_value = token in HYDRA_VALUE_FLAGS
+        else:
+            overrides.append(token)
+    return overrides, flags
+
+
 def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(our overrides, one printed line per MDLM name mapped or default added)."""
-    overrides = list(overrides)
+    """(our overrides, one printed line per MDLM name mapped or default added). Hydra's own
+    flags (--cfg job, -m, ...) pass through, after the overrides."""
+    overrides, flags = split_flags(list(overrides))
     if not is_mdlm_command(overrides):
-        return overrides, []
+        return [*overrides, *flags], []
+    ours, lines = _translate(overrides)
+    return [*ours, *flags], lines
+
+
+def _translate(overrides: list[str]) -> tuple[list[str], list[str]]:
     out: list[str] = []
     lines: list[str] = []
     given: dict[str, str] = {}

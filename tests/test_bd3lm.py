@@ -404,3 +404,20 @@ def test_bd3lm_end_to_end_train_ppl_eval_sample_eval(tmp_path) -> None:
     report = json.loads((tmp_path / "sample" / "sample_eval.json").read_text())
     assert report["num_samples"] == 2 and report["entropy"] > 0
     assert 4 <= report["length"] <= 48
+
+
+@pytest.mark.gpu
+def test_flex_attention_mask_equals_the_dense_one_on_cuda() -> None:
+    """On CUDA the block-causal pattern runs through FlexAttention; same logits as SDPA's."""
+    L = 64
+    net = random_dit(L).float().cuda()
+    x0 = torch.randint(0, V - 1, (2, L), device="cuda")
+    x_t = torch.where(torch.rand(2, L, device="cuda") < 0.5, V - 1, x0)
+    ones = torch.ones_like(x0)
+    flex = BD3LM(LogLinear(), V - 1, V, block_size=8, attn_backend="flex")
+    dense = BD3LM(LogLinear(), V - 1, V, block_size=8, attn_backend="sdpa")
+    assert type(flex.attention_pattern(L, x0.device, padded=False)).__name__ == "BlockMask"
+    with torch.no_grad():
+        a = flex.backbone_logits(net, x_t, x0, ones)
+        b = dense.backbone_logits(net, x_t, x0, ones)
+    assert torch.allclose(a, b, atol=2e-3, rtol=1e-3), (a - b).abs().max()

@@ -22,12 +22,17 @@ import transformers
 
 from diffusion.data.base import ConfigError, Layout, Source, atomic_write, build_part, digest
 from diffusion.data.from_checkpoint import upgrade
+from diffusion.data.layouts import Pad, Wrap
 from diffusion.data.loading import ResumableDataLoader, ResumableSampler, TokenDataset, dist_info
+from diffusion.data.sft import SFTRows
 from diffusion.data.tokenizers import decode_rows, from_spec, tokenizer_digest
 
 log = logging.getLogger(__name__)
 
 MASK_MARKER = "░"  # how `decode` shows a masked position
+
+
+LAYOUTS = {"wrap": Wrap, "pad": Pad, "sft": SFTRows}  # `data.layout=pad` shorthands
 
 
 def _part(spec: Any, kind: str, base: type) -> Any:
@@ -36,7 +41,12 @@ def _part(spec: Any, kind: str, base: type) -> Any:
         return spec
     if isinstance(spec, Mapping):
         return build_part(spec, kind, f"data.{kind}")
-    raise ConfigError(f"data.{kind}: expected a {{_target_: ...}} mapping, got {spec!r}")
+    if kind == "layout" and str(spec) in LAYOUTS:
+        return LAYOUTS[str(spec)]()
+    shorthands = f" or one of {list(LAYOUTS)}" if kind == "layout" else ""
+    raise ConfigError(
+        f"data.{kind}: expected a {{_target_: ...}} mapping{shorthands}, got {spec!r}"
+    )
 
 
 class TextDataModule(L.LightningDataModule):

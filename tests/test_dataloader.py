@@ -57,7 +57,7 @@ def local_dm(cache, length=8, wrap=True, tokenizer="char", **source) -> TextData
         name="local",
         source=HFDataset(**(args | source)),
         tokenizer=tokenizer,
-        layout=Wrap() if wrap else Pad(),
+        layout="wrap" if wrap else Pad(),  # a shorthand string or a part
         cache_dir=str(cache),
         length=length,
         **RUNTIME,
@@ -577,3 +577,44 @@ def test_a_saved_config_cannot_build_anything_but_data_parts(shakes, key, target
     with pytest.raises(ConfigError, match=rf"data\.{key}\._target_='{target}'"):
         TextDataModule.from_config(cfg, length=8, batch_size=1)
     assert not list(tmp_path.iterdir())
+
+
+def test_streaming_train_rows_match_the_layout(tmp_path):
+    src = dict(
+        path="json", data_files={"train": str(FIX / "local_validation.jsonl")}, text_key="body"
+    )
+    src |= {"load_kwargs": {}}
+    cached = local_dm(tmp_path / "a", length=8, **src)
+    cached.setup()
+    streamed = TextDataModule(
+        name="local",
+        source=HFDataset(splits={"train": "train"}, **src),
+        tokenizer="char",
+        layout="wrap",
+        streaming=True,
+        cache_dir=str(tmp_path / "a"),
+        length=8,
+        **RUNTIME,
+    )
+    streamed.setup()
+    assert "train" not in streamed._data
+    rows = torch.cat([b["input_ids"] for b in streamed.train_dataloader()])  # (N, 8)
+    full = cached.dataset("train").input_ids
+    assert rows.shape == full.shape  # the same stream of tokens, documents in shuffled order
+    bins = cached.vocab_size
+    gap = torch.bincount(rows.flatten(), minlength=bins) - torch.bincount(
+        full.flatten().long(), minlength=bins
+    )
+    assert int(gap.abs().sum()) <= 2 * 8  # only the dropped tail differs
+    from diffusion.data.sft import ChatRecords
+
+    with pytest.raises(ValueError, match="streaming=true is not supported by the sft layout"):
+        TextDataModule(
+            name="x",
+            source=ChatRecords(path="json", splits={}),
+            tokenizer="char",
+            layout="sft",
+            streaming=True,
+            length=8,
+            batch_size=1,
+        )

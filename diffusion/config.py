@@ -185,12 +185,16 @@ def part_class(target: str, key: str) -> type:
 
 
 def option(cfg: DictConfig, group: str, cls: type) -> str:
-    """The option name the user chose for `group` (Hydra's choice), else the class name."""
+    """The option name of `group` for messages: Hydra's choice when its yaml builds `cls`
+    (a checkpoint's saved part may differ from this job's choice), else the class name."""
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get(group)
-        if choice:
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    path = CONFIGS / group / f"{choice}.yaml"
+    if choice and path.is_file():
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        target = (node.get(group) if isinstance(node.get(group), dict) else node).get("_target_")
+        if target == f"{cls.__module__}.{cls.__qualname__}":
             return str(choice)
     return cls.__name__.lower()
 
@@ -251,7 +255,7 @@ def check_capabilities(
     provides = model_capabilities(objective_cls.provides, time_conditioned)
     try:
         check_sampler(
-            option(cfg, "sampler", sampler_cls),
+            sampler_cls.name,  # every sampler names itself as its yaml file
             sampler_cls.requirements(cfg.sampler),
             provides,
             model=objective,

@@ -277,7 +277,8 @@ class GuidedDenoiser:
     def _call(self, x_t: Tensor, t: Tensor, method: str) -> Tensor:
         self.nfe += 1
         self.rows_evaluated += x_t.shape[0]
-        return getattr(self.denoiser, method)(x_t, t)
+        fn = self.denoiser.log_score if method == "log_score" else self.denoiser.log_p_x0
+        return fn(x_t, t)
 
     def _guided(self, rows: Tensor | None) -> Tensor | None:
         """The conditioning mask of these rows when CFG applies to them, else None."""

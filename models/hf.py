@@ -122,6 +122,10 @@ class HFAdapter(nn.Module):
     # capabilities (diffusion.config.check_capabilities): sigma is ignored, no span KV cache,
     # never causal, and the data must use the pretrained model's own tokenizer
     accepts_sigma: ClassVar[bool] = False
+    # no span KV cache (sampler.cache=prefix|dual is refused): the masked-LM encoders take no
+    # past_key_values at all; for the causal adapter a DynamicCache could hold a prefix, but the
+    # dual cache must replace keys inside it and the shift moves every logit by one position:
+    # not implemented
     supports_span_cache: ClassVar[bool] = False
     tokenizer_key: ClassVar[str | None] = "pretrained"
     causal: ClassVar[bool] = False

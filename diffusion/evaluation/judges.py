@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion.data.tokenizers import encode_text
+
 
 def sample_entropy(tokens: Tensor) -> float:
     """Mean over samples of the entropy (nats) of each sample's token histogram."""
@@ -73,7 +75,7 @@ def judge_windows(
     (so every token after the first is scored exactly once)."""
     rows = []
     for i, text in enumerate(texts):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        (ids,) = encode_text(tokenizer, [text])  # sample text never parses as special ids
         ids = [bos, *ids] if bos is not None else ids
         if ended is not None and ended[i] and eos is not None:
             ids = [*ids, eos]

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffusion.build import build_sampler, module_from_checkpoint
+from diffusion.data.tokenizers import encode_text
 
 log = logging.getLogger("unmask")
 SAMPLER_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sampler"
@@ -151,7 +152,7 @@ class UnmaskLM(LM):
 
     # ---- tokens ------------------------------------------------------------------------------
     def tok_encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_text(self.tokenizer, [text])[0]  # a literal "[MASK]" stays text
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return encode_pair(self.tok_encode, context, continuation)

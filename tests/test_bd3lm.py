@@ -388,8 +388,13 @@ def test_block_yaml_builds() -> None:
 
 @pytest.mark.slow
 def test_bd3lm_end_to_end_train_ppl_eval_sample_eval(tmp_path) -> None:
-    overrides = ["parameterization=bd3lm", "parameterization.block_size=4", "sampler=block"]
-    run_main(tmp_path / "train", *overrides, "parameterization.var_min=true")
+    overrides = [
+        "parameterization=bd3lm",
+        "parameterization.block_size=4",
+        "parameterization.var_min=true",
+        "sampler=block",
+    ]
+    run_main(tmp_path / "train", *overrides)
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     run_main(tmp_path / "ppl", "mode=ppl_eval", f"eval.checkpoint_path={ckpt}", *overrides)
     stats = json.loads((tmp_path / "ppl" / "ppl_eval.json").read_text())

@@ -445,15 +445,15 @@ def test_distillation_improves_the_eight_step_sampler() -> None:
 
 @pytest.mark.slow
 def test_duo_end_to_end_train_ppl_eval_sample_eval_and_distill(tmp_path) -> None:
-    overrides = ["parameterization=duo", "sampler=uniform"]
-    run_main(
-        tmp_path / "train",
-        *overrides,
+    overrides = [
+        "parameterization=duo",
+        "sampler=uniform",
         "parameterization.curriculum=true",
         "parameterization.curriculum_end=2",
         "parameterization.gamma_min=-4",
         "parameterization.gamma_max=3",
-    )
+    ]
+    run_main(tmp_path / "train", *overrides)
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     run_main(tmp_path / "ppl", "mode=ppl_eval", f"eval.checkpoint_path={ckpt}", *overrides)
     stats = json.loads((tmp_path / "ppl" / "ppl_eval.json").read_text())

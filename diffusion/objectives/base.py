@@ -18,24 +18,24 @@ from diffusion.noise import NoiseSchedule
 
 MIN_CLEAN = 1e-3  # caps the mask-fraction sigma at -log(1e-3), loglinear's sigma(1)
 Rows = tuple[Tensor, int] | None  # (this batch's row indices (B,), global batch size)
-LSE_CHUNK = 4096  # positions per float32 chunk of the lean cross-entropy
+LSE_CHUNK_ELEMENTS = 1 << 23  # logits per float32 chunk of the lean cross-entropy (32 MB)
 
 
 class _ChunkedLogSumExp(torch.autograd.Function):
     """lse (N,) and picked entries (N, K) of (N, V) logits, in float32 one chunk at a time.
 
     Only the logits (in their own dtype) and the lse are kept for backward, which rebuilds the
-    softmax chunk by chunk: no (N, V) float32 tensor is ever whole. `exclude` (a column or -1)
-    is left out of the sum, as SUBS' zero masking probability does with a -inf logit.
+    softmax chunk by chunk: no (N, V) float32 temporary is ever whole. `exclude` (a column or
+    -1) is left out of the sum, as SUBS' zero masking probability does with a -inf logit.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, cols: Tensor, exclude: int, chunk: int):
         lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
         for a in range(0, logits.shape[0], chunk):
-            z = logits[a : a + chunk].float()
+            z = logits[a : a + chunk].to(torch.float32, copy=exclude >= 0)  # (chunk, V)
             if exclude >= 0:
-                z = z.index_fill(-1, torch.tensor([exclude], device=z.device), -torch.inf)
+                z[:, exclude] = -torch.inf
             lse[a : a + chunk] = torch.logsumexp(z, dim=-1)
         picked = logits.gather(-1, cols).float()  # (N, K)
         ctx.save_for_backward(logits, cols, lse)
@@ -47,19 +47,23 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         logits, cols, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for a in range(0, logits.shape[0], ctx.chunk):
-            p = torch.exp(logits[a : a + ctx.chunk].float() - lse[a : a + ctx.chunk, None])
+            b = a + ctx.chunk
+            p = (logits[a:b].float() - lse[a:b, None]).exp_()  # softmax of the chunk
             if ctx.exclude >= 0:
                 p[:, ctx.exclude] = 0.0
-            grad[a : a + ctx.chunk] = (p * grad_lse[a : a + ctx.chunk, None]).to(grad.dtype)
+            grad[a:b] = p.mul_(grad_lse[a:b, None])
         grad.scatter_add_(-1, cols, grad_picked.to(grad.dtype))
         return grad, None, None, None
 
 
 def logsumexp_and_pick(
-    logits: Tensor, cols: Tensor, exclude: int | None = None, chunk: int = LSE_CHUNK
+    logits: Tensor, cols: Tensor, exclude: int | None = None, chunk: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """(N, V) logits -> float32 lse (N,) over the vocabulary (less `exclude`) and the logits at
-    `cols` (N, K). log p(v) = logits[v] - lse: the cross-entropy with no (N, V) float32 copy."""
+    `cols` (N, K). log p(v) = logits[v] - lse: the cross-entropy with no (N, V) float32 copy.
+    `chunk`: rows per float32 chunk (default: about LSE_CHUNK_ELEMENTS logits)."""
+    if chunk is None:
+        chunk = max(1, LSE_CHUNK_ELEMENTS // max(logits.shape[-1], 1))
     return _ChunkedLogSumExp.apply(logits, cols, -1 if exclude is None else exclude, chunk)
 
 

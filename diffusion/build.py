@@ -108,6 +108,7 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
         loss_norm=cfg.training.get("loss_norm", "token"),
         random_length_fraction=cfg.training.get("random_length_fraction", 0.0),
         seed=cfg.seed,
+        bos_id=getattr(getattr(dm, "tokenizer", None), "bos_token_id", None),  # ppl_excl_bos
     )
 
 

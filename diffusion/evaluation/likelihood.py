@@ -43,12 +43,13 @@ def evaluate_ppl(
     kind = "upper bound" if stats["bound"] else "exact"
     baseline = f"  unigram ppl {stats['unigram_ppl']:.2f}" if unigram else ""
     log.info(
-        "%s %s: nelbo/token %.4f  ppl %.2f (%s)%s  (%d tokens)",
+        "%s %s: nelbo/token %.4f  ppl %.2f (%s), ppl_excl_bos %.2f%s  (%d tokens)",
         dm.name,
         split,
         stats["nelbo"],
         stats["ppl"],
         kind,
+        stats["ppl_excl_bos"],
         baseline,
         stats["tokens"],
     )

@@ -242,6 +242,9 @@ def test_var_min_trains_on_the_lowest_variance_interval() -> None:
         clip_search_delta=0.25,
     )
     assert bd3.training_clip() is None  # nothing measured yet: the full schedule
+    bd3.train()
+    x_warm = torch.randint(0, V - 1, (2, L), generator=gen(5))
+    bd3.loss(net, x_warm, torch.ones_like(x_warm), gen(5))  # a training step came first
     bd3.eval()
     x0 = torch.randint(0, V - 1, (8, L), generator=gen(0))
     with torch.no_grad():

@@ -145,6 +145,7 @@ class BD3LM(AbsorbingDiffusion):
         init = [noise.beta, noise.omega] if clipped else [0.0, 0.0]
         self.register_buffer("clip", torch.tensor(init, dtype=torch.float64))
         self._search: dict[tuple[float, float], list[Tensor]] = {}
+        self._trained = False  # the search serves training: only after a training step
         self._masks: dict[tuple, object] = {}
 
     def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:
@@ -271,6 +272,7 @@ class BD3LM(AbsorbingDiffusion):
         """Training: clipped (or full) rates; evaluation: the full schedule (block_size = 1:
         t = 1, the exact next-token NLL), plus the clip search statistics when `var_min`."""
         if self.training:
+            self._trained = True
             clip = self.training_clip()
             nll, scored = self.block_nelbo(
                 backbone, x0, attention_mask, generator, loss_mask, rows, clip=clip
@@ -285,7 +287,7 @@ class BD3LM(AbsorbingDiffusion):
             rows,
             all_masked=self.block_size == 1,
         )
-        if self.var_min and self.block_size > 1:
+        if self.var_min and self.block_size > 1 and self._trained:  # not in a bare ppl_eval
             self._collect_search(backbone, x0, attention_mask, generator, loss_mask)
         return LossOutput(nll=nll, mask=scored.to(nll.dtype))
 

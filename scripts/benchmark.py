@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT))
 
 import models.dit as dit_module  # noqa: E402
 from diffusion.config import register_resolvers  # noqa: E402
-from diffusion.denoiser import ModelDenoiser  # noqa: E402
 from diffusion.flops import flops_per_token  # noqa: E402  (6N + attention)
 from models.dit import DiT, Rotary, TimestepEmbedder, apply_rotary  # noqa: E402
 
@@ -444,7 +443,7 @@ def bench_sampler(cfg, name, backbone, objective, device, steps, num_samples, ba
             overrides.append(f"sampler.block_length={min(cfg.model.length, 32)}")
         scfg = compose("config", overrides=overrides).sampler
     sampler = instantiate(scfg)
-    denoiser = ModelDenoiser(backbone.eval(), objective)
+    denoiser = objective.denoiser(backbone.eval())  # the objective's protocol
     gen = torch.Generator(device=device).manual_seed(seed)
     tokens, nfe = [], 0
     sync(device)

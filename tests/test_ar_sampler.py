@@ -69,7 +69,7 @@ class CountingDiT(DiT):
 
 
 def ar_denoiser(backbone=None):
-    return ModelDenoiser(backbone or causal_dit(), AR(mask_id=MASK, vocab_size=VOCAB))
+    return AR(mask_id=MASK, vocab_size=VOCAB).denoiser(backbone or causal_dit())
 
 
 def test_same_tokens_with_and_without_cache_and_linear_work():

@@ -72,13 +72,17 @@ class DDPMSampler(Sampler):
     def __init__(
         self,
         steps: int = 128,
+        noise_removal: bool = False,
         **common: Any,
     ) -> None:
-        """`common`: the settings every sampler shares (`Sampler.__init__`)."""
+        """`common`: the settings every sampler shares (`Sampler.__init__`). `noise_removal`
+        (MDLM's `sampling.noise_removal`): the last step fills every token still masked with
+        the argmax of p(x0 | x_t), MDLM's final greedy denoising, instead of a draw from it."""
         super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler={self.name}: steps must be >= 1, got {steps}")
         self.steps = steps
+        self.noise_removal = bool(noise_removal)
 
     def _rows_to_call(self, changed: Tensor, has_mask: Tensor) -> Tensor:
         """(B,) bool: the rows the network runs on this step; ddpm: every row, every step
@@ -106,7 +110,10 @@ class DDPMSampler(Sampler):
                 log_p_x0 = self.filter(model.log_p_x0(x, t))  # (B, L, V)
             else:
                 log_p_x0 = self._refresh(model, x, t, log_p_x0, changed)
-            x_s = ddpm_step(log_p_x0, x, alpha_t, alpha_s, generator, model.mask_id)
+            if self.noise_removal and i == self.steps - 1:  # MDLM's final greedy step
+                x_s = torch.where(x == model.mask_id, log_p_x0.argmax(-1), x)
+            else:
+                x_s = ddpm_step(log_p_x0, x, alpha_t, alpha_s, generator, model.mask_id)
             changed = (x_s != x).any(1)  # (B,)
             x = x_s
             if record is not None:

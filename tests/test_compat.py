@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from diffusion.compat import ConfigError, is_mdlm_command, translate
@@ -256,3 +257,34 @@ def test_hydra_flags_pass_through_after_the_overrides():
     assert ours[-3:] == ["--cfg", "job", "-m"]
     assert "sampler.steps=3" in ours and "job" not in ours[:-3]
     assert translate(["--cfg", "job", "seed=2"]) == (["seed=2", "--cfg", "job"], [])
+
+
+@pytest.mark.parametrize("cls_name", ["DDPMSampler", "DDPMCacheSampler"])
+def test_noise_removal_fills_the_last_masks_greedily(cls_name):
+    """sampling.noise_removal -> sampler.noise_removal: with one step (t = 1 -> 0) every token
+    is still masked at the last step, so noise_removal=true returns the argmax of p(x0 | x_t)
+    at every position (whatever the seed), and false draws from it (seeds differ)."""
+    import samplers.ddpm
+    import samplers.ddpm_cache
+    from tests.test_samplers import random_denoiser
+
+    cls = getattr(samplers.ddpm, cls_name, None) or getattr(samplers.ddpm_cache, cls_name)
+    model = random_denoiser(12, vocab=6, seed=3)
+    greedy = model.probs[0].argmax(-1)  # (L,)
+    draws = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        out = cls(steps=1, noise_removal=True, num_samples=2, batch_size=2).sample(
+            model, 2, 12, generator=g
+        )
+        assert torch.equal(out.tokens, greedy.expand(2, -1))
+        g = torch.Generator().manual_seed(seed)
+        draws.append(
+            cls(steps=1, num_samples=2, batch_size=2).sample(model, 2, 12, generator=g).tokens
+        )
+    assert any(not torch.equal(d, greedy.expand(2, -1)) for d in draws)
+    ours, lines = translate(["sampling.predictor=ddpm", "sampling.noise_removal=True"])
+    assert (
+        "sampler.noise_removal=true" in ours
+        and "MDLM name sampling.noise_removal -> sampler.noise_removal" in lines
+    )

@@ -178,3 +178,14 @@ def test_no_masked_token_gives_a_zero_loss_with_gradients():
     loss.backward()
     assert float(loss.detach()) == 0.0
     assert all(torch.isfinite(p.grad).all() for p in dit.parameters() if p.grad is not None)
+
+
+def test_dit_forward_compiles_without_a_graph_break():
+    """The padding check `bool(attention_mask.all())` read a value back to Python (an .item()
+    graph break); under torch.compile the mask is kept instead."""
+    dit = random_dit("subs")
+    x0, attn, _ = batch()
+    for kwargs in ({}, {"positions_to_score": torch.tensor([1, 5, 9])}):
+        explained = torch._dynamo.explain(dit)(x0, None, torch.ones_like(attn), **kwargs)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1

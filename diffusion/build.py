@@ -211,7 +211,15 @@ def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
     did not choose is the checkpoint's."""
     path = cfg.eval.checkpoint_path
     where = f"eval.checkpoint_path={path}"
-    saved = safe_config(read_any_checkpoint(path, cfg.eval.get("checkpoint_format")), where)
+    fmt, raw = cfg.eval.get("checkpoint_format"), bool(cfg.eval.get("disable_ema", False))
+    given_path = Path(str(path)).expanduser()
+    if given_path.exists() or not str(path).endswith(".ckpt"):  # a missing .ckpt: our error
+        from models.formats import as_ckpt_file  # a release: converted once into a .ckpt (H3)
+
+        converted = as_ckpt_file(str(path), fmt, use_ema=not raw)
+        if converted != given_path:
+            path, fmt = str(converted), None
+    saved = safe_config(read_any_checkpoint(path, fmt), where)
     ours = leaves(OmegaConf.to_container(cfg, resolve=True))
     base = leaves(OmegaConf.to_container(baseline, resolve=True))
     theirs = leaves(OmegaConf.to_container(saved, resolve=True))
@@ -231,6 +239,7 @@ def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
         )
     out = cfg.copy()
     with open_dict(out):
+        out.eval.checkpoint_path = str(path)  # the .ckpt the evaluation modes load from
         for key in RUN_DEFINING:
             if key in saved:
                 out[key] = saved[key]

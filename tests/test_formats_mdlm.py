@@ -479,3 +479,31 @@ def test_as_ckpt_file_converts_once_and_reuses(tmp_path):
     assert as_ckpt_file(str(first)) == first  # ours: as it is
     raw = as_ckpt_file(str(first), use_ema=False, cache_dir=tmp_path / "cache")
     assert raw != first and read_checkpoint(raw)["state_dict"]
+
+
+def test_eval_config_takes_a_published_folder(tmp_path, monkeypatch):
+    """eval.checkpoint_path=<MDLM HF folder>: the evaluation config is the release's, and its
+    checkpoint path becomes the converted .ckpt of ours the modes load weights from."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.build import eval_config
+    from diffusion.checkpoint import read_checkpoint
+    from diffusion.config import register_resolvers
+
+    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "cache"))
+    folder = write_hf(tmp_path / "mdlm-owt", mdlm_params())
+    register_resolvers()
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        fixed = ["checkpointing.save_dir=x", "trainer.default_root_dir=x", "logger=none"]
+        base = compose("config", overrides=fixed)
+        cfg = compose(
+            "config",
+            overrides=[*fixed,
+                       "mode=sample_eval", f"eval.checkpoint_path={folder}"],
+        )  # fmt: skip
+    out = eval_config(cfg, base)
+    assert out.backbone._target_ == "models.mdlm_dit.MDLMDiT" and out.model.length == LEN
+    path = Path(out.eval.checkpoint_path)
+    assert path.suffix == ".ckpt" and path.parent == tmp_path / "cache" / "converted"
+    assert read_checkpoint(path)["unmask_format"]["format"] == "mdlm_hf"

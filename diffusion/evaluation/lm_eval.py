@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -67,6 +67,8 @@ class ContextGuidedBackbone(nn.Module):
 
     The unconditional pass is conditioned as the objective conditions that x_t: sigma(t) when
     time-conditioned, else `backbone_sigma` of the masked x_t (mask conditioning) or nothing."""
+
+    supports_span_cache: ClassVar[bool] = False  # two passes per call: no span KV cache
 
     def __init__(self, backbone: nn.Module, objective: Any, n_context: int, cfg_scale: float):
         super().__init__()

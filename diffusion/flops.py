@@ -26,7 +26,8 @@ from diffusion.config import ConfigError
 
 log = logging.getLogger("unmask")
 
-PER_SEQUENCE = ("adaLN", "sigma_embed", "sigma_map")  # module names whose matmuls run once per sequence
+# module names whose matmuls run once per sequence
+PER_SEQUENCE = ("adaLN", "sigma_embed", "sigma_map")
 
 
 def _matmul_modules(backbone: nn.Module):

@@ -301,16 +301,19 @@ def collect(out: Path) -> list[dict[str, Any]]:
 def isoflop_optimum(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, bool, np.ndarray]:
     """(log N_opt, L_opt, clamped, parabola coefficients) of one IsoFLOP curve.
 
-    The vertex of the least-squares parabola in log N; if the parabola opens downwards or its
-    vertex lies outside the sampled sizes, the best sampled point is used (clamped=True)."""
+    The vertex of the parabola (in log N) through the best sampled size and its two neighbours
+    (robust to the asymmetric curves small budgets give); a best size at the edge of the grid
+    is used as it is (clamped=True). The returned coefficients are the least-squares parabola
+    over all sizes (the smooth curve drawn and redrawn by the bootstrap)."""
     coef = np.polyfit(log_n, loss, 2)
-    a, b, _ = coef
-    if a > 0:
-        x = -b / (2 * a)
-        if log_n.min() <= x <= log_n.max():
-            return float(x), float(np.polyval(coef, x)), False, coef
-    i = int(np.argmin(loss))
-    return float(log_n[i]), float(loss[i]), True, coef
+    order = np.argsort(log_n)
+    xs, ys = log_n[order], loss[order]
+    i = int(np.argmin(ys))
+    if 0 < i < len(xs) - 1:  # an interior best size: the parabola through it and its neighbours
+        local = np.polyfit(xs[i - 1 : i + 2], ys[i - 1 : i + 2], 2)
+        x = -local[1] / (2 * local[0])
+        return float(x), float(np.polyval(local, x)), False, coef
+    return float(xs[i]), float(ys[i]), True, coef
 
 
 def power_law(log_c: np.ndarray, log_y: np.ndarray) -> tuple[float, float]:

@@ -79,6 +79,8 @@ class Clipped(NoiseSchedule):
     schedule over all of [0, 1], so reported perplexities stay bounds.
     """
 
+    training_only = True  # objectives other than bd3lm refuse it (their eval would use it)
+
     def __init__(self, beta: float = 0.3, omega: float = 0.8, eps: float = 1e-3) -> None:
         if not 0.0 <= beta < omega <= 1.0:
             raise ValueError(

@@ -429,3 +429,9 @@ def test_flex_attention_mask_equals_the_dense_one_on_cuda() -> None:
         a = flex.backbone_logits(net, x_t, x0, ones)
         b = dense.backbone_logits(net, x_t, x0, ones)
     assert torch.allclose(a, b, atol=2e-3, rtol=1e-3), (a - b).abs().max()
+
+
+def test_clipped_noise_is_refused_outside_bd3lm() -> None:
+    """noise=clipped would make a SUBS evaluation integrate over [beta, omega] only: no bound."""
+    with pytest.raises(ValueError, match="noise=clipped.*bd3lm"):
+        SUBS(noise=Clipped(0.3, 0.8), mask_id=4, vocab_size=5)

@@ -194,6 +194,12 @@ class AbsorbingDiffusion(Objective):
             raise ValueError(f"T={T}: use T=0 for continuous time or T>0 discrete steps")
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id={mask_id} is outside the vocabulary of size {vocab_size}")
+        if getattr(type(noise), "training_only", False):
+            raise ValueError(
+                f"noise={type(noise).__name__.lower()} restricts the masking rates, so a NELBO "
+                f"evaluated with it is no bound; only parameterization=bd3lm (which evaluates "
+                f"with the full schedule) accepts it: use noise=loglinear"
+            )
         self.noise = noise
         self.mask_id = mask_id
         self.vocab_size = vocab_size

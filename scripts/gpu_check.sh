@@ -10,7 +10,7 @@
 #
 # Wheels. A bare CUDA image with torch, lightning, transformers and torchmetrics lacks Hydra.
 # `--fetch-wheels` downloads hydra-core, omegaconf and antlr4-python3-runtime (pure Python) for
-# CPython $WHEEL_PYTHON (default 3.12) into ./.whl (ignored by git through .git/info/exclude) and,
+# CPython $WHEEL_PYTHON (default 3.12) into ./.whl (ignored by git: .gitignore) and,
 # when FLASH_ATTN_WHEEL names a file or URL of a flash-attn wheel built for the card's torch and
 # CUDA, that one too. Copy ./.whl along with the tree (the device tool: carry [".whl"]); this
 # script installs whatever is in ./.whl with --no-index into /tmp/unmask_site before it starts.
@@ -30,7 +30,6 @@ esac
 
 if [[ $MODE == fetch ]]; then
   mkdir -p .whl
-  if [[ -d .git ]]; then mkdir -p .git/info; grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude; fi
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \

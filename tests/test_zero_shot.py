@@ -33,7 +33,9 @@ def test_zero_shot_table_over_corpora(ckpt, tmp_path):
         "eval.max_batches=6",
         *over,
     )
-    rows = json.loads((tmp_path / "zs" / "ppl_eval.json").read_text())["zero_shot"]
+    report = json.loads((tmp_path / "zs" / "ppl_eval.json").read_text())
+    rows = report["zero_shot"]
+    assert report["length"] == report["trained_length"]  # the evaluated length is recorded
     assert [r["dataset"] for r in rows] == ["shakespeare_char", "ptb", "wikitext2", "lambada"]
     assert all(r["ppl"] > 1 and r["tokens"] > 0 and r["bound"] for r in rows)
     table = (tmp_path / "zs" / "zero_shot.md").read_text()

@@ -62,7 +62,7 @@ def ppl_eval(cfg: DictConfig, dm: Any, module: DiffusionModule) -> None:
     zero_shot_table = bool(cfg.eval.get("datasets"))  # other corpora: only the tokenizer is checked
     ckpt = load_weights(module, cfg.eval.checkpoint_path, dm, data=not zero_shot_table)
     if zero_shot_table:
-        zero_shot(cfg, dm, module)
+        zero_shot(cfg, dm, module, record=ckpt["eval_record"])
         return
     stats = evaluate_ppl(cfg, dm, module, cfg.eval.split, unigram=False)
     stats["checkpoint"] = str(cfg.eval.checkpoint_path)
@@ -94,9 +94,12 @@ def zero_shot_datamodule(cfg: DictConfig, dm: Any, name: str) -> Any:
     return target
 
 
-def zero_shot(cfg: DictConfig, dm: Any, module: DiffusionModule) -> None:
+def zero_shot(
+    cfg: DictConfig, dm: Any, module: DiffusionModule, record: dict[str, Any] | None = None
+) -> None:
     """MDLM's zero-shot table: the checkpoint's perplexity (bound) on every corpus in
-    `eval.datasets`, each detokenized as its config says and tokenized as the model was."""
+    `eval.datasets`, each detokenized as its config says and tokenized as the model was;
+    `record` (evaluated and trained model.length) goes into ppl_eval.json."""
     rows = []
     for name in cfg.eval.datasets:
         target = zero_shot_datamodule(cfg, dm, str(name))
@@ -113,5 +116,10 @@ def zero_shot(cfg: DictConfig, dm: Any, module: DiffusionModule) -> None:
     (run_dir() / "zero_shot.md").write_text(table + "\n")
     write_json(
         "ppl_eval.json",
-        {"zero_shot": rows, "split": cfg.eval.split, "checkpoint": str(cfg.eval.checkpoint_path)},
+        {
+            "zero_shot": rows,
+            "split": cfg.eval.split,
+            "checkpoint": str(cfg.eval.checkpoint_path),
+            **(record or {}),
+        },
     )

@@ -76,6 +76,10 @@ def objective_companions(name: str) -> list[str]:
     return [*extra, f"sampler={samplers[0]}"]
 
 
+def noise_class(name: str) -> type:
+    return get_class(OmegaConf.load(CONFIGS / "noise" / f"{name}.yaml")._target_)
+
+
 def sampler_companions(name: str) -> list[str]:
     """A parameterization option whose capabilities meet sampler=`name`'s requirements."""
     node = OmegaConf.load(CONFIGS / "sampler" / f"{name}.yaml")
@@ -132,6 +136,9 @@ def test_every_option_composes_validates_and_builds(group, option, request, tmp_
         overrides += objective_companions(option)
     if group == "sampler":
         overrides += sampler_companions(option)
+    if group == "noise" and getattr(noise_class(option), "training_only", False):
+        # a training-only schedule (noise=clipped): only bd3lm accepts it
+        overrides += ["parameterization=bd3lm", *objective_companions("bd3lm")]
     if group == "backbone" and option in HF_FOLDERS:
         overrides.append(f"backbone.pretrained={request.getfixturevalue(HF_FOLDERS[option])}")
     if group in ("backbone", "model"):

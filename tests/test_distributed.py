@@ -68,6 +68,7 @@ def _weights(run_dir):
     return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
 
 
+@pytest.mark.slow  # heavy end to end (CI's second tier): keeps the default tier under 10 min
 def test_two_process_ddp_gradients_match_one_process(tmp_path):
     """One SGD step (lr 1, no clipping) moves the weights by minus the gradient; 2 gloo
     processes with 2 rows each must move them as 1 process with 4 rows does."""

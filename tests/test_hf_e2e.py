@@ -12,6 +12,7 @@ from tests.test_hf_backbones import gpt2_dir, mlm_dir  # noqa: F401  (fixtures)
 from tests.test_main_e2e import run_main
 
 
+@pytest.mark.slow  # heavy end to end (CI's second tier): keeps the default tier under 10 min
 @pytest.mark.parametrize(
     ("fixture", "backbone", "extra"),
     [

@@ -17,6 +17,7 @@ PARAMETERIZATIONS = {
 }
 
 
+@pytest.mark.slow  # heavy end to end (CI's second tier): keeps the default tier under 10 min
 @pytest.mark.parametrize("name", sorted(PARAMETERIZATIONS))
 def test_parameterization_end_to_end(name, tmp_path):
     overrides = PARAMETERIZATIONS[name]

@@ -17,6 +17,7 @@ def weights(run_dir):
     return ckpt["global_step"], ckpt["state_dict"]
 
 
+@pytest.mark.slow  # heavy end to end (CI's second tier): keeps the default tier under 10 min
 def test_resume_matches_uninterrupted_run(tmp_path):
     common = [
         "checkpointing.every_n_train_steps=3",

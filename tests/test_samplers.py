@@ -269,6 +269,7 @@ def test_sampler_matches_data_distribution(case: str) -> None:
         assert denoiser.score_calls == DDPM_STEPS and denoiser.calls == 0
 
 
+@pytest.mark.slow  # 50 s of wrong-rule sampling (CI's second tier): keeps the default tier under 10 min
 def test_wrong_rules_fail_the_same_bound() -> None:
     """Independent unmasking from marginals, or all tokens in one step, must be caught."""
     _, p = toy_distribution()

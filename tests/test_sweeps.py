@@ -26,6 +26,7 @@ def test_slurm_launcher_preset_takes_the_trainer_shape():
     assert launcher.max_num_timeout > 0
 
 
+@pytest.mark.slow  # heavy end to end (CI's second tier): keeps the default tier under 10 min
 def test_local_submitit_sweep_runs_each_point(tmp_path):
     cmd = [
         sys.executable,

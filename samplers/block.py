@@ -38,20 +38,11 @@ class BlockSampler(Sampler):
         block_size: int | None = None,
         max_length: int | None = None,
         stop_at_eos: bool = True,
-        num_samples: int = 8,
-        batch_size: int = 8,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 0.0,
-        bos_id: int | None = None,
-        eos_id: int | None = None,
+        **common: Any,
     ) -> None:
         """`steps`: ancestral steps per block; `block_size`: null = the model's own (the only
         exact choice); `max_length`: tokens to generate (null = the model's length)."""
-        super().__init__(
-            num_samples, batch_size, temperature, top_k, top_p, cfg_scale, bos_id, eos_id
-        )
+        super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler=block: steps must be >= 1, got {steps}")
         if block_size is not None and block_size < 1:

@@ -15,7 +15,7 @@ is no ddpm_cache-style reuse: one network call per step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -52,21 +52,12 @@ class UniformSampler(Sampler):
         self,
         steps: int = 128,
         greedy_tail: bool = False,
-        num_samples: int = 8,
-        batch_size: int = 8,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 0.0,
-        bos_id: int | None = None,
-        eos_id: int | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            num_samples, batch_size, temperature, top_k, top_p, cfg_scale, bos_id, eos_id
-        )
+        super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler=uniform: steps must be >= 1, got {steps}")
-        if cfg_scale != 0.0:
+        if self.cfg_scale != 0.0:
             raise ValueError(
                 "sampler=uniform: cfg_scale must be 0 (SMDM's CFG masks the prompt, and a "
                 "uniform-state model has no mask)"

@@ -17,6 +17,9 @@ device, so sampler.num_samples = batches x eval batch size x devices x nodes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 from diffusion.config import ConfigError
 
 # MDLM data option -> (our overrides, tokenizer)
@@ -192,228 +195,337 @@ def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
     return [*ours, *flags], lines
 
 
-def _translate(overrides: list[str]) -> tuple[list[str], list[str]]:
-    out: list[str] = []
-    lines: list[str] = []
-    given: dict[str, str] = {}
-    for o in overrides:
-        _, key, value = _split(o)
-        given[key] = value
+@dataclass
+class _Translation:
+    """One MDLM command being translated: the names it gives (key -> value), our overrides so
+    far and the printed lines; the sampler option chosen and whether a backbone was named."""
 
-    def say(mdlm: str, ours: list[str] | str) -> None:
+    given: dict[str, str]
+    out: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    sampler: str = ""
+    semi_ar: bool = False
+    backbone_set: bool = False
+
+    def say(self, mdlm: str, ours: list[str] | str) -> None:
+        """Record the line `MDLM name <mdlm> -> <ours>`."""
         target = ours if isinstance(ours, str) else " ".join(ours) or "(nothing)"
-        lines.append(f"MDLM name {mdlm} -> {target}")
+        self.lines.append(f"MDLM name {mdlm} -> {target}")
 
-    mode = given.get("mode", "train")
-    devices = given.get("trainer.devices")
-    nodes = given.get("trainer.num_nodes")
 
-    # ---- the sampler: predictor / semi-AR / steps / number of samples, composed together ---
-    predictor = given.get("sampling.predictor", "ddpm_cache")
+def _translate(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """An MDLM command's overrides -> (ours, printed lines): the sampler first, then every
+    other name in order, then MDLM's defaults where ours differ."""
+    t = _Translation(given={_split(o)[1]: _split(o)[2] for o in overrides})
+    t.out += _sampler_overrides(t)
+    for o in overrides:
+        _translate_one(t, o)
+    if any(_split(o)[1].startswith("wandb.") for o in overrides):
+        t.out.insert(0, "logger=wandb")
+    for key, value in _mdlm_defaults(t):
+        t.out.append(f"{key}={value}")
+        t.lines.append(f"MDLM default {key}={value} (ours differs)")
+    return t.out, t.lines
+
+
+# ---- the sampler: predictor / semi-AR / steps / number of samples, composed together -------
+SAMPLING_NAMES = (
+    "sampling.predictor", "sampling.steps", "sampling.num_sample_batches", "sampling.semi_ar",
+    "sampling.stride_length", "sampling.num_strides", "sampling.noise_removal",
+)  # fmt: skip
+
+
+def _sampler_overrides(t: _Translation) -> list[str]:
+    """Our sampler overrides for the command's sampling.* names (MDLM's defaults filled in)."""
+    ov = _sampler_choice(t)
+    ov += _sampler_steps(t)
+    ov += _sample_count(t)
+    ov += _semi_ar_strides(t)
+    ov += _noise_removal(t)
+    return ov
+
+
+def _sampler_choice(t: _Translation) -> list[str]:
+    """sampling.predictor (+ sampling.semi_ar) -> sampler=<option> (+ sampler.cache)."""
+    predictor = t.given.get("sampling.predictor", "ddpm_cache")
     if predictor not in SAMPLERS:
         raise ConfigError(
             f"MDLM name sampling.predictor={predictor}: ours has {sorted(SAMPLERS)} "
             "(and sampler=first_hitting|confidence|semi_ar by our own names)"
         )
-    semi_ar = (
-        _truthy(given["sampling.semi_ar"], "sampling.semi_ar")
-        if "sampling.semi_ar" in given
-        else False
-    )
-    sampler = "semi_ar" if semi_ar else SAMPLERS[predictor]
-    sampler_ov = [f"sampler={sampler}"]
-    if semi_ar:
+    if "sampling.semi_ar" in t.given:
+        t.semi_ar = _truthy(t.given["sampling.semi_ar"], "sampling.semi_ar")
+    t.sampler = "semi_ar" if t.semi_ar else SAMPLERS[predictor]
+    ov = [f"sampler={t.sampler}"]
+    if t.semi_ar:
         if predictor == "analytic":
             raise ConfigError(
                 "MDLM names sampling.semi_ar=True with sampling.predictor=analytic: our semi_ar "
                 "sampler runs ddpm / ddpm_cache windows; use sampling.predictor=ddpm_cache"
             )
-        sampler_ov.append(f"sampler.cache={'true' if predictor == 'ddpm_cache' else 'false'}")
-    source = "sampling.predictor" + (" + sampling.semi_ar" if semi_ar else "")
-    if "sampling.predictor" in given or semi_ar:
-        say(f"{source}={predictor}", sampler_ov)
+        ov.append(f"sampler.cache={'true' if predictor == 'ddpm_cache' else 'false'}")
+    source = "sampling.predictor" + (" + sampling.semi_ar" if t.semi_ar else "")
+    if "sampling.predictor" in t.given or t.semi_ar:
+        t.say(f"{source}={predictor}", ov)
     else:
-        lines.append(f"MDLM default sampling.predictor=ddpm_cache -> {' '.join(sampler_ov)}")
-    steps = given.get("sampling.steps", "128")
-    sampler_ov.append(f"sampler.steps={_int(steps, 'sampling.steps')}")
-    if "sampling.steps" in given:
-        say("sampling.steps", "sampler.steps")
-    batches = _int(given.get("sampling.num_sample_batches", "2"), "sampling.num_sample_batches")
-    eval_bs = given.get("loader.eval_batch_size")
-    world = "${mul:${trainer.devices},${trainer.num_nodes}}"
-    if devices is not None and nodes is not None and eval_bs is not None:
-        world = str(_int(devices, "trainer.devices") * _int(nodes, "trainer.num_nodes"))
-    elif devices is None and nodes is None:
-        world = "1"  # our trainer.devices default (MDLM: every visible GPU)
+        t.lines.append(f"MDLM default sampling.predictor=ddpm_cache -> {' '.join(ov)}")
+    return ov
+
+
+def _sampler_steps(t: _Translation) -> list[str]:
+    """sampling.steps (MDLM's default 128) -> sampler.steps."""
+    steps = t.given.get("sampling.steps", "128")
+    ov = [f"sampler.steps={_int(steps, 'sampling.steps')}"]
+    if "sampling.steps" in t.given:
+        t.say("sampling.steps", "sampler.steps")
+    return ov
+
+
+def _world_size(given: dict[str, str]) -> str:
+    """devices x nodes: a number when the command fixes it, else our interpolation of it."""
+    devices, nodes = given.get("trainer.devices"), given.get("trainer.num_nodes")
+    if devices is not None and nodes is not None and "loader.eval_batch_size" in given:
+        return str(_int(devices, "trainer.devices") * _int(nodes, "trainer.num_nodes"))
+    if devices is None and nodes is None:
+        return "1"  # our trainer.devices default (MDLM: every visible GPU)
+    return "${mul:${trainer.devices},${trainer.num_nodes}}"
+
+
+def _sample_count(t: _Translation) -> list[str]:
+    """sampling.num_sample_batches -> sampler.num_samples = batches x eval batch x world."""
+    batches = _int(t.given.get("sampling.num_sample_batches", "2"), "sampling.num_sample_batches")
+    eval_bs = t.given.get("loader.eval_batch_size")
+    world = _world_size(t.given)
     if eval_bs is not None and world.isdigit():
-        n = batches * _int(eval_bs, "loader.eval_batch_size") * int(world)
-        num = str(n)
+        num = str(batches * _int(eval_bs, "loader.eval_batch_size") * int(world))
     else:
         num = f"'${{mul:{batches},${{mul:${{loader.eval_batch_size}},{world}}}}}'"  # quoted: Hydra keeps it
-    sampler_ov += [f"sampler.num_samples={num}", "sampler.batch_size='${loader.eval_batch_size}'"]
     what = f"sampler.num_samples={num} (batches x eval batch size x devices) sampler.batch_size=loader.eval_batch_size"
-    if "sampling.num_sample_batches" in given:
-        say(f"sampling.num_sample_batches={batches}", what)
+    if "sampling.num_sample_batches" in t.given:
+        t.say(f"sampling.num_sample_batches={batches}", what)
     else:
-        lines.append(f"MDLM default sampling.num_sample_batches=2 -> {what}")
+        t.lines.append(f"MDLM default sampling.num_sample_batches=2 -> {what}")
+    return [f"sampler.num_samples={num}", "sampler.batch_size='${loader.eval_batch_size}'"]
+
+
+def _semi_ar_strides(t: _Translation) -> list[str]:
+    """sampling.stride_length / num_strides -> the semi_ar sampler's (semi-AR only)."""
+    ov = []
     for key in ("sampling.stride_length", "sampling.num_strides"):
-        if key in given:
-            if not semi_ar:
+        if key in t.given:
+            if not t.semi_ar:
                 raise ConfigError(f"MDLM name {key} needs sampling.semi_ar=True")
             ours = "sampler." + key.split(".", 1)[1]
-            sampler_ov.append(f"{ours}={_int(given[key], key)}")
-            say(key, ours)
-    if "sampling.noise_removal" in given:
-        flag = _truthy(given["sampling.noise_removal"], "sampling.noise_removal")
-        if _sampler_accepts(sampler, "noise_removal"):
-            sampler_ov.append(f"sampler.noise_removal={str(flag).lower()}")
-            say("sampling.noise_removal", "sampler.noise_removal")
-        elif flag:
-            raise ConfigError(
-                f"MDLM name sampling.noise_removal=True: sampler={sampler} has no final greedy "
-                "step; its last step goes to t=0 and samples every remaining mask. Drop the "
-                "flag, or use sampler=ddpm / ddpm_cache where noise_removal is an option"
-            )
-        else:
-            say("sampling.noise_removal=False", "(nothing: ours has no final greedy step)")
-    out += sampler_ov
+            ov.append(f"{ours}={_int(t.given[key], key)}")
+            t.say(key, ours)
+    return ov
 
-    # ---- everything else, name by name -----------------------------------------------------
-    backbone_set = False
-    for o in overrides:
-        prefix, key, value = _split(o)
-        if key.startswith("sampling.") or key in ("trainer.devices", "trainer.num_nodes"):
-            if key in ("trainer.devices", "trainer.num_nodes"):
-                out.append(f"{key}={value}")
-            elif key not in (
-                "sampling.predictor", "sampling.steps", "sampling.num_sample_batches",
-                "sampling.semi_ar", "sampling.stride_length", "sampling.num_strides",
-                "sampling.noise_removal",
-            ):  # fmt: skip
-                if key in DROPPED:
-                    say(key, f"(nothing: {DROPPED[key]})")
-                else:
-                    raise ConfigError(f"MDLM name {key} is not one MDLM's main.py reads")
-            continue
-        if prefix == "~":
-            out.append(o)
-            continue
-        if key == "backbone":
-            backbone_set = True
-            if value in ("dit", "hf_dit"):
-                out.append("backbone=hf_dit")
-                say(f"backbone={value}", "backbone=hf_dit (MDLM's DiT, parameter for parameter)")
-            elif value == "ar":
-                out += ["backbone=hf_dit", "backbone.causal=true"]
-                say("backbone=ar", "backbone=hf_dit backbone.causal=true (MDLM's AR DDIT)")
-            else:
-                raise ConfigError(
-                    f"MDLM name backbone={value} is not ported: use backbone=dit (MDLM's DiT), "
-                    "backbone=ar, or our backbone=hf_causal_bidirectional / hf_mlm"
-                )
-        elif key == "model":
-            if value not in MDLM_MODELS:
-                raise ConfigError(
-                    f"MDLM name model={value} is not ported: use one of {sorted(MDLM_MODELS)}"
-                )
-            out += MDLM_MODELS[value]
-            say(f"model={value}", MDLM_MODELS[value])
-        elif key == "data":
-            if value in REFUSED_DATA:
-                raise ConfigError(f"MDLM name data={value}: {REFUSED_DATA[value]}")
-            if value not in MDLM_DATA:
-                raise ConfigError(
-                    f"MDLM name data={value}: not an MDLM data option ({sorted(MDLM_DATA)})"
-                )
-            out += MDLM_DATA[value][0]
-            say(f"data={value}", MDLM_DATA[value][0])
-        elif key == "noise":
-            if value != "loglinear":
-                raise ConfigError(
-                    f"MDLM name noise={value} is not ported: use noise=loglinear (MDLM's default) "
-                    "or our noise=cosine"
-                )
-            out.append("noise=loglinear")
-        elif key == "subs_masking":
-            out.append(f"parameterization.subs_masking={str(_truthy(value, key)).lower()}")
-            say("subs_masking", "parameterization.subs_masking (parameterization=d3pm)")
-        elif key == "training.antithetic_sampling":
-            out.append(f"training.antithetic={str(_truthy(value, key)).lower()}")
-            say(key, "training.antithetic")
-        elif key in FALSE_ONLY:
-            if _truthy(value, key):
-                raise ConfigError(f"MDLM name {key}=True is not implemented: {FALSE_ONLY[key]}")
-            say(f"{key}=False", "(nothing: the default)")
-        elif key == "model.causal":
-            out.append(f"backbone.causal={str(_truthy(value, key)).lower()}")
-            say(key, "backbone.causal")
-        elif key in DROPPED:
-            say(key, f"(nothing: {DROPPED[key]})")
-        elif key == "loader.eval_global_batch_size":
-            ours = (
-                f"loader.eval_batch_size='${{div_up:{_int(value, key)},"
-                "${mul:${trainer.devices},${trainer.num_nodes}}}'"
-            )
-            out.append(ours)
-            say(key, "loader.eval_batch_size = eval_global_batch_size / (devices x nodes)")
-        elif key == "eval.perplexity_batch_size":
-            out.append(f"eval.gen_ppl_batch_size={_int(value, key)}")
-            say(key, "eval.gen_ppl_batch_size")
-        elif key == "data.tokenizer_name_or_path":
-            out.append(f"data.tokenizer={value}")
-            say(key, "data.tokenizer")
-        elif key.startswith("wandb."):
-            field = key.split(".", 1)[1]
-            if field in ("name", "project", "offline", "group", "tags", "notes", "id", "job_type"):
-                out.append(f"++logger.{field}={value}")  # WandbLogger kwargs not in our yaml
-                say(f"{prefix}{key}", f"logger=wandb logger.{field}")
-            else:
-                raise ConfigError(
-                    f"MDLM name {key}: our wandb logger takes logger.<WandbLogger kwarg>"
-                )
-        elif key.startswith("callbacks."):
-            if key.endswith("every_n_train_steps"):
-                out.append(f"checkpointing.every_n_train_steps={_int(value, key)}")
-                say(key, "checkpointing.every_n_train_steps")
-            else:
-                raise ConfigError(
-                    f"MDLM name {key}: our checkpoint callbacks are set by checkpointing.*"
-                )
-        elif key in ("optim.beta1", "optim.beta2"):
-            raise ConfigError(f"MDLM name {key}: ours takes optim.betas=[b1,b2]")
-        else:
-            out.append(o)  # shared names: mode, eval.*, loader.*, training.*, T, trainer.*, ...
-    if any(_split(o)[1].startswith("wandb.") for o in overrides):
-        out.insert(0, "logger=wandb")
 
-    # ---- MDLM's defaults where ours differ ---------------------------------------------------
+def _noise_removal(t: _Translation) -> list[str]:
+    """sampling.noise_removal -> sampler.noise_removal where the sampler has it; True refused
+    elsewhere, False dropped."""
+    if "sampling.noise_removal" not in t.given:
+        return []
+    flag = _truthy(t.given["sampling.noise_removal"], "sampling.noise_removal")
+    if _sampler_accepts(t.sampler, "noise_removal"):
+        t.say("sampling.noise_removal", "sampler.noise_removal")
+        return [f"sampler.noise_removal={str(flag).lower()}"]
+    if flag:
+        raise ConfigError(
+            f"MDLM name sampling.noise_removal=True: sampler={t.sampler} has no final greedy "
+            "step; its last step goes to t=0 and samples every remaining mask. Drop the "
+            "flag, or use sampler=ddpm / ddpm_cache where noise_removal is an option"
+        )
+    t.say("sampling.noise_removal=False", "(nothing: ours has no final greedy step)")
+    return []
+
+
+# ---- everything else, name by name ---------------------------------------------------------
+def _translate_one(t: _Translation, override: str) -> None:
+    """One override of the command: sampling.* names were read already (unknown ones refused),
+    removals pass through, MDLM names go to their handler, shared names pass through."""
+    prefix, key, value = _split(override)
+    if key in ("trainer.devices", "trainer.num_nodes"):
+        t.out.append(f"{key}={value}")
+    elif key.startswith("sampling."):
+        if key in SAMPLING_NAMES:
+            return
+        if key not in DROPPED:
+            raise ConfigError(f"MDLM name {key} is not one MDLM's main.py reads")
+        t.say(key, f"(nothing: {DROPPED[key]})")
+    elif prefix == "~":
+        t.out.append(override)
+    else:
+        handler = _handler(key)
+        if handler is None:
+            t.out.append(override)  # shared names: mode, eval.*, loader.*, training.*, T, ...
+        else:
+            handler(t, prefix, key, value)
+
+
+Handler = Callable[[_Translation, str, str, str], None]
+
+
+def _backbone(t: _Translation, prefix: str, key: str, value: str) -> None:
+    t.backbone_set = True
+    if value in ("dit", "hf_dit"):
+        t.out.append("backbone=hf_dit")
+        t.say(f"backbone={value}", "backbone=hf_dit (MDLM's DiT, parameter for parameter)")
+    elif value == "ar":
+        t.out += ["backbone=hf_dit", "backbone.causal=true"]
+        t.say("backbone=ar", "backbone=hf_dit backbone.causal=true (MDLM's AR DDIT)")
+    else:
+        raise ConfigError(
+            f"MDLM name backbone={value} is not ported: use backbone=dit (MDLM's DiT), "
+            "backbone=ar, or our backbone=hf_causal_bidirectional / hf_mlm"
+        )
+
+
+def _model(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if value not in MDLM_MODELS:
+        raise ConfigError(
+            f"MDLM name model={value} is not ported: use one of {sorted(MDLM_MODELS)}"
+        )
+    t.out += MDLM_MODELS[value]
+    t.say(f"model={value}", MDLM_MODELS[value])
+
+
+def _data(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if value in REFUSED_DATA:
+        raise ConfigError(f"MDLM name data={value}: {REFUSED_DATA[value]}")
+    if value not in MDLM_DATA:
+        raise ConfigError(f"MDLM name data={value}: not an MDLM data option ({sorted(MDLM_DATA)})")
+    t.out += MDLM_DATA[value][0]
+    t.say(f"data={value}", MDLM_DATA[value][0])
+
+
+def _noise(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if value != "loglinear":
+        raise ConfigError(
+            f"MDLM name noise={value} is not ported: use noise=loglinear (MDLM's default) "
+            "or our noise=cosine"
+        )
+    t.out.append("noise=loglinear")
+
+
+def _renamed_flag(ours: str, note: str = "") -> Handler:
+    """A True/False MDLM name that is one of our flags under another name."""
+
+    def handle(t: _Translation, prefix: str, key: str, value: str) -> None:
+        t.out.append(f"{ours}={str(_truthy(value, key)).lower()}")
+        t.say(key, ours + note)
+
+    return handle
+
+
+def _renamed_int(ours: str) -> Handler:
+    """An integer MDLM name that is one of ours under another name."""
+
+    def handle(t: _Translation, prefix: str, key: str, value: str) -> None:
+        t.out.append(f"{ours}={_int(value, key)}")
+        t.say(key, ours)
+
+    return handle
+
+
+def _false_only(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if _truthy(value, key):
+        raise ConfigError(f"MDLM name {key}=True is not implemented: {FALSE_ONLY[key]}")
+    t.say(f"{key}=False", "(nothing: the default)")
+
+
+def _dropped(t: _Translation, prefix: str, key: str, value: str) -> None:
+    t.say(key, f"(nothing: {DROPPED[key]})")
+
+
+def _eval_global_batch(t: _Translation, prefix: str, key: str, value: str) -> None:
+    t.out.append(
+        f"loader.eval_batch_size='${{div_up:{_int(value, key)},"
+        "${mul:${trainer.devices},${trainer.num_nodes}}}'"
+    )
+    t.say(key, "loader.eval_batch_size = eval_global_batch_size / (devices x nodes)")
+
+
+def _tokenizer(t: _Translation, prefix: str, key: str, value: str) -> None:
+    t.out.append(f"data.tokenizer={value}")
+    t.say(key, "data.tokenizer")
+
+
+def _betas(t: _Translation, prefix: str, key: str, value: str) -> None:
+    raise ConfigError(f"MDLM name {key}: ours takes optim.betas=[b1,b2]")
+
+
+WANDB_FIELDS = ("name", "project", "offline", "group", "tags", "notes", "id", "job_type")
+
+
+def _wandb(t: _Translation, prefix: str, key: str, value: str) -> None:
+    field_ = key.split(".", 1)[1]
+    if field_ not in WANDB_FIELDS:
+        raise ConfigError(f"MDLM name {key}: our wandb logger takes logger.<WandbLogger kwarg>")
+    t.out.append(f"++logger.{field_}={value}")  # WandbLogger kwargs not in our yaml
+    t.say(f"{prefix}{key}", f"logger=wandb logger.{field_}")
+
+
+def _callbacks(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if not key.endswith("every_n_train_steps"):
+        raise ConfigError(f"MDLM name {key}: our checkpoint callbacks are set by checkpointing.*")
+    t.out.append(f"checkpointing.every_n_train_steps={_int(value, key)}")
+    t.say(key, "checkpointing.every_n_train_steps")
+
+
+HANDLERS: dict[str, Handler] = {
+    "backbone": _backbone,
+    "model": _model,
+    "data": _data,
+    "noise": _noise,
+    "subs_masking": _renamed_flag("parameterization.subs_masking", " (parameterization=d3pm)"),
+    "training.antithetic_sampling": _renamed_flag("training.antithetic"),
+    "model.causal": _renamed_flag("backbone.causal"),
+    "loader.eval_global_batch_size": _eval_global_batch,
+    "eval.perplexity_batch_size": _renamed_int("eval.gen_ppl_batch_size"),
+    "data.tokenizer_name_or_path": _tokenizer,
+    "optim.beta1": _betas,
+    "optim.beta2": _betas,
+    **dict.fromkeys(FALSE_ONLY, _false_only),
+    **dict.fromkeys(DROPPED, _dropped),
+}
+PREFIX_HANDLERS: dict[str, Handler] = {"wandb.": _wandb, "callbacks.": _callbacks}
+
+
+def _handler(key: str) -> Handler | None:
+    """The handler of an MDLM name (by name, else by prefix); None for a shared name."""
+    if key in HANDLERS:
+        return HANDLERS[key]
+    return next((h for p, h in PREFIX_HANDLERS.items() if key.startswith(p)), None)
+
+
+# ---- MDLM's defaults where ours differ -------------------------------------------------------
+def _mdlm_defaults(t: _Translation) -> list[tuple[str, str]]:
+    """(key, value) of MDLM's defaults the command leaves unset where ours differ. Evaluating
+    a checkpoint: the architecture comes from it (MDLM's defaults would contradict a
+    checkpoint of ours); training: MDLM's architecture and optimiser defaults."""
+    given = t.given
+    mode = given.get("mode", "train")
     defaults: list[tuple[str, str]] = []
-    # evaluating a checkpoint: the architecture comes from it (MDLM's defaults would contradict
-    # a checkpoint of ours); training: MDLM's architecture defaults
-    from_checkpoint = mode != "train" and bool(given.get("eval.checkpoint_path"))
-    if not from_checkpoint:
+    if not (mode != "train" and bool(given.get("eval.checkpoint_path"))):
         if given.get("parameterization", "subs") in ("subs", "d3pm"):  # MDLM: no mask statistic
             defaults.append(("parameterization.mask_conditioning", "false"))
-        if not backbone_set:
+        if not t.backbone_set:
             defaults.append(("backbone", "hf_dit"))
-        if "model" not in given:
-            defaults.append(("model", "small"))
-        if "data" not in given:
-            defaults.append(("data", "openwebtext"))
+        defaults += [
+            (k, v) for k, v in (("model", "small"), ("data", "openwebtext")) if k not in given
+        ]
     if "eval.compute_generative_perplexity" not in given:
         defaults.append(("eval.compute_generative_perplexity", "false"))
     if mode == "train":
-        if "training.ema" not in given:
-            defaults.append(("training.ema", "0.9999"))
-        if "loader.global_batch_size" not in given:
-            defaults.append(("loader.global_batch_size", "512"))
-        if "optim.lr" not in given:
-            defaults.append(("optim.lr", "3e-4"))
+        unset = (
+            ("training.ema", "0.9999"),
+            ("loader.global_batch_size", "512"),
+            ("optim.lr", "3e-4"),
+        )
+        defaults += [(k, v) for k, v in unset if k not in given]
         defaults += [("optim.betas", "[0.9,0.999]"), ("training.random_length_fraction", "0.0")]
-    for key, value in defaults:
-        out.append(f"{key}={value}")
-        lines.append(f"MDLM default {key}={value} (ours differs)")
-    return out, lines
+    return defaults
 
 
 def _sampler_accepts(sampler: str, arg: str) -> bool:

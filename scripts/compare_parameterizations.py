@@ -1,5 +1,6 @@
-"""Train subs, d3pm (T=1000), sedd and ar on the embedded default with the same steps, batch
-and seed, evaluate each on the whole validation split, and print one markdown table.
+"""Train ar, subs, sedd, d3pm (T=1000), bd3lm (blocks 4 and 16) and duo on the embedded default
+with the same steps, batch and seed, evaluate each on the whole validation split, and print one
+markdown table.
 
     python scripts/compare_parameterizations.py                 # the embedded default's budget
     python scripts/compare_parameterizations.py trainer.max_steps=300 --out runs/compare
@@ -18,11 +19,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# run key (its folder and `--only` name) -> (table label, overrides)
 RUNS = {
-    "ar": ["experiment=ar_shakespeare"],
-    "subs (MDLM)": [],
-    "sedd": ["parameterization=sedd", "time_conditioning=true", "sampler=analytic"],
-    "d3pm (T=1000)": ["parameterization=d3pm", "T=1000", "time_conditioning=true", "sampler=ddpm"],
+    "ar": ("ar", ["experiment=ar_shakespeare"]),
+    "subs": ("subs (MDLM)", []),
+    "sedd": ("sedd", ["parameterization=sedd", "time_conditioning=true", "sampler=analytic"]),
+    "d3pm": (
+        "d3pm (T=1000)",
+        ["parameterization=d3pm", "T=1000", "time_conditioning=true", "sampler=ddpm"],
+    ),
+    "bd3lm4": ("bd3lm (block 4)", ["experiment=bd3lm_shakespeare"]),
+    "bd3lm16": (
+        "bd3lm (block 16)",
+        ["experiment=bd3lm_shakespeare", "parameterization.block_size=16"],
+    ),
+    "duo": ("duo", ["experiment=duo_shakespeare"]),
 }
 
 
@@ -33,15 +44,13 @@ def main() -> None:
     p.add_argument(
         "--reuse", action="store_true", help="keep runs whose ppl_eval.json already exists"
     )
-    p.add_argument(
-        "--only", nargs="+", choices=[n.split()[0] for n in RUNS], help="run only these rows"
-    )
+    p.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these rows")
     args = p.parse_args()
     rows = []
-    for name, extra in RUNS.items():
-        if args.only and name.split()[0] not in args.only:
+    for key, (name, extra) in RUNS.items():
+        if args.only and key not in args.only:
             continue
-        run_dir = args.out / name.split()[0]
+        run_dir = args.out / key
         cmd = [
             sys.executable,
             "main.py",

@@ -27,6 +27,7 @@ from models.formats.common import (
 from models.formats.hf_decoder import decoder_layout, decoder_overrides
 
 NAME = "dream"
+MASK, PAD = 151666, 151643  # DreamConfig's mask_token_id / pad_token_id (pad = <|endoftext|>)
 FIELDS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "vocab_size",
@@ -45,7 +46,8 @@ def hf_config(cfg: dict[str, Any], source: Path) -> dict[str, Any]:
         raise FormatError(f"{source}: hidden_act={cfg['hidden_act']!r}; Qwen2 uses silu")
     if cfg.get("use_sliding_window"):
         raise FormatError(f"{source}: use_sliding_window=true is not mapped (Dream: false)")
-    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    # DreamConfig's defaults where config.json is silent: rope_theta 10000, pad 151643
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
     return {
         "vocab_size": int(cfg["vocab_size"]),
         "hidden_size": int(cfg["hidden_size"]),
@@ -59,7 +61,7 @@ def hf_config(cfg: dict[str, Any], source: Path) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": float(theta)},
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "use_sliding_window": False,
-        "pad_token_id": cfg.get("pad_token_id"),
+        "pad_token_id": cfg.get("pad_token_id", PAD),
         "bos_token_id": cfg.get("bos_token_id"),
         "eos_token_id": cfg.get("eos_token_id"),
     }
@@ -80,7 +82,7 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     if hf["tie_word_embeddings"] and "model.lm_head.weight" not in tensors:
         tensors["model.lm_head.weight"] = tensors["model.model.embed_tokens.weight"]
     length = min(int(hf["max_position_embeddings"]), 2048)
-    mask_id, pad = int(cfg.get("mask_token_id", 151666)), cfg.get("pad_token_id")
+    mask_id, pad = int(cfg.get("mask_token_id", MASK)), cfg.get("pad_token_id", PAD)
     config_overrides, patch = decoder_overrides(
         "qwen2", hf, str(folder), length, shift=True, mask_id=mask_id, pad_id=pad
     )
@@ -89,7 +91,7 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
         "source": str(folder),
         "mask_id": mask_id,
         "eos_id": cfg.get("eos_token_id"),
-        "pad_id": cfg.get("pad_token_id"),
+        "pad_id": pad,
         "shift": True,
         "time_conditioning": False,
         "tokenizer": str(folder),

@@ -51,6 +51,13 @@ def decoder_overrides(
         f"backbone.shift={str(shift).lower()}",
         "data=openwebtext",  # a corpus for ppl_eval; lm-eval and generate read only the tokenizer
     ]
+    if mask_id is not None and pad_id is not None and int(mask_id) == int(pad_id):
+        from models.formats.common import FormatError
+
+        raise FormatError(  # LLaDA's generate.py refuses it too: padding would read as masked
+            f"{tokenizer}: pad_token_id equals mask_token_id ({mask_id}); padding would be "
+            "taken for [MASK] - fix the config.json"
+        )
     spec: Any = tokenizer
     if mask_id is not None:  # the release's own [MASK] (and pad) ids, whatever its files declare
         spec = {

@@ -189,6 +189,72 @@ def check_conditioning(ckpt: dict[str, Any], config: dict[str, Any], path: str |
             )
 
 
+EMA_PREFIX, EMA_COUNTER = "ema.module.", "ema.n_averaged"  # our module's EMA copy
+
+
+def _backbone_name(name: str) -> str:
+    """The backbone name of a tensor (the EMA copy holds the backbone's own names)."""
+    return "backbone." + name[len(EMA_PREFIX) :] if name.startswith(EMA_PREFIX) else name
+
+
+def _start_from(name: str, saved: dict[str, Tensor]) -> str:
+    """The checkpoint tensor a module tensor starts from: the EMA copy when saved."""
+    name = _backbone_name(name)
+    averaged = EMA_PREFIX + name.removeprefix("backbone.")
+    return averaged if name.startswith("backbone.") and averaged in saved else name
+
+
+def _check_same_names(
+    own: dict[str, Tensor], saved: dict[str, Tensor], where: str, hint: dict[str, Any]
+) -> None:
+    """The module and the checkpoint hold the same tensors (EMA copies counted as backbone)."""
+    own_names = {_backbone_name(n) for n in own if n != EMA_COUNTER}
+    saved_names = {_backbone_name(n) for n in saved if n != EMA_COUNTER}
+    missing, unexpected = sorted(own_names - saved_names), sorted(saved_names - own_names)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not fit the configured model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. It was trained with {hint}; pass the same "
+            "model/backbone overrides as in pretraining."
+        )
+
+
+@torch.no_grad()
+def _copy_weights(
+    own: dict[str, Tensor],
+    saved: dict[str, Tensor],
+    vocab_size: int,
+    where: str,
+    hint: dict[str, Any],
+) -> list[str]:
+    """Copy each saved tensor into its module tensor in place; a tensor whose first dimension
+    grew to `vocab_size` gets the old rows only. Returns the names of those that grew."""
+    grown = []
+    for name in own:
+        if name == EMA_COUNTER:
+            continue
+        target, src_name = own[name], _start_from(name, saved)
+        src = saved[src_name]
+        if src.shape == target.shape:
+            target.copy_(src)
+        elif (
+            src.dim() == target.dim()
+            and src.shape[1:] == target.shape[1:]
+            and src.shape[0] < target.shape[0] == vocab_size
+        ):
+            target[: src.shape[0]].copy_(src)  # new vocabulary rows keep their fresh init
+            grown.append(name)
+        else:
+            raise CheckpointError(
+                f"{where}: {src_name} has shape {tuple(src.shape)} in the checkpoint "
+                f"but {name} is {tuple(target.shape)} in the model; only vocabulary rows "
+                f"(vocab {vocab_size}) may be added. It was trained with {hint}."
+            )
+    if EMA_COUNTER in own:
+        own[EMA_COUNTER].zero_()  # the first EMA update copies the weights
+    return grown
+
+
 def init_weights(
     module: nn.Module, path: str | Path, vocab_size: int, key: str = "training.init_from_ckpt"
 ) -> list[str]:
@@ -201,58 +267,17 @@ def init_weights(
     adds): the old rows are copied and the new ones keep their fresh initialisation. Any other
     difference is an error naming `key`. Returns the names of the tensors that grew.
     """
+    where = f"{key}={path}"
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{key}={path}: {e}") from e
-    check_conditioning(ckpt, getattr(module, "config", None) or {}, f"{key}={path}")
+        raise CheckpointError(f"{where}: {e}") from e
+    check_conditioning(ckpt, getattr(module, "config", None) or {}, where)
     saved: dict[str, Tensor] = ckpt["state_dict"]
     own = module.state_dict()
-    ema, counter = "ema.module.", "ema.n_averaged"
-
-    def plain(name: str) -> str:
-        """The backbone name of a tensor (the EMA copy holds the backbone's own names)."""
-        return "backbone." + name[len(ema) :] if name.startswith(ema) else name
-
-    def source(name: str) -> str:
-        """The checkpoint tensor a module tensor starts from: the EMA copy when saved."""
-        name = plain(name)
-        averaged = ema + name.removeprefix("backbone.")
-        return averaged if name.startswith("backbone.") and averaged in saved else name
-
     hint = {k: ckpt.get("unmask_config", {}).get(k) for k in ("model", "backbone")}
-    own_names = {plain(n) for n in own if n != counter}
-    saved_names = {plain(n) for n in saved if n != counter}
-    missing, unexpected = sorted(own_names - saved_names), sorted(saved_names - own_names)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{key}={path} does not fit the configured model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}. It was trained with {hint}; pass the same "
-            "model/backbone overrides as in pretraining."
-        )
-    wanted = {name: source(name) for name in own if name != counter}
-    grown = []
-    with torch.no_grad():
-        for name, src_name in wanted.items():
-            target, src = own[name], saved[src_name]
-            if src.shape == target.shape:
-                target.copy_(src)
-            elif (
-                src.dim() == target.dim()
-                and src.shape[1:] == target.shape[1:]
-                and src.shape[0] < target.shape[0] == vocab_size
-            ):
-                target[: src.shape[0]].copy_(src)  # new vocabulary rows keep their fresh init
-                grown.append(name)
-            else:
-                raise CheckpointError(
-                    f"{key}={path}: {src_name} has shape {tuple(src.shape)} in the checkpoint "
-                    f"but {name} is {tuple(target.shape)} in the model; only vocabulary rows "
-                    f"(vocab {vocab_size}) may be added. It was trained with {hint}."
-                )
-        if counter in own:
-            own[counter].zero_()  # the first EMA update copies the weights
-    return grown
+    _check_same_names(own, saved, where, hint)
+    return _copy_weights(own, saved, vocab_size, where, hint)
 
 
 # ---- what a checkpoint was trained on: tokenizer and data fingerprints ---------------------

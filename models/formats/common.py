@@ -35,6 +35,63 @@ def read_json(path: Path) -> dict[str, Any]:
         raise FormatError(f"{path} is not valid JSON (truncated?): {e}") from e
 
 
+def read_release_config(folder: Path, model_type: str) -> tuple[dict[str, Any], Path]:
+    """(config.json of a release folder, its path), refused unless its model_type is ours."""
+    cfg_path = folder / "config.json"
+    cfg = read_json(cfg_path)
+    if cfg.get("model_type") != model_type:
+        raise FormatError(
+            f"{cfg_path}: model_type={cfg.get('model_type')!r}, expected {model_type!r}"
+        )
+    return cfg, cfg_path
+
+
+def decoder_hf_config(
+    cfg: Mapping[str, Any],
+    sizes: Mapping[str, Any],
+    *,
+    max_positions: Any,
+    rms_norm_eps: Any,
+    rope_theta: Any,
+    pad_default: int | None = None,
+    **switches: Any,
+) -> dict[str, Any]:
+    """Keywords of a transformers Llama / Qwen2 config (SiLU MLP, RMS norm, default rope) for
+    a release's config.json `cfg`: `sizes` the dimensions under transformers' names,
+    `switches` the architecture's own flags; special ids as the release gives them (pad:
+    `pad_default` when it is silent)."""
+    return {
+        **{name: int(value) for name, value in sizes.items()},
+        "hidden_act": "silu",
+        "max_position_embeddings": int(max_positions),
+        "rms_norm_eps": float(rms_norm_eps),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(rope_theta)},
+        **switches,
+        "pad_token_id": cfg.get("pad_token_id", pad_default),
+        "bos_token_id": cfg.get("bos_token_id"),
+        "eos_token_id": cfg.get("eos_token_id"),
+    }
+
+
+def release_info(
+    name: str, folder: Path, mask_id: int, eos_id: Any, pad_id: Any, shift: bool, length: int
+) -> dict[str, Any]:
+    """The `unmask_format` record of a released decoder's weights (its own tokenizer folder,
+    no time conditioning, no EMA)."""
+    return {
+        "format": name,
+        "source": str(folder),
+        "mask_id": mask_id,
+        "eos_id": eos_id,
+        "pad_id": pad_id,
+        "shift": shift,
+        "time_conditioning": False,
+        "tokenizer": str(folder),
+        "length": length,
+        "ema": "released weights",
+    }
+
+
 def require(config: Mapping[str, Any], keys: Sequence[str], source: Path | str) -> None:
     missing = [k for k in keys if k not in config]
     if missing:

@@ -17,9 +17,12 @@ from typing import Any
 
 from models.formats.common import (
     FormatError,
+    decoder_hf_config,
     make_checkpoint,
     read_json,
+    read_release_config,
     read_safetensors,
+    release_info,
     require,
     safetensors_files,
     strict_match,
@@ -48,30 +51,21 @@ def hf_config(cfg: dict[str, Any], source: Path) -> dict[str, Any]:
         raise FormatError(f"{source}: use_sliding_window=true is not mapped (Dream: false)")
     # DreamConfig's defaults where config.json is silent: rope_theta 10000, pad 151643
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
-    return {
-        "vocab_size": int(cfg["vocab_size"]),
-        "hidden_size": int(cfg["hidden_size"]),
-        "intermediate_size": int(cfg["intermediate_size"]),
-        "num_hidden_layers": int(cfg["num_hidden_layers"]),
-        "num_attention_heads": int(cfg["num_attention_heads"]),
-        "num_key_value_heads": int(cfg["num_key_value_heads"]),
-        "hidden_act": "silu",
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", 32768)),
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(theta)},
-        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "use_sliding_window": False,
-        "pad_token_id": cfg.get("pad_token_id", PAD),
-        "bos_token_id": cfg.get("bos_token_id"),
-        "eos_token_id": cfg.get("eos_token_id"),
-    }
+    sizes = {name: cfg[name] for name in FIELDS}  # the same names in transformers
+    return decoder_hf_config(
+        cfg,
+        sizes,
+        max_positions=cfg.get("max_position_embeddings", 32768),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        pad_default=PAD,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        use_sliding_window=False,
+    )
 
 
 def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    cfg_path = folder / "config.json"
-    cfg = read_json(cfg_path)
-    if cfg.get("model_type") != "Dream":
-        raise FormatError(f"{cfg_path}: model_type={cfg.get('model_type')!r}, expected 'Dream'")
+    cfg, cfg_path = read_release_config(folder, "Dream")
     hf = hf_config(cfg, cfg_path)
     raw = read_safetensors(safetensors_files(folder))
     expected = decoder_layout("qwen2", hf)
@@ -86,16 +80,5 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     config_overrides, patch = decoder_overrides(
         "qwen2", hf, str(folder), length, shift=True, mask_id=mask_id, pad_id=pad
     )
-    info = {
-        "format": NAME,
-        "source": str(folder),
-        "mask_id": mask_id,
-        "eos_id": cfg.get("eos_token_id"),
-        "pad_id": pad,
-        "shift": True,
-        "time_conditioning": False,
-        "tokenizer": str(folder),
-        "length": length,
-        "ema": "released weights",
-    }
+    info = release_info(NAME, folder, mask_id, cfg.get("eos_token_id"), pad, True, length)
     return make_checkpoint([*config_overrides, *overrides], tensors, info, patch=patch)

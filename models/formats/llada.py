@@ -27,9 +27,12 @@ from typing import Any
 
 from models.formats.common import (
     FormatError,
+    decoder_hf_config,
     make_checkpoint,
     read_json,
+    read_release_config,
     read_safetensors,
+    release_info,
     require,
     safetensors_files,
     strict_match,
@@ -89,32 +92,28 @@ def hf_config(cfg: dict[str, Any], source: Path) -> dict[str, Any]:
     for key, want in ASSUMED.items():
         if key in cfg and cfg[key] != want:
             raise FormatError(f"{source}: {key}={cfg[key]!r}; this converter maps {key}={want!r}")
-    vocab = int(cfg.get("embedding_size") or cfg["vocab_size"])
-    return {
-        "vocab_size": vocab,
-        "hidden_size": int(cfg["d_model"]),
-        "intermediate_size": int(cfg["mlp_hidden_size"]),
-        "num_hidden_layers": int(cfg["n_layers"]),
-        "num_attention_heads": int(cfg["n_heads"]),
-        "num_key_value_heads": int(cfg.get("n_kv_heads") or cfg["n_heads"]),
-        "hidden_act": "silu",
-        "max_position_embeddings": int(cfg.get("max_sequence_length", 4096)),
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-5)),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg["rope_theta"])},
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "pad_token_id": cfg.get("pad_token_id"),
-        "bos_token_id": cfg.get("bos_token_id"),
-        "eos_token_id": cfg.get("eos_token_id"),
+    sizes = {
+        "vocab_size": cfg.get("embedding_size") or cfg["vocab_size"],
+        "hidden_size": cfg["d_model"],
+        "intermediate_size": cfg["mlp_hidden_size"],
+        "num_hidden_layers": cfg["n_layers"],
+        "num_attention_heads": cfg["n_heads"],
+        "num_key_value_heads": cfg.get("n_kv_heads") or cfg["n_heads"],
     }
+    return decoder_hf_config(
+        cfg,
+        sizes,
+        max_positions=cfg.get("max_sequence_length", 4096),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=cfg["rope_theta"],
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
 
 
 def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    cfg_path = folder / "config.json"
-    cfg = read_json(cfg_path)
-    if cfg.get("model_type") != "llada":
-        raise FormatError(f"{cfg_path}: model_type={cfg.get('model_type')!r}, expected 'llada'")
+    cfg, cfg_path = read_release_config(folder, "llada")
     hf = hf_config(cfg, cfg_path)
     raw = read_safetensors(safetensors_files(folder))
     found = {}
@@ -130,16 +129,5 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     config_overrides, patch = decoder_overrides(
         "llama", hf, str(folder), length, shift=False, mask_id=mask_id, pad_id=pad
     )
-    info = {
-        "format": NAME,
-        "source": str(folder),
-        "mask_id": mask_id,
-        "eos_id": cfg.get("eos_token_id"),
-        "pad_id": cfg.get("pad_token_id"),
-        "shift": False,
-        "time_conditioning": False,
-        "tokenizer": str(folder),
-        "length": length,
-        "ema": "released weights",
-    }
+    info = release_info(NAME, folder, mask_id, cfg.get("eos_token_id"), pad, False, length)
     return make_checkpoint([*config_overrides, *overrides], dict(tensors), info, patch=patch)

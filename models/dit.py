@@ -156,32 +156,103 @@ def span_attention(
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (RoFormer), cos/sin cached per length."""
+    """Rotary position embedding (RoFormer, GPT-NeoX halves): cos/sin tables of the angles
+    p * inv_freq, built once per (device, dtype, inference mode) and grown on demand.
+
+    A table for length L is the first L rows of any longer one (row p depends on p only), so
+    one table per key serves every length; `positions` (BD3-LM) are computed on the spot.
+    """
 
     def __init__(self, head_dim: int, base: float = 10_000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _angles(self, pos: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(pos, self.inv_freq)  # (L, D/2) in inv_freq's dtype
+        cos, sin = freqs.cos(), freqs.sin()
+        if dtype is not None:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
 
     def forward(
-        self, length: int, device: torch.device, positions: Tensor | None = None
+        self,
+        length: int,
+        device: torch.device,
+        positions: Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """cos/sin at positions 0 .. length - 1, or at `positions` (L,) when given (BD3-LM's
-        x_t and x_0 halves both sit at 0 .. L - 1)."""
-        if positions is None:
+        """cos, sin (L, D/2) at positions 0 .. length - 1, or at `positions` (L,) when given
+        (BD3-LM's x_t and x_0 halves both sit at 0 .. L - 1); cast to `dtype` when given.
+        Both halves of a head share these angles (see `rotate_qkv`)."""
+        if positions is not None:
+            return self._angles(positions.to(device=device, dtype=self.inv_freq.dtype), dtype)
+        if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
             pos = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
-        else:
-            pos = positions.to(device=device, dtype=self.inv_freq.dtype)
-        freqs = torch.outer(pos, self.inv_freq)  # (L, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
-        return emb.cos()[None, None], emb.sin()[None, None]  # (1, 1, L, D)
+            return self._angles(pos, dtype)
+        inv = self.inv_freq
+        key = (
+            torch.device(device), dtype, torch.is_inference_mode_enabled(),
+            inv.device, inv.dtype, inv.data_ptr(), inv._version,
+        )  # fmt: skip
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < length:
+            if len(self._tables) > 8:  # devices / dtypes / modes come and go: stay bounded
+                self._tables.clear()
+            size = max(length, 0 if table is None else 2 * table[0].shape[0])
+            pos = torch.arange(size, device=device, dtype=inv.dtype)
+            table = self._tables[key] = self._angles(pos, dtype)
+        return table[0][:length], table[1][:length]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, L, D) by position: x*cos + rotate_half(x)*sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> None:
+    """out = x rotated by +angle (or -angle): halves x1, x2 of the last dim go to
+    x1 cos - x2 sin, x2 cos + x1 sin (inverse: x1 cos + x2 sin, x2 cos - x1 sin)."""
+    h = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    sign = 1.0 if inverse else -1.0
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin, value=-sign)
+
+
+class _RotateQKV(torch.autograd.Function):
+    """q and k of a packed (B, L, 3, H, D) qkv rotated in one pass, v copied; the backward is
+    the inverse rotation (no activations saved, only the cos/sin tables)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        _rotate_into(out[:, :, :2], qkv[:, :, :2], cos, sin, inverse=False)
+        out[:, :, 2].copy_(qkv[:, :, 2])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        _rotate_into(out[:, :, :2], grad[:, :, :2], cos, sin, inverse=True)
+        out[:, :, 2].copy_(grad[:, :, 2])
+        return out, None, None
+
+
+def rotate_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary on the packed (B, L, 3, H, D) projections: q and k rotated by position, v as is.
+
+    cos, sin: (L, D/2) from `Rotary`. Equal to rotating q and k separately by
+    x * cos + rotate_half(x) * sin with the halves' tables repeated (the classic form).
+    """
+    cos = cos.to(qkv.dtype)[:, None, None]  # (L, 1, 1, D/2) over (B, L, 2, H, D/2)
+    sin = sin.to(qkv.dtype)[:, None, None]
+    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them itself
+        qk, v = qkv[:, :, :2], qkv[:, :, 2:]
+        x1, x2 = qk.chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return torch.cat([rotated, v], dim=2)
+    return _RotateQKV.apply(qkv, cos, sin)
 
 
 class TimestepEmbedder(nn.Module):
@@ -205,7 +276,13 @@ class TimestepEmbedder(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: x (B, L, C) * (1 + scale (B, C)) + shift (B, C), in one fused op."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated_residual(x: Tensor, gate: Tensor | None, y: Tensor) -> Tensor:
+    """x + gate (B, C) * y, (B, L, C), in one fused op (x + y without a gate)."""
+    return x + y if gate is None else torch.addcmul(x, gate[:, None], y)
 
 
 class Block(nn.Module):
@@ -255,8 +332,8 @@ class Block(nn.Module):
         h = self.norm1(x)
         if shift1 is not None:
             h = modulate(h, shift1, scale1)
-        q, k, v = self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # (B, H, L, D)
+        qkv = rotate_qkv(self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads), *rotary)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, D) views of the packed tensor
         if kv is None:
             if attn_mask is None:
                 a = attention(q, k, v, key_padding, causal)
@@ -264,15 +341,16 @@ class Block(nn.Module):
                 a = masked_attention(q, k, v, attn_mask, key_padding)
         else:
             a = span_attention(q, k, v, kv[0], kv[1], kv[2], causal)
-        a = a.transpose(1, 2).reshape(B, L, C)
-        a = self.dropout(self.proj(a))
-        x = x + (a if gate1 is None else gate1[:, None] * a)
+        a = self._dropout(self.proj(a.transpose(1, 2).reshape(B, L, C)))
+        x = gated_residual(x, gate1, a)
 
         h = self.norm2(x)
         if shift2 is not None:
             h = modulate(h, shift2, scale2)
-        m = self.dropout(self.mlp(h))
-        return x + (m if gate2 is None else gate2[:, None] * m)
+        return gated_residual(x, gate2, self._dropout(self.mlp(h)))
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return self.dropout(x) if self.dropout.p > 0 else x
 
 
 class FinalLayer(nn.Module):
@@ -459,7 +537,7 @@ class DiT(nn.Module):
         x = self.embed(x_span)  # (B, n, C)
         cond = self._condition(sigma, B)
         cos, sin = self.rotary(end, x.device)
-        rotary = (cos[:, :, start:], sin[:, :, start:])  # positions start .. end - 1
+        rotary = (cos[start:], sin[start:])  # positions start .. end - 1
         span = Span(start=start, cached=cache.length, context=context, write=write)
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
             x = block(x, rotary, cond, None, self.causal, kv=(keys, values, span))

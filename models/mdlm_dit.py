@@ -17,7 +17,8 @@ parameter names (a checkpoint's `backbone.*` keys load with no renaming):
     output_layer.linear.{weight,bias}      (V, C)
     output_layer.adaLN_modulation.{weight,bias}  (2C, cond_dim)
 
-Rotary positions rotate q and k by halves (GPT-NeoX style, base 10 000). MDLM feeds sigma = 0
+Rotary positions rotate q and k by halves (GPT-NeoX style, base 10 000); the rotation, adaLN
+modulation and gated residuals are the DiT's fused helpers (`models.dit`), the same values. MDLM feeds sigma = 0
 when the model is not time-conditioned, so the adaLN terms are learned constants.
 `causal=True` is MDLM's AR baseline `DDIT`: causal attention, no sigma map and no adaLN,
 and the [MASK] logit pinned to -1000 (`mask_index`) as MDLM's AR does before its softmax;
@@ -33,6 +34,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.dit import gated_residual, modulate, rotate_qkv
 
 AR_MASK_LOGIT = -1000.0  # MDLM's AR sets the [MASK] logit to this before log_softmax
 
@@ -82,23 +85,14 @@ class TimestepEmbedder(nn.Module):
 
 
 def rotary_tables(length: int, head_dim: int, device: torch.device, start: int = 0):
-    """cos, sin (1, 1, n, D) for positions start .. length - 1 (halves repeated)."""
+    """cos, sin (n, D/2) in float32 for positions start .. length - 1 (both halves of a head
+    share them: `rotate_qkv`)."""
     inv_freq = 1.0 / (
         10_000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     )
     pos = torch.arange(start, length, dtype=torch.float32, device=device)
-    emb = torch.cat([torch.outer(pos, inv_freq)] * 2, dim=-1)  # (n, D)
-    return emb.cos()[None, None], emb.sin()[None, None]
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """(B, H, L, D): x * cos + rotate_half(x) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    freqs = torch.outer(pos, inv_freq)  # (n, D/2)
+    return freqs.cos(), freqs.sin()
 
 
 class DDiTBlock(nn.Module):
@@ -131,16 +125,14 @@ class DDiTBlock(nn.Module):
     ) -> Tensor:
         """x (B, L, C) -> (B, L, C); `kv = (keys, values, start)` decodes causally with a cache."""
         B, L, C = x.shape
-        gates = None
+        gate1 = gate2 = None
         if c is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, -1)
-            gates = (gate1[:, None], gate2[:, None])
         h = self.norm1(x)
         if c is not None:
             h = modulate(h, shift1, scale1)
-        q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        q, k = rotate(q, *rotary), rotate(k, *rotary)
+        qkv = rotate_qkv(self.attn_qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads), *rotary)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, D)
         if kv is not None:
             keys, values, start = kv
             keys[:, :, start : start + L] = k
@@ -158,12 +150,11 @@ class DDiTBlock(nn.Module):
         else:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         a = self.dropout(self.attn_out(a.transpose(1, 2).reshape(B, L, C)))
-        x = x + (a if gates is None else gates[0] * a)
+        x = gated_residual(x, gate1, a)
         h = self.norm2(x)
         if c is not None:
             h = modulate(h, shift2, scale2)
-        m = self.dropout(self.mlp(h))
-        return x + (m if gates is None else gates[1] * m)
+        return gated_residual(x, gate2, self.dropout(self.mlp(h)))
 
 
 class DDitFinalLayer(nn.Module):

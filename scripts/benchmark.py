@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 import models.dit as dit_module  # noqa: E402
 from diffusion.config import register_resolvers  # noqa: E402
 from diffusion.flops import flops_per_token  # noqa: E402  (6N + attention)
-from models.dit import DiT, Rotary, TimestepEmbedder, apply_rotary  # noqa: E402
+from models.dit import DiT, TimestepEmbedder  # noqa: E402
 
 # dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, FLOP/s
 CARD_BF16_PEAK = {
@@ -189,6 +189,20 @@ class Float32LayerNorm(nn.Module):
             return F.layer_norm(x.float(), (x.shape[-1],)) * self.weight
 
 
+def mdlm_rotary(length: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """MDLM's rotary tables: cos, sin (1, 1, L, D) of the angles with the halves repeated."""
+    inv_freq = 1.0 / (10_000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
+    return emb.cos()[None, None], emb.sin()[None, None]
+
+
+def mdlm_rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """(B, H, L, D) -> x * cos + rotate_half(x) * sin, q and k each (MDLM's eager form)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
 class MDLMBlock(nn.Module):
     """MDLM's DDiT block as its paper and code describe it: float32 LayerNorm, adaLN
     shift/scale/gate (6 x d), rotary q/k, fused qkv and output without bias, gated residual
@@ -211,7 +225,7 @@ class MDLMBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
         h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k = mdlm_rotate(q, *rotary), mdlm_rotate(k, *rotary)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
         x = x + gate1 * self.dropout(self.attn_out(a))  # bias_dropout_add_scale
         h = self.norm2(x) * (1 + scale2) + shift2
@@ -229,7 +243,7 @@ class MDLMDiT(nn.Module):
         self.vocab_embed = nn.Parameter(torch.empty(vocab_size, hidden))
         nn.init.kaiming_uniform_(self.vocab_embed, a=math.sqrt(5))
         self.sigma_map = TimestepEmbedder(cond_dim)
-        self.rotary = Rotary(hidden // heads)
+        self.head_dim = hidden // heads
         self.blocks = nn.ModuleList(MDLMBlock(hidden, heads, cond_dim) for _ in range(blocks))
         self.norm_final = Float32LayerNorm(hidden)
         self.final_modulation = nn.Linear(cond_dim, 2 * hidden)
@@ -240,7 +254,7 @@ class MDLMDiT(nn.Module):
         x = self.vocab_embed[x_t]
         sigma = torch.zeros(B, device=x.device) if sigma is None else sigma
         c = F.silu(self.sigma_map(sigma))
-        rotary = self.rotary(L, x.device)
+        rotary = mdlm_rotary(L, self.head_dim, x.device)
         for block in self.blocks:
             x = block(x, rotary, c)
         shift, scale = self.final_modulation(c)[:, None].chunk(2, dim=2)

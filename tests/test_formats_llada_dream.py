@@ -31,10 +31,15 @@ def rand(g):
     return lambda *s: torch.randn(*s, generator=g) * 0.3
 
 
-def reference(p: dict, x, names: dict, theta: float, eps: float, bias: bool, shift: bool):
-    """A bidirectional Llama forward from its description, float64, with per-format names."""
+def reference(
+    p: dict, x, names: dict, theta: float, eps: float, bias: bool, shift: bool, pad=None, pos=None
+):
+    """A bidirectional Llama forward from its description, float64, with per-format names.
+    `pad` (B, L) bool: keys no query may attend to; `pos` (B, L): rotary positions."""
     p = {k: v.double() for k, v in p.items()}
     B, L = x.shape
+    pos = torch.arange(L).expand(B, L) if pos is None else pos
+    blocked = torch.zeros(B, 1, 1, L, dtype=torch.bool) if pad is None else pad[:, None, None]
 
     def rms(h, w):
         return h / torch.sqrt((h * h).mean(-1, keepdim=True) + eps) * w
@@ -44,7 +49,7 @@ def reference(p: dict, x, names: dict, theta: float, eps: float, bias: bool, shi
         return out + p[name + ".bias"] if with_bias else out
 
     inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    ang = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]
+    ang = pos.double()[:, None, :, None] * inv  # (B, 1, L, D/2)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
 
     def rope(t):  # (B, heads, L, D)
@@ -60,7 +65,8 @@ def reference(p: dict, x, names: dict, theta: float, eps: float, bias: bool, shi
         v = lin(a, n("v"), bias).view(B, L, KV, D).transpose(1, 2)
         q, k = rope(q), rope(k)
         k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-        att = (q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(blocked, -math.inf)
+        att = scores.softmax(-1) @ v
         h = h + lin(att.transpose(1, 2).reshape(B, L, C), n("o"))
         m = rms(h, p[n("ff_norm")])
         h = h + lin(F.silu(lin(m, n("gate"))) * lin(m, n("up")), n("down"))
@@ -325,3 +331,56 @@ def test_dream_parity_shift_and_twins(tmp_path):
     del missing["model.layers.0.self_attn.v_proj.bias"]
     with pytest.raises(FormatError, match=r"v_proj\.bias.*missing"):
         load_checkpoint(str(write_sharded(tmp_path / "m", dream_config(), missing)))
+
+
+def test_dream_left_padding_gives_the_unpadded_logits(tmp_path):
+    """Dream's diffusion_generate with an attention mask masks the padded keys and numbers the
+    rotary positions from each row's first real token (cumsum - 1). Rotary attention depends
+    only on position offsets, so masking the padded keys (as our backbone does) is enough: a
+    left-padded row gives the logits of the same row unpadded, and Dream's renumbered
+    reference equals ours. Without the mask the padding leaks in."""
+    p = dream_params()
+    ckpt = load_checkpoint(str(write_sharded(tmp_path / "Dream-v0-Base-7B", dream_config(), p)))
+    from diffusion.build import build_module
+
+    class Vocab:
+        vocab_size, mask_id = DV, DMASK
+
+    module = build_module(OmegaConf.create(ckpt["unmask_config"]), Vocab())
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    backbone = module.eval_backbone.eval()
+    pad_id = 151643
+    x = torch.tensor([[pad_id, pad_id, 5, 9, DMASK, DMASK], [7, 8, 5, 9, DMASK, DMASK]])
+    attn = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)  # Dream's tok_idx
+    dream = reference(p, x, DREAM_NAMES, 1e6, 1e-6, bias=True, shift=True, pad=attn == 0, pos=pos)
+    with torch.no_grad():
+        got = backbone(x, None, attn).double()
+        leaky = backbone(x, None, None).double()
+    torch.testing.assert_close(got[:, 3:], dream[:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], dream[1], atol=1e-5, rtol=1e-5)
+    alone = reference(p, x[:1, 2:], DREAM_NAMES, 1e6, 1e-6, bias=True, shift=True)
+    torch.testing.assert_close(got[0, 3:], alone[0, 1:], atol=1e-5, rtol=1e-5)  # as unpadded
+    assert not torch.allclose(leaky[0, 3:], alone[0, 1:], atol=1e-5)
+
+
+def test_special_ids_and_config_defaults(tmp_path):
+    """The ids the releases use (LLaDA generate.py / config.json: mask 126336, EOS = pad
+    126081; Dream's DreamConfig: mask 151666, pad = EOS 151643) are recorded and named to the
+    tokenizer; where Dream's config.json is silent, DreamConfig's defaults apply (rope_theta
+    10000, pad 151643); a pad id equal to the mask id is refused, as LLaDA's generate.py does."""
+    ckpt = load_checkpoint(str(write_sharded(tmp_path / "llada", llada_config(), llada_params())))
+    info, tok = ckpt["unmask_format"], ckpt["unmask_config"]["data"]["tokenizer"]
+    assert (info["mask_id"], info["eos_id"], info["pad_id"]) == (126336, 126081, 126081)
+    assert (tok["mask_token_id"], tok["pad_token_id"]) == (126336, 126081)
+    assert info["shift"] is False and ckpt["unmask_config"]["backbone"]["shift"] is False
+    silent = {k: v for k, v in dream_config().items() if k not in ("rope_theta", "pad_token_id")}
+    ckpt = load_checkpoint(str(write_sharded(tmp_path / "dream", silent, dream_params())))
+    info, cfg = ckpt["unmask_format"], ckpt["unmask_config"]
+    assert (info["mask_id"], info["pad_id"], info["eos_id"]) == (151666, 151643, 151643)
+    assert cfg["data"]["tokenizer"]["pad_token_id"] == 151643
+    assert cfg["backbone"]["hf_config"]["rope_parameters"]["rope_theta"] == 10000.0
+    assert cfg["backbone"]["shift"] is True and cfg["backbone"]["shift_first"] == "own"
+    clash = dict(llada_config(), pad_token_id=126336)
+    with pytest.raises(FormatError, match="pad_token_id equals mask_token_id"):
+        load_checkpoint(str(write_sharded(tmp_path / "clash", clash, llada_params())))

@@ -174,3 +174,31 @@ def test_release_tokenizer_names_the_checkpoint_ids(tiny_judge):
     tok = ReleaseTokenizer(tiny_judge, mask_token_id=10**6).build
     with pytest.raises(Exception, match="outside"):
         tok(None, "", "x")
+
+
+def test_a_release_folder_as_judge_is_converted_and_refused_when_not_ar(
+    tmp_path, tiny_judge, monkeypatch
+):
+    """eval.gen_ppl_eval_model_name_or_path=<DiffuGPT folder>: transformers would load it as a
+    GPT-2 with every weight missing (randomly initialised, no error); the judge builder
+    converts it instead and refuses it for not giving exact likelihoods. A plain Hugging Face
+    folder still goes to transformers."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from diffusion.config import ConfigError
+    from diffusion.evaluation.judges import GenPPLJudge, build_judge, is_release_folder
+
+    n = len(AutoTokenizer.from_pretrained(tiny_judge))  # DiffuGPT-m style: [MASK] = n
+    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "cache"))
+    folder = write(tmp_path / "diffugpt-m", n + 1, gpt2_params(n + 1), with_head=True)
+    for f in Path(tiny_judge).glob("*token*"):
+        shutil.copy(f, folder / f.name)
+    assert is_release_folder(str(folder)) and not is_release_folder(tiny_judge)
+    cfg = OmegaConf.create({"eval": {"gen_ppl_eval_model_name_or_path": str(folder)}})
+    cfg.eval.gen_ppl_batch_size = 2
+    with pytest.raises(ConfigError, match=r"diffugpt-m is not an AR checkpoint"):
+        build_judge(cfg, torch.device("cpu"))
+    cfg.eval.gen_ppl_eval_model_name_or_path = tiny_judge
+    assert isinstance(build_judge(cfg, torch.device("cpu")), GenPPLJudge)

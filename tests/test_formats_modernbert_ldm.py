@@ -165,3 +165,60 @@ def test_modernbert_ldm_parity_and_errors(base, tmp_path):
     cut.write_bytes(cut.read_bytes()[:200])
     with pytest.raises(FormatError, match="truncated"):
         load_checkpoint(str(cut.parent), "modernbert_ldm", overrides=ov)
+
+
+def test_ldm_tokenizer_chat_tokens_get_the_release_ids(base, tmp_path):
+    """No tokenizer files beside the weights: the converter rebuilds the LDM's tokenizer from
+    the base (its tokenizer.py appends <BOS> <EOS> <START_ID> <END_ID> <EOT_ID> in that order,
+    pad = <EOS>, [MASK] the base's), checked against the embedding's rows. The chat template
+    gives <BOS><START_ID>user<END_ID>\\n...<EOT_ID><START_ID>assistant<END_ID>\\n...<EOS>.
+    Tokenizer files saved beside the weights are read instead; a row count that fits neither
+    is an error naming both sizes."""
+    from diffusion.build import module_from_checkpoint
+    from diffusion.data.base import build_part
+    from diffusion.data.chat import encode_chat
+
+    base_dir, _, _, mask = base
+    n = len(transformers.AutoTokenizer.from_pretrained(base_dir))
+    V = n + 5
+    folder = write(tmp_path / "final_model", ldm_params(V))
+    ov = [f"backbone.pretrained={base_dir}"]
+    ckpt = load_checkpoint(str(folder), overrides=ov)
+    spec = ckpt["unmask_config"]["data"]["tokenizer"]
+    assert spec["_target_"].endswith("ChatTokensTokenizer") and spec["vocab_size"] == V
+    tok = build_part(spec, "tokenizer", "data.tokenizer").build(None, "", "x")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<BOS>", "<EOS>", "<START_ID>")}
+    ids |= {t: tok.convert_tokens_to_ids(t) for t in ("<END_ID>", "<EOT_ID>")}
+    assert list(ids.values()) == list(range(n, n + 5)) and len(tok) == V
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (n, n + 1, n + 1)
+    assert tok.cls_token_id == n and tok.mask_token_id == mask
+    chat = [{"role": "user", "content": "a tiny"}, {"role": "assistant", "content": "corpus"}]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert (
+        text
+        == "<BOS><START_ID>user<END_ID>\na tiny<EOT_ID><START_ID>assistant<END_ID>\ncorpus<EOS>"
+    )
+    prompt = tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<EOT_ID><START_ID>assistant<END_ID>")
+
+    def enc(piece):
+        return tok(piece, add_special_tokens=False)["input_ids"]
+
+    want = [n, n + 2, *enc("user"), n + 3, *enc("\na tiny"), n + 4]
+    want += [n + 2, *enc("assistant"), n + 3, *enc("\ncorpus"), n + 1]
+    assert encode_chat(tok, chat) == want  # the ids SFT rows and prompts are made of
+    # the whole path: a converted .ckpt rebuilt by the judge/lm-eval builder has these ids
+    from diffusion.checkpoint import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "ldm.ckpt")
+    _, dm, _ = module_from_checkpoint(str(tmp_path / "ldm.ckpt"), "checkpoint")
+    assert (dm.vocab_size, dm.mask_id, dm.tokenizer.pad_token_id) == (V, mask, n + 1)
+    assert dm.tokenizer.convert_tokens_to_ids("<EOT_ID>") == n + 4
+    # the release's own tokenizer saved beside the weights is read as it is
+    tok.save_pretrained(folder)
+    assert load_checkpoint(str(folder), overrides=ov)["unmask_config"]["data"]["tokenizer"] == str(
+        folder
+    )
+    odd = write(tmp_path / "odd", ldm_params(n + 2))
+    with pytest.raises(FormatError, match=rf"{n + 2} rows.*{n} ids.*{n + 5}"):
+        load_checkpoint(str(odd), overrides=ov)

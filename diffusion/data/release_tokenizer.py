@@ -50,3 +50,54 @@ class ReleaseTokenizer(TokenizerSpec):
 
     def describe(self) -> str:
         return f"{self.name} (mask {self.mask_token_id}, pad {self.pad_token_id})"
+
+
+# the ModernBERT LDM's tokenizer.py (shared/reference/000): ModernBERT has no BOS/EOS or chat
+# template, so it adds these five special tokens, in this order, after the base vocabulary
+LDM_BOS, LDM_EOS = "<BOS>", "<EOS>"
+LDM_ROLE_START, LDM_ROLE_END, LDM_TURN_END = "<START_ID>", "<END_ID>", "<EOT_ID>"
+LDM_CHAT_TOKENS = (LDM_BOS, LDM_EOS, LDM_ROLE_START, LDM_ROLE_END, LDM_TURN_END)
+# <BOS><START_ID>user<END_ID>\n{question}<EOT_ID><START_ID>assistant<END_ID>\n{answer}<EOS>
+LDM_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+    "{{ '" + LDM_ROLE_START + "' + m['role'] + '" + LDM_ROLE_END + "' }}\n{{ m['content'] }}"
+    "{% if m['role'] == 'user' %}{{ '" + LDM_TURN_END + "' }}{% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}"
+    "{{ '" + LDM_ROLE_START + "assistant" + LDM_ROLE_END + "' }}{% endif %}"
+)
+
+
+class ChatTokensTokenizer(TokenizerSpec):
+    """`name`'s (ModernBERT's) tokenizer with the ModernBERT LDM's added tokens: <BOS>, <EOS>
+    and the chat markers appended after the base vocabulary (ids len(base) .. len(base)+4),
+    pad = <EOS>, cls = <BOS>, [MASK] the base's own, and the LDM's chat template. Its release
+    is a bare model.safetensors resized to these ids, so the converter (models/formats/
+    modernbert_ldm.py) writes this spec with the embedding's row count as `vocab_size`."""
+
+    def __init__(self, name: str, vocab_size: int | None = None) -> None:
+        self.name = str(name)
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
+
+    def build(self, source: Source, cache_dir: str, name: str) -> Any:
+        tok = load_hf_tokenizer(self.name)
+        present = [t for t in LDM_CHAT_TOKENS if t in tok.get_vocab()]
+        if present:
+            raise ConfigError(f"data.tokenizer={self.name} already has {present}: not a base")
+        tok.add_special_tokens(
+            {
+                "bos_token": LDM_BOS,
+                "eos_token": LDM_EOS,
+                "additional_special_tokens": [LDM_ROLE_START, LDM_ROLE_END, LDM_TURN_END],
+            }
+        )
+        tok.pad_token, tok.cls_token = LDM_EOS, LDM_BOS
+        tok.chat_template = LDM_CHAT_TEMPLATE
+        if self.vocab_size is not None and len(tok) != self.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer: {self.name} plus the LDM's {len(LDM_CHAT_TOKENS)} chat tokens "
+                f"has {len(tok)} ids, the checkpoint's embedding {self.vocab_size} rows"
+            )
+        return tok
+
+    def describe(self) -> str:
+        return f"{self.name} + the ModernBERT LDM's chat tokens"

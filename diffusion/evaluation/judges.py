@@ -171,13 +171,31 @@ class ModelJudge:
         return {"gen_ppl": ppl, "gen_ppl_tokens": n_tokens}
 
 
+def is_release_folder(name: str) -> bool:
+    """A local folder in one of models.formats' published layouts (DiffuGPT's wrapped GPT-2,
+    MDLM's DiT, ...): AutoModelForCausalLM would load it half-initialised without an error, so
+    such a judge goes through module_from_checkpoint (converted, then checked for being AR)."""
+    from pathlib import Path
+
+    from models.formats import FormatError, detect_format
+
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return False
+    try:
+        detect_format(path)
+    except FormatError:  # a plain Hugging Face folder: transformers loads it
+        return False
+    return True
+
+
 def build_judge(cfg: Any, device: torch.device) -> GenPPLJudge | ModelJudge:
     """The generative-perplexity judge: a Hugging Face causal LM, or an AR checkpoint of ours."""
     from diffusion.build import module_from_checkpoint
     from diffusion.config import ConfigError
 
     name = str(cfg.eval.gen_ppl_eval_model_name_or_path)
-    if not name.endswith(".ckpt"):
+    if not name.endswith(".ckpt") and not is_release_folder(name):
         return GenPPLJudge(name, device=device, batch_size=cfg.eval.gen_ppl_batch_size)
     saved, judge_dm, judge = module_from_checkpoint(name, "eval.gen_ppl_eval_model_name_or_path")
     if not judge.objective.exact_likelihood:

@@ -7,10 +7,11 @@ layer 0), attn.Wqkv, attn.Wo, mlp_norm, mlp.Wi, mlp.Wo}`, `model.final_norm`, `h
 norm}`, `decoder.{weight, bias}` (the decoder weight is tied to the token embedding, so a
 deduplicating save may keep only one of the two). There is no config.json: the base model's
 config comes from `backbone.pretrained=` (default ModernBERT-large) and the vocabulary size
-from the embedding rows. The tokenizer with the same added tokens must be named with
-`data.tokenizer=` (a folder) when it is not the base one; the data module then checks that
-its size matches. Loads into `backbone=hf_mlm` (models/hf.py): bidirectional, its own [MASK],
-no time conditioning, no shift.
+from the embedding rows. The tokenizer: `data.tokenizer=` if given, else tokenizer files
+beside the weights, else the LDM's own rebuilt from the base (its tokenizer.py appends <BOS>,
+<EOS>, <START_ID>, <END_ID>, <EOT_ID>; pad = <EOS>; its chat template), which the row count
+must fit; the data module checks the size again. Loads into `backbone=hf_mlm` (models/hf.py):
+bidirectional, its own [MASK], no time conditioning, no shift.
 """
 
 from __future__ import annotations
@@ -94,6 +95,34 @@ def mlm_weights(found: dict[str, Any], config: Any, file: Path) -> dict[str, tor
     return {f"model.{k}": v for k, v in tensors.items()}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def ldm_tokenizer(file: Path, base: str, vocab: int) -> str | dict[str, Any]:
+    """The release's tokenizer: tokenizer files saved beside the weights, else the LDM's own
+    (its tokenizer.py: the base plus five chat tokens, diffusion.data.release_tokenizer.
+    ChatTokensTokenizer) when the embedding has exactly that many more rows than the base
+    tokenizer, else the base itself when the rows match it; anything else is an error."""
+    from diffusion.data.release_tokenizer import LDM_CHAT_TOKENS
+    from diffusion.data.tokenizers import load_hf_tokenizer
+
+    if any((file.parent / name).is_file() for name in TOKENIZER_FILES):
+        return str(file.parent)
+    try:
+        n = len(load_hf_tokenizer(base))
+    except Exception as e:  # unreachable base tokenizer
+        raise FormatError(f"{file}: the base tokenizer {base} is not reachable ({e})") from e
+    if vocab == n + len(LDM_CHAT_TOKENS):
+        spec = "diffusion.data.release_tokenizer.ChatTokensTokenizer"
+        return {"_target_": spec, "name": base, "vocab_size": vocab}
+    if vocab == n:
+        return base
+    raise FormatError(
+        f"{file}: {EMB} has {vocab} rows; the base tokenizer {base} has {n} ids "
+        f"({n + len(LDM_CHAT_TOKENS)} with the LDM's chat tokens) - pass data.tokenizer=<its folder>"
+    )
+
+
 def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """The release as our checkpoint dict: backbone=hf_mlm on its base config, SUBS, no time
     conditioning; `backbone.pretrained=` and `data.tokenizer=` in overrides are honoured."""
@@ -108,7 +137,8 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
     config = base_config(file, base)
     config.vocab_size = vocab
     weights = mlm_weights(found, config, file)
-    tokenizer = option(overrides, "data.tokenizer", base)
+    given = option(overrides, "data.tokenizer", "")
+    tokenizer = given or ldm_tokenizer(file, base, vocab)
     length = min(1024, int(config.max_position_embeddings))  # its SFT context: 1024
     config_overrides = [
         "backbone=hf_mlm",
@@ -122,7 +152,7 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
         f"model.name=modernbert-ldm-{config.hidden_size}x{config.num_hidden_layers}",
         f"model.length={length}",
         "data=openwebtext",
-        f"data.tokenizer={tokenizer}",
+        *([f"data.tokenizer={tokenizer}"] if isinstance(tokenizer, str) else []),
         *(o for o in overrides if not o.startswith(("backbone.pretrained=", "data.tokenizer="))),
     ]
     info = {
@@ -137,4 +167,5 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
         "length": length,
         "ema": "released weights",
     }
-    return make_checkpoint(config_overrides, weights, info)
+    patch = {} if isinstance(tokenizer, str) else {"data.tokenizer": tokenizer}
+    return make_checkpoint(config_overrides, weights, info, patch=patch)

@@ -157,6 +157,14 @@ class SpanCacheDenoiser(Protocol):
         ...
 
 
+@runtime_checkable
+class BlockCausalDenoiser(SpanCacheDenoiser, Protocol):
+    """A block-causal denoiser (capability "block_causal", parameterization=bd3lm): its span
+    cache is exact block by block for the block size it was trained with."""
+
+    block_size: int  # tokens per block
+
+
 @dataclass
 class SampleOutput:
     """tokens (B, L) long without masks; nfe: network calls made; rows_evaluated: sequences
@@ -317,6 +325,18 @@ class GuidedDenoiser:
         return self.denoiser.log_p_next(x, None if cache is None else cache[0])
 
     # ---- the span KV cache (confidence sampler's cache=prefix|dual) ------------------------
+    @property
+    def block_size(self) -> int:
+        """The block size of a block-causal denoiser (`BlockCausalDenoiser`)."""
+        if "block_causal" not in self.capabilities or not isinstance(
+            self.denoiser, BlockCausalDenoiser
+        ):
+            raise ValueError(
+                f"{type(self.denoiser).__name__} is not block-causal: it has no block_size "
+                "(train with parameterization=bd3lm)"
+            )
+        return int(self.denoiser.block_size)
+
     @property
     def supports_span_cache(self) -> bool:
         return isinstance(self.denoiser, SpanCacheDenoiser) and bool(

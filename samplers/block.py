@@ -40,8 +40,8 @@ class BlockSampler(Sampler):
         stop_at_eos: bool = True,
         **common: Any,
     ) -> None:
-        """`steps`: ancestral steps per block; `block_size`: null = the model's own (the only
-        exact choice); `max_length`: tokens to generate (null = the model's length)."""
+        """`steps`: ancestral steps per block; `block_size`: null = the model's own, else it
+        must equal it (a check); `max_length`: tokens to generate (null = the model's length)."""
         super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler=block: steps must be >= 1, got {steps}")
@@ -62,21 +62,16 @@ class BlockSampler(Sampler):
         return int(self.max_length or length)
 
     def _model_block_size(self, model: GuidedDenoiser) -> int:
-        own = getattr(model.denoiser, "block_size", None)
-        if self.block_size is not None:
-            if own is not None and int(own) != int(self.block_size):
-                raise ValueError(
-                    f"sampler.block_size={self.block_size} differs from the model's block_size="
-                    f"{own}: the cache is exact only for the block size the model was trained "
-                    "with (set sampler.block_size=null)"
-                )
-            return int(self.block_size)
-        if own is None:
+        """The model's block size (`BlockCausalDenoiser.block_size`); sampler.block_size, when
+        set, must equal it (the cache is exact only for that one)."""
+        own = model.block_size
+        if self.block_size is not None and int(self.block_size) != own:
             raise ValueError(
-                "sampler=block needs the model's block size: this denoiser has none (train with "
-                "parameterization=bd3lm) or set sampler.block_size"
+                f"sampler.block_size={self.block_size} differs from the model's block_size="
+                f"{own}: the cache is exact only for the block size the model was trained "
+                "with (set sampler.block_size=null)"
             )
-        return int(own)
+        return own
 
     # ---- the cache -----------------------------------------------------------------------------
     def _encode(self, model: GuidedDenoiser, window: Tensor, block: int, t: Tensor):

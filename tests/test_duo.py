@@ -440,6 +440,19 @@ def test_distillation_improves_the_eight_step_sampler() -> None:
     assert after < before, (before, after)
 
 
+def test_distill_shares_duos_settings_and_refuses_the_curriculum() -> None:
+    """DUODistill takes DUO's own settings through to DUO (one definition of each) and refuses
+    the curriculum, which belongs to DUO's training."""
+    d = DUODistill(LogLinear(), MASK_ID, V, sampling_eps=0.01, antithetic=False, prior_loss=False)
+    assert (d.sampling_eps, d.antithetic, d.prior_loss, d.curriculum) == (0.01, False, False, False)
+    assert (d.gamma_min, d.gamma_max, d.T, d.time_conditioned) == (-4.0, -1.0, 0, True)
+    for bad in ({"curriculum": True}, {"curriculum_end": 5}, {"gumbel_tau_log10_start": -2.0}):
+        with pytest.raises(ValueError, match="no curriculum settings"):
+            DUODistill(LogLinear(), MASK_ID, V, **bad)
+    with pytest.raises(ValueError, match="T=0"):
+        DUODistill(LogLinear(), MASK_ID, V, T=10)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

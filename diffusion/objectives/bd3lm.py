@@ -324,7 +324,7 @@ class BD3LM(AbsorbingDiffusion):
 
 
 class BlockDenoiser(MaskedModelDenoiser):
-    """The denoiser of a block-causal model (`samplers.base.SpanCacheDenoiser` + block_size).
+    """The denoiser of a block-causal model (`samplers.base.BlockCausalDenoiser`).
 
     `log_p_x0_span` (inherited) runs a block against the cached finished blocks; `log_p_x0` of a
     whole canvas is the training pass with x_0 := x_t, so block b sees canvas blocks < b as its

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -300,6 +300,9 @@ class DUO(Objective):
         return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype))
 
 
+CURRICULUM_KEYS = ("curriculum", "gumbel_tau_log10")  # DUO's curriculum settings
+
+
 class DUODistill(DUO):
     """DUO's discrete consistency distillation of a trained DUO model into a few-step sampler.
 
@@ -313,31 +316,24 @@ class DUODistill(DUO):
         noise: NoiseSchedule,
         mask_id: int,
         vocab_size: int,
-        time_conditioning: bool = True,
-        mask_conditioning: bool = False,
-        T: int = 0,
-        sampling_eps: float = 1e-3,
-        antithetic: bool = True,
-        prior_loss: bool = True,
         gamma_min: float = -4.0,
         gamma_max: float = -1.0,
         distill_T: int = 512,
         update_teacher_every: int = 10_000,
         loss_type: str = "kl-bwd",
+        **duo: Any,
     ) -> None:
+        """`duo`: DUO's own settings (time_conditioning, T, sampling_eps, antithetic,
+        prior_loss, ...); the curriculum is DUO's training, not distillation's, so it is off.
+        gamma_min / gamma_max: DUO's distillation range (GPT-2 vocabulary)."""
+        curriculum = sorted(k for k in duo if k.startswith(CURRICULUM_KEYS))
+        if curriculum:
+            raise ValueError(
+                f"parameterization=duo_distill takes no curriculum settings ({curriculum}): "
+                "the curriculum belongs to DUO's training (parameterization=duo)"
+            )
         super().__init__(
-            noise,
-            mask_id,
-            vocab_size,
-            time_conditioning=time_conditioning,
-            mask_conditioning=mask_conditioning,
-            T=T,
-            sampling_eps=sampling_eps,
-            antithetic=antithetic,
-            prior_loss=prior_loss,
-            curriculum=False,
-            gamma_min=gamma_min,
-            gamma_max=gamma_max,
+            noise, mask_id, vocab_size, gamma_min=gamma_min, gamma_max=gamma_max, **duo
         )
         if loss_type not in ("kl-bwd", "kl-fwd"):
             raise ValueError(f"parameterization.loss_type={loss_type!r}: expected kl-bwd or kl-fwd")

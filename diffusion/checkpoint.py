@@ -418,6 +418,8 @@ def check_length(
 RESUMABLE_KEYS = (
     "mode",
     "trainer.max_steps",
+    # ${trainer.max_steps} in the cosine schedule: extending a run re-stretches the remaining decay
+    "lr_scheduler.num_training_steps",
     "trainer.max_epochs",
     "trainer.max_time",
     "trainer.val_check_interval",

@@ -51,3 +51,12 @@ def tiny_judge(tmp_path_factory):
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """The one tiny trained model of the test run (tests/tiny_lm.py): a character MDLM that
+    learned one sentence, trained in process once; tests evaluate, sample and convert it."""
+    from tests.tiny_lm import train_tiny_lm
+
+    return train_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

@@ -10,49 +10,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from rich.console import Console
 
 import diffusion.evaluation.prompted as generation
 from diffusion.checkpoint import CheckpointError
-from diffusion.config import ConfigError, register_resolvers, validate_config
+from diffusion.config import ConfigError
 from diffusion.data import chat
-from tests.test_main_e2e import ROOT, run_main
-from tests.tiny_lm import repeat_lm
+from tests.tiny_lm import TinyLM, main_in_process
 
 PROMPT = "the cat sat on the"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, list[str]]:
-    return repeat_lm(tmp_path_factory)
+def tiny(tiny_lm) -> TinyLM:
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from diffusion.build import build_datamodule
-
-    saved = torch.load(tiny[0], weights_only=True)["unmask_config"]
-    return build_datamodule(OmegaConf.create(saved)).tokenizer
-
-
-def generate(tiny, run_dir: Path, *overrides: str):
-    """main.py mode=generate in a subprocess, as a user runs it."""
-    ckpt, model = tiny
-    return run_main(run_dir, *model, "mode=generate", f"eval.checkpoint_path={ckpt}", *overrides)
+def tokenizer(tiny_lm):
+    return tiny_lm.tokenizer
 
 
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
 
-def test_prompts_file_keeps_prompt_tokens_and_cuts_answers_at_eos(tiny, tokenizer, tmp_path):
+def test_prompts_file_keeps_prompt_tokens_and_cuts_answers_at_eos(
+    tiny, tokenizer, tmp_path, capsys
+):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n\nthe cat sat\n")  # the empty line is skipped
-    proc = generate(
+    run_in_process(
         tiny,
         tmp_path,
         f"generate.prompts_file={prompts}",
@@ -77,29 +66,14 @@ def test_prompts_file_keeps_prompt_tokens_and_cuts_answers_at_eos(tiny, tokenize
     first = rows[0]
     assert first["ended_with_eos"] and first["tokens"][len(first["prompt_tokens"]) + 5] == eos
     assert first["answer"] == " mat."
-    assert " mat." in proc.stdout
+    assert rows[1]["ended_with_eos"] and rows[1]["answer"] == " on the mat."  # learned it
+    assert " mat." in capsys.readouterr().out
 
 
 def run_in_process(tiny, run_dir: Path, *overrides: str, checkpoint: Path | None = None) -> None:
-    """main.py's mode=generate in this process (no interpreter start-up): composed and validated
-    as main() does, then that mode (answer_prompts); Hydra's run directory is `run_dir`."""
-    from diffusion.build import build_datamodule, build_module
-    from diffusion.evaluation.prompted import answer_prompts
-
-    ckpt, model = tiny
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        task = ["debug=tiny_cpu", *model, "mode=generate"]
-        task.append(f"eval.checkpoint_path={checkpoint or ckpt}")
-        cfg = compose("config", overrides=[*task, *overrides], return_hydra_config=True)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        validate_config(cfg)
-        dm = build_datamodule(cfg)
-        answer_prompts(cfg, dm, build_module(cfg, dm))
+    """main.py mode=generate through main() in this process (tests/tiny_lm.py)."""
+    ckpt = f"eval.checkpoint_path={checkpoint or tiny.ckpt}"
+    main_in_process(run_dir, *tiny.overrides, "mode=generate", ckpt, *overrides)
 
 
 def test_prompt_with_a_chosen_sampler_and_the_live_view(tiny, tmp_path, capsys):

@@ -1,62 +1,87 @@
-"""Each mode end to end through main.py (subprocesses, tiny CPU config), and bad input."""
+"""Each mode end to end through main.py's `main()` on the shared tiny model (in process, the
+session fixture `tiny_lm`), and bad input; the command line itself in a subprocess."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import math
 
 import pytest
 import torch
 
+from diffusion.build import build_datamodule
+from diffusion.checkpoint import CheckpointError
+from diffusion.config import ConfigError
+from diffusion.evaluation import GenPPLJudge, judge_texts, sample_entropy
 from tests.test_hf_backbones import gpt2_dir, mlm_dir  # noqa: F401  (fixtures)
+from tests.tiny_lm import ENV, ROOT, STEPS, main_in_process, run_main, unigram_entropy
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+__all__ = ["ENV", "ROOT", "run_main"]  # other test files start main.py through these
 
 
-def run_main(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "main.py", "debug=tiny_cpu", f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    return proc
+def read(path) -> dict:
+    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("train")
-    run_main(run)
-    return run
+def tokens(tiny_lm) -> dict[str, torch.Tensor]:
+    """The tiny model's train and validation rows as its data module builds them, (R, 32)."""
+    saved, _, _ = tiny_lm.load()
+    dm = build_datamodule(saved, ["train", "validation"])
+    return {split: dm.dataset(split).input_ids for split in ("train", "validation")}
 
 
-def test_train_writes_checkpoints_ppl_and_samples(trained):
-    assert (trained / "checkpoints" / "last.ckpt").is_file()
-    assert (trained / "checkpoints" / "best.ckpt").is_file()
-    stats = json.loads((trained / "ppl_eval.json").read_text())
+def corpus_entropy(tokens: dict[str, torch.Tensor]) -> float:
+    """Cross-entropy (nats/token) of the validation rows under the train rows' unigram
+    frequencies, counted here: the best a model that ignores context can score."""
+    return unigram_entropy(
+        tokens["train"].flatten().tolist(), tokens["validation"].flatten().tolist()
+    )
+
+
+def test_train_writes_checkpoints_ppl_and_samples(tiny_lm, tokens):
+    run = tiny_lm.run_dir
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    stats = read(run / "ppl_eval.json")
     assert stats["split"] == "validation" and stats["bound"] is True
-    assert stats["ppl"] > 1 and stats["unigram_ppl"] > 1 and stats["tokens"] > 0
-    assert stats["steps"] == 4
-    samples = (trained / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 2 and "text" in json.loads(samples[0])
+    assert stats["steps"] == STEPS
+    # the model learned the sentence: its bound is far below what token frequencies give
+    entropy = corpus_entropy(tokens)
+    assert entropy > 2.0, entropy  # 12 distinct characters + BOS/EOS: about 2.3 nats
+    assert stats["nelbo"] < 0.5 * entropy, (stats["nelbo"], entropy)
+    assert stats["ppl"] == pytest.approx(math.exp(stats["nelbo"]), rel=1e-9)
+    assert stats["unigram_ppl"] == pytest.approx(math.exp(entropy), rel=0.01)  # add-one smoothed
+    # every token of every validation row is scored (the meter's count)
+    rows, bos = tokens["validation"], tiny_lm.tokenizer.bos_token_id
+    assert stats["tokens"] == rows.numel() > 400
+    # ppl_excl_bos drops BOS tokens and each row's first position (the tokens AR never scores)
+    scored_by_ar = rows != bos
+    scored_by_ar[:, 0] = False
+    assert stats["tokens_excl_bos"] == int(scored_by_ar.sum())
+    samples = [json.loads(r) for r in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(len(s["tokens"]) == 32 for s in samples)
 
 
-def test_ppl_eval_from_checkpoint(trained, tmp_path):
-    ckpt = trained / "checkpoints" / "last.ckpt"
-    run_main(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={ckpt}", "eval.mc_samples=2")
-    stats = json.loads((tmp_path / "ppl_eval.json").read_text())
-    assert stats["mc_samples"] == 2 and stats["ppl"] > 1
-    assert abs(stats["nelbo"] - torch.log(torch.tensor(stats["ppl"])).item()) < 1e-4
+def test_ppl_eval_from_checkpoint_reproduces_the_training_score(tiny_lm, tmp_path):
+    """The saved weights score exactly what the trained module scored (same seed, same
+    draws); more Monte-Carlo draws move the estimate a little, never the token count."""
+    trained = read(tiny_lm.run_dir / "ppl_eval.json")
+    tiny_lm.evaluate(tmp_path / "one", "ppl_eval")
+    one = read(tmp_path / "one" / "ppl_eval.json")
+    assert one["nelbo"] == pytest.approx(trained["nelbo"], rel=1e-6)
+    assert one["tokens"] == trained["tokens"]
+    tiny_lm.evaluate(tmp_path / "two", "ppl_eval", "eval.mc_samples=2")
+    two = read(tmp_path / "two" / "ppl_eval.json")
+    assert two["mc_samples"] == 2 and two["tokens"] == trained["tokens"]
+    assert two["nelbo"] != one["nelbo"] and abs(two["nelbo"] - one["nelbo"]) < 0.2
+    assert abs(two["nelbo"] - math.log(two["ppl"])) < 1e-9
 
 
-def test_sample_eval_with_a_local_judge(trained, tmp_path, tiny_judge):
-    ckpt = trained / "checkpoints" / "last.ckpt"
-    run_main(
+def test_sample_eval_with_a_local_judge(tiny_lm, tmp_path, tiny_judge):
+    """sample_eval's report is the judge's score and the entropy of exactly the written
+    samples (specials stripped, cut at the first EOS)."""
+    tiny_lm.evaluate(
         tmp_path,
-        "mode=sample_eval",
-        f"eval.checkpoint_path={ckpt}",
+        "sample_eval",
         "sampler=ddpm",
         "sampler.steps=16",
         "sampler.num_samples=3",
@@ -64,76 +89,70 @@ def test_sample_eval_with_a_local_judge(trained, tmp_path, tiny_judge):
         "eval.compute_generative_perplexity=true",
         f"eval.gen_ppl_eval_model_name_or_path={tiny_judge}",
     )
-    report = json.loads((tmp_path / "sample_eval.json").read_text())
+    report = read(tmp_path / "sample_eval.json")
     assert report["num_samples"] == 3 and report["sampler"] == "DDPMSampler"
-    assert report["gen_ppl"] > 1 and report["entropy"] > 0 and 1 <= report["nfe"] <= 16
-    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3
+    assert 1 <= report["nfe"] <= 16
+    rows = [json.loads(r) for r in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    tokens = torch.tensor([r["tokens"] for r in rows])  # (3, 32)
+    assert tokens.shape == (3, 32) and (tokens != tiny_lm.module.objective.mask_id).all()
+    assert report["entropy"] == pytest.approx(sample_entropy(tokens), rel=1e-6)
+    texts, ended = judge_texts(tokens, tiny_lm.tokenizer)
+    expected = GenPPLJudge(tiny_judge, batch_size=2).score(texts, ended)
+    assert report["gen_ppl"] == pytest.approx(expected["gen_ppl"], rel=1e-4)
+    assert report["gen_ppl_tokens"] == expected["gen_ppl_tokens"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    proc = run_main(
-        tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={tmp_path / 'nope.ckpt'}", check=False
-    )
-    assert proc.returncode != 0 and "checkpoint not found" in proc.stderr
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nope\.ckpt"):
+        main_in_process(
+            tmp_path,
+            "debug=tiny_cpu",
+            "mode=ppl_eval",
+            f"eval.checkpoint_path={tmp_path / 'nope.ckpt'}",
+        )
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
-    proc = run_main(tmp_path, "mode=sample_eval", f"eval.checkpoint_path={bad}", check=False)
-    assert proc.returncode != 0 and "cannot read" in proc.stderr and "bad.ckpt" in proc.stderr
-
-
-def test_a_model_key_contradicting_the_checkpoint_is_a_clear_error(trained, tmp_path):
-    ckpt = trained / "checkpoints" / "last.ckpt"
-    proc = run_main(
-        tmp_path,
-        "mode=ppl_eval",
-        f"eval.checkpoint_path={ckpt}",
-        "model.hidden_size=64",
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert "model.hidden_size=64 (the checkpoint has model.hidden_size=32)" in proc.stderr
-
-
-def run_plain(run_dir: Path, *overrides: str, env: dict | None = None, check: bool = True):
-    """main.py with only `overrides` (no debug preset): what a user types."""
-    cmd = [sys.executable, "main.py", f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    with pytest.raises(CheckpointError, match=r"cannot read .*bad\.ckpt"):
+        main_in_process(
+            tmp_path, "debug=tiny_cpu", "mode=sample_eval", f"eval.checkpoint_path={bad}"
         )
-    return proc
+
+
+def test_a_model_key_contradicting_the_checkpoint_is_a_clear_error(tiny_lm, tmp_path):
+    contradiction = r"model\.n_blocks=3 \(the checkpoint has model\.n_blocks=2\)"
+    keys = [o for o in tiny_lm.overrides if not o.startswith("model.n_blocks=")]
+    with pytest.raises(ConfigError, match=contradiction):
+        main_in_process(
+            tmp_path,
+            *keys,
+            "mode=ppl_eval",
+            f"eval.checkpoint_path={tiny_lm.ckpt}",
+            "model.n_blocks=3",
+        )
 
 
 EVAL_KEYS = ["eval.max_batches=2", "loader.eval_batch_size=4"]  # evaluation keys, not the model's
 
 
-def test_evaluation_rebuilds_the_model_from_the_checkpoint(tmp_path):
-    """Trained with model.hidden_size=128: ppl_eval with no model override gives the NELBO of
+def test_evaluation_rebuilds_the_model_from_the_checkpoint(tiny_lm, tokens, tmp_path):
+    """ppl_eval with only the checkpoint (no preset, no model or data key) gives the NELBO of
     the run with the training overrides repeated; model=small contradicts it, by name."""
-    train = ["debug=tiny_cpu", "model.hidden_size=128", "trainer.max_steps=2"]
-    run_plain(tmp_path / "train", *train, "eval.samples_after_train=0", "logger=none")
-    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
-    evaluate = ["mode=ppl_eval", f"eval.checkpoint_path={ckpt}", *EVAL_KEYS]
-    run_plain(tmp_path / "bare", *evaluate)
-    run_plain(tmp_path / "repeated", *evaluate, *train[:2])
-    bare, repeated = (
-        json.loads((tmp_path / d / "ppl_eval.json").read_text()) for d in ("bare", "repeated")
-    )
-    assert bare["nelbo"] == repeated["nelbo"] and bare["tokens"] == repeated["tokens"] > 0
-    proc = run_plain(tmp_path / "small", *evaluate, "model=small", check=False)
-    assert proc.returncode != 0
-    assert "model.hidden_size=768 (the checkpoint has model.hidden_size=128)" in proc.stderr
-    # sampling needs only the tokenizer: no split is built (nothing cached for it)
-    run_plain(
+    ckpt = f"eval.checkpoint_path={tiny_lm.ckpt}"
+    evaluate = ["mode=ppl_eval", ckpt, *EVAL_KEYS]
+    main_in_process(tmp_path / "bare", *evaluate)
+    main_in_process(tmp_path / "repeated", *evaluate, *tiny_lm.overrides)
+    bare, repeated = (read(tmp_path / d / "ppl_eval.json") for d in ("bare", "repeated"))
+    assert bare["nelbo"] == repeated["nelbo"] and bare["tokens"] == repeated["tokens"] == 2 * 4 * 32
+    assert bare["nelbo"] < 0.5 * corpus_entropy(tokens)  # the trained weights, not fresh ones
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=768 \(the checkpoint has model"):
+        main_in_process(tmp_path / "small", *evaluate, "model=small")
+    main_in_process(
         tmp_path / "sample",
         "mode=sample_eval",
-        f"eval.checkpoint_path={ckpt}",
+        ckpt,
         "sampler.num_samples=2",
         "sampler.steps=4",
         "eval.compute_generative_perplexity=false",
@@ -158,8 +177,8 @@ class OneShotSampler(Sampler):
 '''
 
 
-def test_a_new_sampler_is_one_class_and_one_yaml(trained, tmp_path):
-    """A sampler class and its yaml in a folder of their own, on Hydra's search path: main.py
+def test_a_new_sampler_is_one_class_and_one_yaml(tiny_lm, tmp_path, monkeypatch):
+    """A sampler class and its yaml in a folder of their own, on Hydra's search path: main()
     validates it by its declared capabilities and samples with it; no file of ours changes."""
     plugin = tmp_path / "plugin"
     (plugin / "sampler").mkdir(parents=True)
@@ -167,25 +186,29 @@ def test_a_new_sampler_is_one_class_and_one_yaml(trained, tmp_path):
     (plugin / "sampler" / "one_shot.yaml").write_text(
         "_target_: one_shot_sampler.OneShotSampler\nnum_samples: 3\nbatch_size: 2\n"
     )
-    env = {**ENV, "PYTHONPATH": f"{plugin}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
-    ckpt = trained / "checkpoints" / "last.ckpt"
-    run_plain(
+    monkeypatch.syspath_prepend(str(plugin))
+    main_in_process(
         tmp_path / "run",
         "mode=sample_eval",
-        f"eval.checkpoint_path={ckpt}",
+        f"eval.checkpoint_path={tiny_lm.ckpt}",
         f"hydra.searchpath=[file://{plugin}]",
         "sampler=one_shot",
         "eval.compute_generative_perplexity=false",
-        env=env,
     )
-    report = json.loads((tmp_path / "run" / "sample_eval.json").read_text())
+    report = read(tmp_path / "run" / "sample_eval.json")
     assert report["sampler"] == "OneShotSampler" and report["num_samples"] == 3
     assert report["nfe"] == 1  # one call per batch
     rows = [
         json.loads(r)["tokens"]
         for r in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     ]
-    assert len(rows) == 3 and all(len(r) == 32 for r in rows)
+    # every masked position filled at once by the argmax of the model's p(x0 | x_1)
+    mask = tiny_lm.module.objective.mask_id
+    bos = tiny_lm.tokenizer.bos_token_id
+    x = torch.tensor([[bos if i == 0 and rows[0][0] == bos else mask for i in range(32)]])
+    with torch.no_grad():
+        log_p = tiny_lm.module.denoiser().log_p_x0(x, torch.ones(1))
+    assert rows == [torch.where(x == mask, log_p.argmax(-1), x)[0].tolist()] * 3
 
 
 @pytest.mark.parametrize(
@@ -195,11 +218,20 @@ def test_hf_backbones_train_with_the_root_defaults(backbone, folder, request, tm
     """No conditioning or tokenizer key to set: the objective's mask_conditioning is off for a
     backbone that ignores sigma, and the data takes the pretrained model's tokenizer."""
     path = request.getfixturevalue(folder)
-    run_main(tmp_path, f"backbone={backbone}", f"backbone.pretrained={path}", "model.length=16")
+    main_in_process(
+        tmp_path,
+        "debug=tiny_cpu",
+        f"backbone={backbone}",
+        f"backbone.pretrained={path}",
+        "model.length=16",
+    )
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert json.loads((tmp_path / "ppl_eval.json").read_text())["tokens"] > 0
+    stats = read(tmp_path / "ppl_eval.json")
+    assert stats["steps"] == 4 and stats["tokens"] == 2 * 4 * 16  # eval.max_batches=2, full rows
+    assert math.isfinite(stats["nelbo"]) and stats["ppl"] == pytest.approx(math.exp(stats["nelbo"]))
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
+    """The command line as typed: Hydra refuses the key and main.py exits non-zero."""
     proc = run_main(tmp_path, "trainer.max_stepz=3", check=False)
     assert proc.returncode != 0 and "max_stepz" in proc.stderr

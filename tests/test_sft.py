@@ -30,7 +30,7 @@ from diffusion.data.sources import HFDataset
 from diffusion.data.tokenizers import train_tokenizer, wrap_tokenizer
 from tests.test_configs import load
 from tests.test_hf_backbones import gpt2_dir, mlm_dir  # noqa: F401  (fixtures)
-from tests.test_main_e2e import run_main
+from tests.tiny_lm import main_in_process
 
 THINGS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "rose": "red"}
 CONVERSATION = [
@@ -379,7 +379,7 @@ def test_sft_from_a_pretrained_checkpoint_lowers_the_answer_loss(tmp_path):
         "eval.samples_after_train=0",
     ]
     before = answer_nelbo(load(["debug=tiny_cpu", *overrides]))
-    run_main(tmp_path / "sft", *overrides)
+    main_in_process(tmp_path / "sft", "debug=tiny_cpu", *overrides)
     stats = json.loads((tmp_path / "sft" / "ppl_eval.json").read_text())
     prompt_tokens = [7 + len(t) for t in THINGS]  # [BOS] <|user|> \n t ? [EOS] <|assistant|> \n
     assert stats["steps"] == 60 and stats["tokens"] == sum(32 - n for n in prompt_tokens)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.test_main_e2e import ENV, ROOT
+from tests.tiny_lm import ENV, ROOT
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
@@ -42,7 +42,7 @@ def test_local_submitit_sweep_runs_each_point(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job in ("0", "1"):
-        stats = json.loads((tmp_path / job / "ppl_eval.json").read_text())
-        assert stats["steps"] == 2 and stats["ppl"] > 1
+    stats = [json.loads((tmp_path / job / "ppl_eval.json").read_text()) for job in ("0", "1")]
+    assert [s["steps"] for s in stats] == [2, 2] and stats[0]["tokens"] == stats[1]["tokens"] > 0
+    assert stats[0]["nelbo"] != stats[1]["nelbo"]  # each point ran with its own seed
     assert (tmp_path / ".submitit").is_dir()  # the jobs went through submitit

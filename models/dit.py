@@ -157,7 +157,7 @@ def span_attention(
 
 class Rotary(nn.Module):
     """Rotary position embedding (RoFormer, GPT-NeoX halves): cos/sin tables of the angles
-    p * inv_freq, built once per (device, dtype, inference mode) and grown on demand.
+    p * inv_freq, built once per (device, inference mode) and grown on demand.
 
     A table for length L is the first L rows of any longer one (row p depends on p only), so
     one table per key serves every length; `positions` (BD3-LM) are computed on the spot.
@@ -169,31 +169,27 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def _angles(self, pos: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    def _angles(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         freqs = torch.outer(pos, self.inv_freq)  # (L, D/2) in inv_freq's dtype
-        cos, sin = freqs.cos(), freqs.sin()
-        if dtype is not None:
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        return cos, sin
+        return freqs.cos(), freqs.sin()
 
     def forward(
         self,
         length: int,
         device: torch.device,
         positions: Tensor | None = None,
-        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
         """cos, sin (L, D/2) at positions 0 .. length - 1, or at `positions` (L,) when given
-        (BD3-LM's x_t and x_0 halves both sit at 0 .. L - 1); cast to `dtype` when given.
-        Both halves of a head share these angles (see `rotate_qkv`)."""
+        (BD3-LM's x_t and x_0 halves both sit at 0 .. L - 1), in inv_freq's dtype (`rotate_qkv`
+        casts). Both halves of a head share these angles (see `rotate_qkv`)."""
         if positions is not None:
-            return self._angles(positions.to(device=device, dtype=self.inv_freq.dtype), dtype)
+            return self._angles(positions.to(device=device, dtype=self.inv_freq.dtype))
         if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
             pos = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
-            return self._angles(pos, dtype)
+            return self._angles(pos)
         inv = self.inv_freq
         key = (
-            torch.device(device), dtype, torch.is_inference_mode_enabled(),
+            torch.device(device), torch.is_inference_mode_enabled(),
             inv.device, inv.dtype, inv.data_ptr(), inv._version,
         )  # fmt: skip
         table = self._tables.get(key)
@@ -202,7 +198,7 @@ class Rotary(nn.Module):
                 self._tables.clear()
             size = max(length, 0 if table is None else 2 * table[0].shape[0])
             pos = torch.arange(size, device=device, dtype=inv.dtype)
-            table = self._tables[key] = self._angles(pos, dtype)
+            table = self._tables[key] = self._angles(pos)
         return table[0][:length], table[1][:length]
 
 

@@ -9,6 +9,10 @@ plots (gen-ppl against tokens/s, gen-ppl against entropy). Ratios that the targe
 (ddpm_cache vs ddpm, threshold vs the confidence sampler at steps = L, prefix cache vs none)
 are printed from rows measured side by side in this run.
 
+`--prompt-length P` conditions every sample on the first P tokens of a validation row
+(Fast-dLLM's setting: a prompt is the prefix its cache keeps, computed once); only the
+L - P generated tokens are timed into tokens/s, judged and counted into the entropy.
+
     python scripts/bench_sampling.py --ckpt runs/mdlm/checkpoints/last.ckpt \
         --ar runs/ar/checkpoints/last.ckpt --out runs/bench --steps 64,128,1000
     python scripts/bench_sampling.py ... --length 512 --steps 512 --only confidence,ar
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +48,8 @@ BIG_STEPS = 256
 
 def variants(length: int, steps: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, sampler yaml, overrides): every diffusion sampler and the Fast-dLLM options.
-    The confidence sampler runs at steps = L (one token per step), its reference. Step
+    The confidence sampler runs at steps = `length` (the generated tokens: one per step),
+    its reference. Step
     counts above `BIG_STEPS` run ddpm and ddpm_cache only (the per-row cache's target)."""
     rows: list[tuple[str, str, dict[str, Any]]] = []
     for k in steps:
@@ -75,20 +81,46 @@ def sampler_cfg(name: str, overrides: dict[str, Any]) -> Any:
     return cfg
 
 
+def validation_prompts(dm: Any, num_samples: int, prompt_length: int, length: int) -> Tensor:
+    """(num_samples, P): the first P tokens of the first validation rows of the checkpoint's
+    data (rows cycle when the split has fewer)."""
+    if not 0 < prompt_length < length:
+        raise SystemExit(f"--prompt-length {prompt_length} must lie in [1, --length {length})")
+    dm.setup(only=["validation"])
+    rows = dm.dataset("validation").input_ids
+    if rows.shape[1] < prompt_length:
+        raise SystemExit(f"--prompt-length {prompt_length} > the data's rows ({rows.shape[1]})")
+    index = torch.arange(num_samples) % rows.shape[0]
+    return rows[index, :prompt_length].long()
+
+
 def run_sampler(
-    sampler: Any, denoiser: Any, length: int, num_samples: int, batch: int, seed: int
+    sampler: Any,
+    denoiser: Any,
+    length: int,
+    num_samples: int,
+    batch: int,
+    seed: int,
+    prompts: Tensor | None = None,
 ) -> dict[str, Any]:
-    """Draw `num_samples` in batches of `batch`; wall time, calls and rows evaluated."""
+    """Draw `num_samples` in batches of `batch` (continuing `prompts` (N, P) when given);
+    wall time, calls, rows evaluated, and the generated tokens (the prompt cut off)."""
     generator = torch.Generator().manual_seed(seed)
     tokens, nfe, rows = [], 0, 0
     start = time.perf_counter()
     for first in range(0, num_samples, batch):
-        out = sampler.sample(denoiser, min(batch, num_samples - first), length, generator=generator)
+        n = min(batch, num_samples - first)
+        prefix = None if prompts is None else prompts[first : first + n]
+        out = sampler.sample(denoiser, n, length, prefix=prefix, generator=generator)
         tokens.append(out.tokens)
         nfe += out.nfe
         rows += out.rows_evaluated
     wall = time.perf_counter() - start
     tokens_t = torch.cat(tokens)
+    if prompts is not None:
+        if not torch.equal(tokens_t[:, : prompts.shape[1]], prompts[:num_samples]):
+            raise AssertionError(f"{type(sampler).__name__} changed its prompt")
+        tokens_t = tokens_t[:, prompts.shape[1] :]
     n_batches = -(-num_samples // batch)
     return {
         "tokens": tokens_t,
@@ -112,8 +144,13 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         ar_module.eval_backbone, ar_module.objective, ar_dm.tokenizer, int(saved_ar.model.length)
     )
     denoiser, ar_denoiser = module.denoiser(), ar_module.denoiser()
+    prompts = None
+    if args.prompt_length:
+        n_max = max(args.num_samples, args.num_samples_b1)
+        prompts = validation_prompts(dm, n_max, args.prompt_length, args.length)
     only = set(args.only.split(",")) if args.only else None
-    jobs = [("ar_kv_cache", "ar", {"use_cache": True})] + variants(args.length, args.steps)
+    generated = args.length - args.prompt_length  # the confidence sampler: one token per step
+    jobs = [("ar_kv_cache", "ar", {"use_cache": True})] + variants(generated, args.steps)
     rows, kept = [], {}
     for batch in args.batch_sizes:
         n = args.num_samples if batch > 1 else args.num_samples_b1
@@ -122,12 +159,13 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             sampler = build_sampler(sampler_cfg(name, overrides), dm.tokenizer, batch_size=batch)
             model = ar_denoiser if name == "ar" else denoiser
-            result = run_sampler(sampler, model, args.length, n, batch, args.seed)
+            result = run_sampler(sampler, model, args.length, n, batch, args.seed, prompts)
             row = {
                 "sampler": label,
                 "steps": overrides.get("steps", "-"),
                 "batch": batch,
                 "num_samples": n,
+                "prompt_length": args.prompt_length,
                 **{k: v for k, v in result.items() if k != "tokens"},
                 **score(result, dm.tokenizer, judge),
             }
@@ -159,9 +197,11 @@ def find(rows: list[dict], sampler: str, batch: int, steps: Any = None) -> dict 
     return None
 
 
-def ratios(rows: list[dict], length: int) -> list[str]:
+def ratios(rows: list[dict], length: int, prompt_length: int = 0) -> list[str]:
     """The targets of issue 14, from rows measured in this run."""
     lines = []
+    if prompt_length:
+        lines.append(f"every sample continues a {prompt_length}-token validation prompt")
     for batch in sorted({r["batch"] for r in rows}):
         for steps in sorted({r["steps"] for r in rows if r["sampler"] == "ddpm"}):
             plain, cache = find(rows, "ddpm", batch, steps), find(rows, "ddpm_cache", batch, steps)
@@ -264,6 +304,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16, help="samples at batch > 1")
     parser.add_argument("--num-samples-b1", type=int, default=4, help="samples at batch 1")
     parser.add_argument("--only", default=None, help="comma list of sampler labels / prefixes")
+    parser.add_argument(
+        "--prompt-length", type=int, default=0, help="condition on P validation tokens (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -274,7 +317,7 @@ def main() -> None:
     load = os.getloadavg()
     with torch.no_grad():
         rows = bench(args)
-    summary = ratios(rows, args.length)
+    summary = ratios(rows, args.length, args.prompt_length)
     with open(args.out / "rows.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     write_table(rows, args.out / "table.md")

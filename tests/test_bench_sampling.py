@@ -1,0 +1,92 @@
+"""scripts/bench_sampling.py end to end on the shared tiny model and a tiny AR judge."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.tiny_lm import ROOT, main_in_process
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "bench_sampling", ROOT / "scripts" / "bench_sampling.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_ar(tiny_lm, tmp_path_factory):
+    """An AR model on the tiny model's data (a few steps: the judge and the reference row)."""
+    run = tmp_path_factory.mktemp("tiny_ar")
+    main_in_process(
+        run,
+        *tiny_lm.overrides,
+        "parameterization=ar",
+        "backbone.causal=true",
+        "sampler=ar",
+        "trainer.max_steps=20",
+        "checkpointing.every_n_train_steps=20",
+        "trainer.val_check_interval=20",
+        "eval.samples_after_train=0",
+        "logger=none",
+    )
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_bench_with_a_prompt_keeps_it_and_times_only_the_generated_tokens(
+    tiny_lm, tiny_ar, tmp_path, monkeypatch
+):
+    bench = load_script()
+    out = tmp_path / "bench"
+    argv = [
+        "bench_sampling.py",
+        "--ckpt",
+        str(tiny_lm.ckpt),
+        "--ar",
+        str(tiny_ar),
+        "--out",
+        str(out),
+        "--length",
+        "32",
+        "--prompt-length",
+        "8",
+        "--steps",
+        "8",
+        "--batch-sizes",
+        "4",
+        "--num-samples",
+        "4",
+        "--only",
+        "confidence,ar",
+        "--threads",
+        "1",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    rows = {r["sampler"]: r for r in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+    assert {"ar_kv_cache", "confidence", "confidence_prefix", "confidence_dual"} <= set(rows)
+    # one token per step over the 24 generated positions, the whole batch every call
+    assert rows["confidence"]["nfe"] == 24
+    assert rows["confidence"]["rows_per_sample"] == 24
+    assert rows["confidence_prefix"]["nfe"] == 24
+    assert all(r["prompt_length"] == 8 for r in rows.values())
+    summary = (out / "summary.txt").read_text()
+    assert "continues a 8-token validation prompt" in summary
+    assert "confidence_prefix vs no cache at L=32" in summary
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_prompts_are_validation_rows_and_a_bad_length_is_refused(tiny_lm):
+    bench = load_script()
+    _, dm, _ = tiny_lm.load()
+    prompts = bench.validation_prompts(dm, 3, 5, 32)
+    assert prompts.shape == (3, 5)
+    assert tiny_lm.tokenizer.decode(prompts[0, 1:]) == "the "  # [BOS], then the sentence
+    with pytest.raises(SystemExit, match="--prompt-length 32"):
+        bench.validation_prompts(dm, 3, 32, 32)

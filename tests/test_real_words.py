@@ -30,3 +30,28 @@ def test_the_plays_vocabulary_has_their_words_and_not_invented_ones() -> None:
     vocab = rw.vocabulary()
     assert {"macbeth", "crown", "wherefore"} <= vocab
     assert "heflesch" not in vocab and "trugenace" not in vocab
+
+
+def test_real_text_scores_near_all_and_invented_text_near_none() -> None:
+    """Windows of the validation plays, cut anywhere: nearly every longer word is real (only
+    the words cut at a window's edge are not); shuffled letters of them are not."""
+    import random
+
+    rw = load_script()
+    vocab = rw.vocabulary()
+    windows = rw.validation_windows(64)
+    assert len(windows) == 64 and all(len(w) == 128 for w in windows)
+    real, total = rw.real_fraction(windows, vocab, 4)
+    assert total > 500 and real / total > 0.95
+    rng = random.Random(0)
+    shuffled = ["".join(rng.sample(w, len(w))) for w in windows]
+    real, total = rw.real_fraction(shuffled, vocab, 4)
+    assert total > 0 and real / total < 0.3
+
+
+def test_char_entropy_by_hand() -> None:
+    import math
+
+    rw = load_script()
+    assert rw.char_entropy(["aaaa"]) == 0.0
+    assert math.isclose(rw.char_entropy(["abab", "aaaa"]), math.log(2) / 2)

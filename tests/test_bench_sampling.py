@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
-from tests.tiny_lm import ROOT, main_in_process
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "bench_sampling", ROOT / "scripts" / "bench_sampling.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tiny_lm import load_script, main_in_process
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def tiny_ar(tiny_lm, tmp_path_factory):
 def test_bench_with_a_prompt_keeps_it_and_times_only_the_generated_tokens(
     tiny_lm, tiny_ar, tmp_path, monkeypatch
 ):
-    bench = load_script()
+    bench = load_script("bench_sampling")
     out = tmp_path / "bench"
     argv = [
         "bench_sampling.py",
@@ -83,7 +73,7 @@ def test_bench_with_a_prompt_keeps_it_and_times_only_the_generated_tokens(
 
 
 def test_prompts_are_validation_rows_and_a_bad_length_is_refused(tiny_lm):
-    bench = load_script()
+    bench = load_script("bench_sampling")
     _, dm, _ = tiny_lm.load()
     prompts = bench.validation_prompts(dm, 3, 5, 32)
     assert prompts.shape == (3, 5)

@@ -437,15 +437,10 @@ def test_our_checkpoint_format_and_disable_ema(tmp_path):
 
 def test_convert_script_writes_our_ckpt(tmp_path):
     """scripts/convert.py: a published folder -> our .ckpt (weights_only-loadable), same tensors."""
-    import importlib.util
-
     from diffusion.checkpoint import read_checkpoint
+    from tests.tiny_lm import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "convert", Path(__file__).resolve().parents[1] / "scripts" / "convert.py"
-    )
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    convert = load_script("convert")
     p = mdlm_params()
     folder = write_hf(tmp_path / "hf", p)
     out = tmp_path / "out" / "mdlm.ckpt"

@@ -5,7 +5,6 @@ temporary folders and loaded by path, the same `from_pretrained` path a hub name
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from transformers import (
 )
 
 from models.hf import HFCausalBidirectional, HFMaskedLM, anneal_ratio, annealed_mask
+from tests.tiny_lm import load_script
 
 WORDS = [f"w{i}" for i in range(59)]
 LIMIT = 16  # max_position_embeddings of the tiny models
@@ -100,10 +100,7 @@ def change_last(x: torch.Tensor, vocab: int = 60) -> torch.Tensor:
 
 
 def run_export(argv: list[str]) -> Path:
-    path = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
-    spec = importlib.util.spec_from_file_location("export_hf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("export_hf")
     return module.main(argv)
 
 
@@ -349,10 +346,7 @@ def test_lora_trains_only_the_adapters(gpt2_dir, mlm_dir):
 def test_export_takes_hf_backbones_by_class_not_by_module_name():
     """export_hf.py accepts a backbone whose class is an HF adapter (models/hf.py), wherever
     it is named from, and refuses the DiT or a name that does not resolve."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
-    spec = importlib.util.spec_from_file_location("export_hf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("export_hf")
     assert module.is_hf_backbone("models.hf.HFMaskedLM")
     assert module.is_hf_backbone("models.hf.HFCausalBidirectional")
     assert not module.is_hf_backbone("models.dit.DiT")

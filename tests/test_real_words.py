@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_words.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("real_words", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tiny_lm import load_script
 
 
 def test_counts_only_long_words_case_insensitively() -> None:
-    rw = load_script()
+    rw = load_script("real_words")
     vocab = {"king", "crown", "o'er"}
     texts = ["KING:\nThe crown is heflesch", "O'er trugenace, a king!"]
     # >= 4 letters: king crown heflesch | trugenace king ("o'er" has 3) -> real: king crown king
@@ -26,7 +16,7 @@ def test_counts_only_long_words_case_insensitively() -> None:
 
 
 def test_the_plays_vocabulary_has_their_words_and_not_invented_ones() -> None:
-    rw = load_script()
+    rw = load_script("real_words")
     vocab = rw.vocabulary()
     assert {"macbeth", "crown", "wherefore"} <= vocab
     assert "heflesch" not in vocab and "trugenace" not in vocab
@@ -37,7 +27,7 @@ def test_real_text_scores_near_all_and_invented_text_near_none() -> None:
     the words cut at a window's edge are not); shuffled letters of them are not."""
     import random
 
-    rw = load_script()
+    rw = load_script("real_words")
     vocab = rw.vocabulary()
     windows = rw.validation_windows(64)
     assert len(windows) == 64 and all(len(w) == 128 for w in windows)
@@ -52,6 +42,6 @@ def test_real_text_scores_near_all_and_invented_text_near_none() -> None:
 def test_char_entropy_by_hand() -> None:
     import math
 
-    rw = load_script()
+    rw = load_script("real_words")
     assert rw.char_entropy(["aaaa"]) == 0.0
     assert math.isclose(rw.char_entropy(["abab", "aaaa"]), math.log(2) / 2)

@@ -3,7 +3,6 @@ points drawn from a known law, and a 2 budgets x 2 sizes sweep through scripts/s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,18 +25,14 @@ from diffusion.flops import (
     steps_for_budget,
 )
 from models.dit import DiT
+from tests.tiny_lm import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_scaling():
-    """scripts/scaling.py as a module (registered first: its dataclasses look themselves up)."""
-    if "scaling" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("scaling", ROOT / "scripts" / "scaling.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["scaling"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["scaling"]
+    """scripts/scaling.py as a module."""
+    return load_script("scaling")
 
 
 # ---- the arithmetic -----------------------------------------------------------------------------

@@ -32,6 +32,20 @@ SENTENCE = "the cat sat on the mat."
 STEPS = 400
 
 
+def load_script(name: str) -> Any:
+    """scripts/<name>.py as a module, loaded once per test run (registered in sys.modules
+    first, so that its dataclasses can look themselves up)."""
+    import importlib.util
+
+    key = f"unmask_scripts_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 def run_main(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     """main.py debug=tiny_cpu in a subprocess, as a user runs it; `check`: fail on exit != 0."""
     cmd = [sys.executable, "main.py", "debug=tiny_cpu", f"hydra.run.dir={run_dir}", *overrides]

@@ -252,7 +252,8 @@ def check_capabilities(
             f"backbone.{key}={cfg.backbone.get(key)} needs its own tokenizer: set "
             f"data.tokenizer={cfg.backbone.get(key)} (now {cfg.data.get('tokenizer')})"
         )
-    provides = model_capabilities(objective_cls.provides, time_conditioned)
+    provided = objective_cls.provided(params, cfg.model.get("length"))
+    provides = model_capabilities(provided, time_conditioned)
     try:
         check_sampler(
             sampler_cls.name,  # every sampler names itself as its yaml file

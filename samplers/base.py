@@ -30,6 +30,9 @@ CAPABILITIES: dict[str, str] = {
     "next_token": "parameterization=ar (an autoregressive next-token model on a causal backbone)",
     "log_score": "a model with a concrete score log s(x_t) (the analytic sampler)",
     "block_causal": "a block-causal model whose prefix KV cache is exact",
+    "whole_canvas": "a model that denoises the whole sequence at once (parameterization=subs, "
+    "d3pm or sedd; bd3lm only with parameterization.block_size >= model.length: with smaller "
+    "blocks each block reads the blocks before it as clean, so use sampler=block)",
     "time_agnostic": "a time-agnostic denoiser (time_conditioning=false; a time-conditioned "
     "one changes its output with t even where x_t does not change)",
 }
@@ -395,7 +398,7 @@ class Sampler:
     """
 
     name: ClassVar[str] = "base"
-    requires: ClassVar[frozenset[str]] = frozenset({"absorbing"})  # see CAPABILITIES
+    requires: ClassVar[frozenset[str]] = frozenset({"absorbing", "whole_canvas"})  # CAPABILITIES
 
     def __init__(
         self,

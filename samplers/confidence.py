@@ -31,12 +31,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from samplers.base import GuidedDenoiser, Sampler, sample_categorical, uniform
+from samplers.base import (
+    GuidedDenoiser,
+    Sampler,
+    check_capabilities,
+    sample_categorical,
+    uniform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,9 @@ class ConfidenceSampler(Sampler):
     """Blocks left to right, the most confident masked tokens of the block committed per step."""
 
     name = "confidence"
+    # not "whole_canvas": a block-causal model (bd3lm) is exact here when the blocks align
+    # (`_check_blocks`), since only the current block's predictions are read
+    requires: ClassVar[frozenset[str]] = frozenset({"absorbing"})
 
     def __init__(
         self,
@@ -171,6 +180,7 @@ class ConfidenceSampler(Sampler):
         start = int(model.cond_mask.all(0).long().cumprod(0).sum())  # common prompt length
         free = (x == model.mask_id).sum(1).clamp_min(1)  # (B,) positions to generate
         num_blocks = -(-(length - start) // self.block_length)
+        self._check_blocks(model, start, length)
         if not self.adaptive and self.steps < num_blocks:
             raise ValueError(f"sampler={self.name}: steps={self.steps} < {num_blocks} blocks")
         cache = self._init_cache(model, x.shape[0])
@@ -184,6 +194,28 @@ class ConfidenceSampler(Sampler):
                     record(x.clone())
                 break
         return x
+
+    def _check_blocks(self, model: GuidedDenoiser, start: int, length: int) -> None:
+        """On a model without whole-canvas denoising (bd3lm with block_size < length), each
+        model block must start a block of ours: then the blocks before the one being decoded
+        are clean, as the model was trained to see them."""
+        if "whole_canvas" in model.capabilities:
+            return
+        if "block_causal" not in model.capabilities:
+            check_capabilities(self.name, {"whole_canvas"}, model.capabilities)
+        size = model.block_size
+        edges = range(size * (start // size + 1), length, size)  # model blocks after the prompt
+        off = [e for e in edges if (e - start) % self.block_length]
+        if off:
+            raise ValueError(
+                f"sampler=confidence with sampler.block_length={self.block_length} on a "
+                f"block-causal model (parameterization.block_size={size}) after a prompt of "
+                f"{start} tokens: the model block starting at position {off[0]} would be "
+                "decoded while the block before it is still masked. Set sampler.block_length "
+                f"so that every model block starts one of ours (a divisor of {size}, the prompt a "
+                "multiple of it), or use "
+                "sampler=block"
+            )
 
     def _init_cache(self, model: GuidedDenoiser, batch: int) -> tuple[object, object | None] | None:
         if self.cache == "none":

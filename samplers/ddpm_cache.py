@@ -20,7 +20,7 @@ class DDPMCacheSampler(DDPMSampler):
     """`ddpm` that reuses each row's log p(x0 | x_t) until that row changes."""
 
     name = "ddpm_cache"
-    requires = frozenset({"absorbing", "time_agnostic"})
+    requires = frozenset({"absorbing", "time_agnostic", "whole_canvas"})
 
     def _rows_to_call(self, changed: Tensor, has_mask: Tensor) -> Tensor:
         """Rows whose x_t changed and still hold a mask (for the others the step is exact

@@ -70,6 +70,9 @@ def variants(length: int, steps: list[int]) -> list[tuple[str, str, dict[str, An
         ("confidence_prefix", "confidence", {**conf, "cache": "prefix"}),
         ("confidence_dual", "confidence", {**conf, "cache": "dual"}),
         ("threshold_0.9_dual", "confidence", {**conf, "threshold": 0.9, "cache": "dual"}),
+        # Fast-dLLM's own setting: greedy decoding, confidence = p(argmax)
+        ("confidence_greedy", "confidence", {**conf, "temperature": 0.0}),
+        ("threshold_0.9_greedy", "confidence", {**conf, "threshold": 0.9, "temperature": 0.0}),
     ]
     return rows
 
@@ -213,14 +216,16 @@ def ratios(rows: list[dict], length: int, prompt_length: int = 0) -> list[str]:
                     f"identical samples: {cache.get('same_as_ddpm')}"
                 )
         base = find(rows, "confidence", batch)
-        for label in ("threshold_0.9", "factor_1.0", "confidence_eb"):
+        pairs = [(label, base) for label in ("threshold_0.9", "factor_1.0", "confidence_eb")]
+        pairs.append(("threshold_0.9_greedy", find(rows, "confidence_greedy", batch)))
+        for label, ref in pairs:
             fast = find(rows, label, batch)
-            if base and fast:
+            if ref and fast:
                 lines.append(
-                    f"{label} vs confidence at steps=L={length}, batch {batch}: "
-                    f"{base['nfe'] / fast['nfe']:.2f}x fewer NFE, gen-ppl "
-                    f"{base['gen_ppl']:.2f} -> {fast['gen_ppl']:.2f} "
-                    f"({100 * (fast['gen_ppl'] / base['gen_ppl'] - 1):+.1f}%)"
+                    f"{label} vs {ref['sampler']} at steps=L={length}, batch {batch}: "
+                    f"{ref['nfe'] / fast['nfe']:.2f}x fewer NFE, gen-ppl "
+                    f"{ref['gen_ppl']:.2f} -> {fast['gen_ppl']:.2f} "
+                    f"({100 * (fast['gen_ppl'] / ref['gen_ppl'] - 1):+.1f}%)"
                 )
         for label in ("confidence_prefix", "confidence_dual"):
             fast = find(rows, label, batch)

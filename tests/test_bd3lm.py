@@ -435,3 +435,59 @@ def test_clipped_noise_is_refused_outside_bd3lm() -> None:
     """noise=clipped would make a SUBS evaluation integrate over [beta, omega] only: no bound."""
     with pytest.raises(ValueError, match="noise=clipped.*bd3lm"):
         SUBS(noise=Clipped(0.3, 0.8), mask_id=4, vocab_size=5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["sampler=ddpm_cache"], True),  # the root default sampler
+        (["sampler=ddpm"], True),
+        (["sampler=first_hitting"], True),
+        (["sampler=block"], False),
+        (["sampler=confidence"], False),  # exact when its blocks align (checked at run time)
+        (["sampler=ddpm_cache", "parameterization.block_size=128"], False),  # one block: MDLM
+    ],
+)
+def test_whole_canvas_samplers_are_refused_below_one_block(overrides, refused) -> None:
+    """With block_size < model.length a whole-canvas pass reads still-masked earlier blocks
+    as clean context: such samplers are refused by name before anything is built."""
+    from diffusion.config import ConfigError, validate_config
+    from tests.test_bad_input import compose_cfg
+
+    cfg = compose_cfg(["parameterization=bd3lm", "model.length=128", *overrides])
+    if not refused:
+        validate_config(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert "block_size >= model.length" in str(err.value)
+    assert "sampler=block" in str(err.value)
+
+
+@torch.no_grad()
+def test_samplers_on_a_block_causal_denoiser_at_run_time() -> None:
+    """The same rule on a built model: ddpm refused below one block, allowed at one block;
+    the confidence sampler only when every model block starts one of its blocks (then the
+    blocks before the one it decodes are clean, the case the block sampler's test shows to
+    equal the exact cached pass)."""
+    from samplers.base import CapabilityError
+    from samplers.confidence import ConfidenceSampler
+    from samplers.ddpm import DDPMSampler
+
+    L = 16
+    net = random_dit(L)
+    small = BD3LM(LogLinear(), V - 1, V, block_size=4, length=L).eval().denoiser(net)
+    with pytest.raises(CapabilityError, match="sampler=block"):
+        DDPMSampler(steps=4).sample(small, 2, L, generator=gen(0))
+    whole = BD3LM(LogLinear(), V - 1, V, block_size=L, length=L).eval().denoiser(net)
+    assert DDPMSampler(steps=4).sample(whole, 2, L, generator=gen(0)).tokens.shape == (2, L)
+    with pytest.raises(ValueError, match="model block starting at position 4"):
+        ConfidenceSampler(steps=16, block_length=8).sample(small, 2, L, generator=gen(0))
+    prompt = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="prompt of 3 tokens"):
+        ConfidenceSampler(steps=16, block_length=4).sample(small, 2, L, prefix=prompt)
+
+    out = ConfidenceSampler(steps=16, block_length=2).sample(small, 2, L, generator=gen(0))
+    assert bool((out.tokens != V - 1).all()) and out.nfe == 16
+    out = ConfidenceSampler(steps=8, block_length=4).sample(small, 2, L, prefix=torch.arange(1, 5))
+    assert bool((out.tokens != V - 1).all())

@@ -218,8 +218,8 @@ def test_the_capability_rule_is_the_same_before_building_and_at_run_time():
     need = "sampler=ddpm_cache needs a time-agnostic denoiser"
     assert need in str(at_config.value) and need in str(at_run.value)
     sedd = SEDD(LogLinear(), mask_id=5, vocab_size=6)
-    assert objective.denoiser(net).capabilities == {"absorbing"}
-    assert sedd.denoiser(net).capabilities == {"absorbing", "log_score"}
+    assert objective.denoiser(net).capabilities == {"absorbing", "whole_canvas"}
+    assert sedd.denoiser(net).capabilities == {"absorbing", "log_score", "whole_canvas"}
 
 
 def test_global_batch_derives_accumulation():

@@ -158,7 +158,7 @@ class TableDenoiser:
         self.vocab_size = probs.shape[-1] + 1
         self.mask_id = probs.shape[-1]
         self.time_conditioned = False
-        self.capabilities = model_capabilities({"absorbing"}, False)
+        self.capabilities = model_capabilities({"absorbing", "whole_canvas"}, False)
         self.inputs: list[Tensor] = []
 
     def alpha(self, t: Tensor) -> Tensor:
@@ -197,6 +197,7 @@ class BlockCausalDenoiser:
 
     def __init__(self, dit: DiT, block: int, mask_id: int) -> None:
         self.dit, self.block, self.mask_id = dit, block, mask_id
+        self.block_size = block
         self.vocab_size = dit.vocab_size
         self.time_conditioned = False
         self.capabilities = model_capabilities({"absorbing", "block_causal"}, False)

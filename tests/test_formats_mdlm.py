@@ -189,6 +189,9 @@ def write_hf(folder: Path, params: dict[str, torch.Tensor], with_inv_freq: bool 
 X = torch.tensor(
     [[5, MASK, 17, 50256, MASK, 3, 9, 9, 100, MASK], [1, 2, MASK, MASK, 4, 5, 6, 7, 8, 0]]
 )
+# float32 logits computed in another order than the reference forward: the last bits depend on
+# the CPU's kernels (1.1e-5 at one of 1M logits on an AMD EPYC); a wrong mapping moves them by O(1)
+TOL = dict(atol=5e-5, rtol=1e-4)
 
 
 def test_mdlm_hf_logit_parity_and_negative_twins(tmp_path):
@@ -202,12 +205,12 @@ def test_mdlm_hf_logit_parity_and_negative_twins(tmp_path):
     assert ckpt["unmask_format"]["mask_id"] == MASK
     want = reference_logits(p, X)
     got = converted_logits(ckpt, X)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **TOL)
     for twin in (swap_blocks(p), swap_qk(p)):
         bad = load_checkpoint(
             str(write_hf(tmp_path / f"twin{len(list(tmp_path.iterdir()))}", twin))
         )
-        assert not torch.allclose(converted_logits(bad, X), want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(converted_logits(bad, X), want, **TOL)
 
 
 def _expect(folder: Path, match: str) -> None:
@@ -341,10 +344,10 @@ def test_mdlm_lightning_parity_ema_and_raw(tmp_path, parameterization, backbone,
     )
     assert ema["unmask_config"]["data"]["name"] == "openwebtext"
     want = reference_logits(shadow, X, sigma, causal, tc)
-    torch.testing.assert_close(converted_logits(ema, X, sigma), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(converted_logits(ema, X, sigma), want, **TOL)
     plain = load_checkpoint(str(path), use_ema=False)
     want_raw = reference_logits(raw, X, sigma, causal, tc)
-    torch.testing.assert_close(converted_logits(plain, X, sigma), want_raw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(converted_logits(plain, X, sigma), want_raw, **TOL)
     # negative twin: the shadow list's two blocks swapped must not reproduce MDLM's logits
     twin = write_lightning(
         tmp_path / "twin.ckpt",
@@ -352,9 +355,7 @@ def test_mdlm_lightning_parity_ema_and_raw(tmp_path, parameterization, backbone,
         swap_blocks(shadow),
         mdlm_config(parameterization, backbone, tc),
     )
-    assert not torch.allclose(
-        converted_logits(load_checkpoint(str(twin)), X, sigma), want, atol=1e-5
-    )
+    assert not torch.allclose(converted_logits(load_checkpoint(str(twin)), X, sigma), want, **TOL)
 
 
 def test_mdlm_lightning_strict_errors(tmp_path):
@@ -448,9 +449,7 @@ def test_convert_script_writes_our_ckpt(tmp_path):
     saved = read_checkpoint(out)  # torch.load(weights_only=True)
     assert detect_format(out) == "unmask"
     assert saved["unmask_format"]["format"] == "mdlm_hf"
-    torch.testing.assert_close(
-        converted_logits(saved, X), reference_logits(p, X), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(converted_logits(saved, X), reference_logits(p, X), **TOL)
     assert not list(out.parent.glob(".*tmp*"))  # the atomic write left no temporary file
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -75,7 +75,7 @@ class ExactDenoiser:
         post = self.posterior(states).float().log()  # (4^L, L, 3)
         self.table = torch.cat([post, torch.full_like(post[..., :1], -torch.inf)], -1)
         self.time_conditioned = time_conditioned
-        self.capabilities = model_capabilities({"absorbing"}, time_conditioned)
+        self.capabilities = model_capabilities({"absorbing", "whole_canvas"}, time_conditioned)
         self.calls = 0
 
     def alpha(self, t: Tensor) -> Tensor:
@@ -100,7 +100,7 @@ class ScoreDenoiser(ExactDenoiser):
 
     def __init__(self) -> None:
         super().__init__()
-        self.capabilities = model_capabilities({"absorbing", "log_score"}, False)
+        self.capabilities = model_capabilities({"absorbing", "log_score", "whole_canvas"}, False)
         self.score_calls = 0
 
     def log_score(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -120,7 +120,7 @@ class FixedDenoiser:
         self.vocab_size = probs.shape[-1] + 1
         self.mask_id = probs.shape[-1]
         self.time_conditioned = time_conditioned
-        self.capabilities = model_capabilities({"absorbing"}, time_conditioned)
+        self.capabilities = model_capabilities({"absorbing", "whole_canvas"}, time_conditioned)
         self.inputs: list[Tensor] = []
 
     def alpha(self, t: Tensor) -> Tensor:

@@ -8,8 +8,9 @@ differ (`log_p_x0`, `nll_per_token`); nothing here dispatches on names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -140,6 +141,12 @@ class Objective(nn.Module):
         the builder sets the backbone's flag from it."""
         return self.time_conditioned or self.mask_conditioning
 
+    @classmethod
+    def provided(cls, settings: Mapping[str, Any], length: int | None) -> frozenset[str]:
+        """What an objective with these settings (its yaml node) offers on sequences of
+        `length` tokens, before it is built; by default the class's `provides`."""
+        return cls.provides
+
     @property
     def capabilities(self) -> frozenset[str]:
         """What this objective's denoiser offers the samplers (`provides` + time dependence)."""
@@ -169,7 +176,7 @@ class Objective(nn.Module):
 class AbsorbingDiffusion(Objective):
     """Absorbing-state (masking) diffusion: forward process and the NELBO estimator."""
 
-    provides = frozenset({"absorbing"})
+    provides = frozenset({"absorbing", "whole_canvas"})
 
     def denoiser(self, backbone: nn.Module):
         """A masked denoiser: log p(x0 | x_t) in the SUBS view, and the schedule."""

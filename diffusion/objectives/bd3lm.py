@@ -23,7 +23,8 @@ at block_size = 1, where the model is AR and t = 1 is used).
 from __future__ import annotations
 
 import inspect
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -108,7 +109,10 @@ class BD3LM(AbsorbingDiffusion):
         clip_search_delta: float = 0.05,
         clip_search_batches: int = 10,
         attn_backend: str = "auto",
+        length: int | None = None,
     ) -> None:
+        """`length`: the model's sequence length (model.length); with block_size >= length the
+        model is MDLM and whole-canvas samplers are exact (`provided`)."""
         if block_size < 1:
             raise ValueError(f"parameterization.block_size={block_size} must be >= 1")
         if time_conditioning or mask_conditioning:
@@ -135,6 +139,7 @@ class BD3LM(AbsorbingDiffusion):
             mask_conditioning=False,
         )
         self.block_size = int(block_size)
+        self.length = None if length is None else int(length)
         self.exact_likelihood = self.block_size == 1  # t = 1: every token masked, next-token NLL
         self.attn_backend = attn_backend
         self.var_min = var_min
@@ -147,6 +152,22 @@ class BD3LM(AbsorbingDiffusion):
         self._search: dict[tuple[float, float], list[Tensor]] = {}
         self._trained = False  # the search serves training: only after a training step
         self._masks: dict[tuple, object] = {}
+
+    @classmethod
+    def provided(cls, settings: Mapping[str, Any], length: int | None) -> frozenset[str]:
+        """Block-causal always; whole-canvas too when one block spans the sequence (MDLM).
+        With smaller blocks a whole-canvas pass makes block b read the still-masked blocks
+        before it as its clean context: off the training distribution, silently wrong."""
+        block = int(settings.get("block_size", 16))
+        whole = length is not None and block >= int(length)
+        return cls.provides | ({"whole_canvas"} if whole else frozenset())
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        from samplers.base import model_capabilities
+
+        provided = self.provided({"block_size": self.block_size}, self.length)
+        return model_capabilities(provided, self.time_conditioned)
 
     def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:
         """SUBS inside the block: (B, n, V) logits -> log p(x0 | x_t) (mask never predicted)."""

@@ -55,7 +55,7 @@ class SEDD(AbsorbingDiffusion):
         if T != 0:
             raise ValueError(f"parameterization=sedd is continuous-time: set T=0 (got T={T})")
 
-    provides = frozenset({"absorbing", "log_score"})
+    provides = frozenset({"absorbing", "log_score", "whole_canvas"})
 
     def denoiser(self, backbone: nn.Module):
         """A masked denoiser that also gives the network's own score (the analytic sampler)."""

@@ -97,6 +97,54 @@ def validation_prompts(dm: Any, num_samples: int, prompt_length: int, length: in
     return rows[index, :prompt_length].long()
 
 
+def block_top2(log_p: Tensor, x_t: Tensor, mask_id: int, block: int, start: int) -> Tensor:
+    """(B, L, V) log p(x0 | x_t), (B, L) canvas -> (R, 2): the two highest p(argmax) among the
+    masked positions of each row's current block (blocks of `block` from `start`, the one
+    holding the row's first mask), for the R rows with at least two masked there: what a
+    threshold rule could commit in that step, at most (p(drawn) <= p(argmax))."""
+    masked = x_t == mask_id  # (B, L)
+    pos = torch.arange(x_t.shape[1], device=x_t.device)
+    first = torch.where(masked, pos, x_t.shape[1]).min(1).values  # (B,)
+    lo = start + (first - start).clamp_min(0) // block * block
+    window = masked & (pos >= lo[:, None]) & (pos < lo[:, None] + block)
+    keep = window.sum(1) >= 2
+    conf = log_p.float().exp().amax(-1).masked_fill(~window, -1.0)  # (B, L)
+    return conf[keep].topk(2, dim=1).values
+
+
+class ConfidenceProbe:
+    """A masked denoiser that records `block_top2` at every full call of the one it wraps."""
+
+    def __init__(self, inner: Any, block: int, start: int) -> None:
+        self.inner, self.block, self.start = inner, block, start
+        self.top2: list[Tensor] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def log_p_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
+        out = self.inner.log_p_x0(x_t, t)
+        self.top2.append(block_top2(out, x_t, self.inner.mask_id, self.block, self.start))
+        return out
+
+    def profile(self, threshold: float = 0.9) -> dict[str, float]:
+        """Over every recorded row-step: the median top p(argmax) and how often the top and
+        the second reach `threshold` (the second is what parallel commits need)."""
+        top = torch.cat(self.top2) if self.top2 else torch.zeros(0, 2)
+        if not len(top):
+            return {}
+        return {
+            "probe_row_steps": len(top),
+            "top1_median": float(top[:, 0].median()),
+            "top1_ge_threshold": float((top[:, 0] >= threshold).float().mean()),
+            "top2_ge_threshold": float((top[:, 1] >= threshold).float().mean()),
+            "top2_ge_0.5": float((top[:, 1] >= 0.5).float().mean()),
+        }
+
+
+PROBED = ("confidence", "confidence_greedy")  # rows whose denoiser calls are profiled
+
+
 def run_sampler(
     sampler: Any,
     denoiser: Any,
@@ -162,6 +210,8 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             sampler = build_sampler(sampler_cfg(name, overrides), dm.tokenizer, batch_size=batch)
             model = ar_denoiser if name == "ar" else denoiser
+            if label in PROBED:  # the block-confidence profile of this row's calls
+                model = ConfidenceProbe(denoiser, overrides["block_length"], args.prompt_length)
             result = run_sampler(sampler, model, args.length, n, batch, args.seed, prompts)
             row = {
                 "sampler": label,
@@ -172,6 +222,8 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 **{k: v for k, v in result.items() if k != "tokens"},
                 **score(result, dm.tokenizer, judge),
             }
+            if isinstance(model, ConfidenceProbe):
+                row["confidence_profile"] = model.profile()
             if label == "ddpm_cache":  # identical samples to ddpm at the same seed and batch
                 ref = kept.get(("ddpm", overrides["steps"], batch))
                 row["same_as_ddpm"] = (
@@ -226,6 +278,16 @@ def ratios(rows: list[dict], length: int, prompt_length: int = 0) -> list[str]:
                     f"{ref['nfe'] / fast['nfe']:.2f}x fewer NFE, gen-ppl "
                     f"{ref['gen_ppl']:.2f} -> {fast['gen_ppl']:.2f} "
                     f"({100 * (fast['gen_ppl'] / ref['gen_ppl'] - 1):+.1f}%)"
+                )
+        for label in PROBED:
+            prof = (find(rows, label, batch) or {}).get("confidence_profile")
+            if prof:
+                lines.append(
+                    f"{label}, batch {batch}, {prof['probe_row_steps']} row-steps with >= 2 "
+                    f"masked in the block: top p(argmax) median {prof['top1_median']:.3f}, "
+                    f">= 0.9 in {100 * prof['top1_ge_threshold']:.1f}%; the second >= 0.9 in "
+                    f"{100 * prof['top2_ge_threshold']:.2f}%, >= 0.5 in "
+                    f"{100 * prof['top2_ge_0.5']:.2f}% (parallel commits need the second)"
                 )
         for label in ("confidence_prefix", "confidence_dual"):
             fast = find(rows, label, batch)

@@ -69,6 +69,10 @@ def test_bench_with_a_prompt_keeps_it_and_times_only_the_generated_tokens(
     summary = (out / "summary.txt").read_text()
     assert "continues a 8-token validation prompt" in summary
     assert "confidence_prefix vs no cache at L=32" in summary
+    prof = rows["confidence"]["confidence_profile"]  # 24 steps x 4 rows, the last of each block
+    assert prof["probe_row_steps"] == 4 * (24 - 1)  # one mask left in a block: not counted
+    assert 0 < prof["top1_median"] <= 1 and prof["top2_ge_threshold"] <= prof["top1_ge_threshold"]
+    assert "row-steps with >= 2 masked in the block" in summary
     assert (out / "bench.png").stat().st_size > 0
 
 
@@ -80,3 +84,20 @@ def test_prompts_are_validation_rows_and_a_bad_length_is_refused(tiny_lm):
     assert tiny_lm.tokenizer.decode(prompts[0, 1:]) == "the "  # [BOS], then the sentence
     with pytest.raises(SystemExit, match="--prompt-length 32"):
         bench.validation_prompts(dm, 3, 32, 32)
+
+
+def test_block_top2_by_hand():
+    """The two highest p(argmax) among the masked positions of the block holding each row's
+    first mask; rows with fewer than two masked there are left out."""
+    import torch
+
+    bench = load_script("bench_sampling")
+    M = 3  # mask id; vocabulary 4, blocks of 2 after a prompt of 1
+    x = torch.tensor([[0, M, M, M, M], [0, 1, M, 2, M], [0, 1, 2, M, M]])
+    p = torch.full((3, 5, 4), 0.1)
+    p[..., 0] = torch.tensor([[0, 0.6, 0.9, 0.95, 0.99], [0, 0, 0.5, 0, 0.8], [0, 0, 0, 0.4, 0.7]])
+    p[..., 1] = 0.2
+    top = bench.block_top2(p.log(), x, M, block=2, start=1)
+    # row 0: block [1, 3) -> 0.9, 0.6 (not the later 0.95, 0.99); row 1: block [1, 3) holds one
+    # mask (left out); row 2: block [3, 5) -> 0.7, 0.4
+    assert torch.allclose(top, torch.tensor([[0.9, 0.6], [0.7, 0.4]]))

@@ -216,6 +216,13 @@ class ConfidenceSampler(Sampler):
                 "multiple of it), or use "
                 "sampler=block"
             )
+        if self.cache != "none":  # its span passes would see the masked blocks to the right
+            raise ValueError(
+                f"sampler.cache={self.cache} on a block-causal model (parameterization.block_size="
+                f"{size}): the cached span passes attend to the masked blocks after the current "
+                "one, which this model never sees; use sampler.cache=none, or sampler=block "
+                "(its KV cache is exact)"
+            )
 
     def _init_cache(self, model: GuidedDenoiser, batch: int) -> tuple[object, object | None] | None:
         if self.cache == "none":

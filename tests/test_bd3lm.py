@@ -483,6 +483,8 @@ def test_samplers_on_a_block_causal_denoiser_at_run_time() -> None:
     assert DDPMSampler(steps=4).sample(whole, 2, L, generator=gen(0)).tokens.shape == (2, L)
     with pytest.raises(ValueError, match="model block starting at position 4"):
         ConfidenceSampler(steps=16, block_length=8).sample(small, 2, L, generator=gen(0))
+    with pytest.raises(ValueError, match="sampler.cache=prefix on a block-causal model"):
+        ConfidenceSampler(steps=16, block_length=4, cache="prefix").sample(small, 2, L)
     prompt = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="prompt of 3 tokens"):
         ConfidenceSampler(steps=16, block_length=4).sample(small, 2, L, prefix=prompt)

@@ -200,7 +200,8 @@ class BlockCausalDenoiser:
         self.block_size = block
         self.vocab_size = dit.vocab_size
         self.time_conditioned = False
-        self.capabilities = model_capabilities({"absorbing", "block_causal"}, False)
+        # its whole-canvas pass is block-causal too (block k sees canvas blocks 0..k as they are)
+        self.capabilities = model_capabilities({"absorbing", "block_causal", "whole_canvas"}, False)
         self.supports_span_cache = True
 
     def alpha(self, t: Tensor) -> Tensor:

@@ -213,8 +213,7 @@ class ConfidenceSampler(Sampler):
                 f"{start} tokens: the model block starting at position {off[0]} would be "
                 "decoded while the block before it is still masked. Set sampler.block_length "
                 f"so that every model block starts one of ours (a divisor of {size}, the prompt a "
-                "multiple of it), or use "
-                "sampler=block"
+                "multiple of it), or use sampler=block"
             )
         if self.cache != "none":  # its span passes would see the masked blocks to the right
             raise ValueError(

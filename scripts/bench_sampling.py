@@ -131,7 +131,7 @@ class ConfidenceProbe:
         """Over every recorded row-step: the median top p(argmax) and how often the top and
         the second reach `threshold` (the second is what parallel commits need)."""
         top = torch.cat(self.top2) if self.top2 else torch.zeros(0, 2)
-        if not len(top):
+        if not len(top):  # no call, or none with two masked positions in the block
             return {}
         return {
             "probe_row_steps": len(top),

@@ -140,6 +140,8 @@ class BD3LM(AbsorbingDiffusion):
         )
         self.block_size = int(block_size)
         self.length = None if length is None else int(length)
+        # per instance, as exact_likelihood: the base `capabilities` reads it
+        self.provides = self.provided({"block_size": self.block_size}, self.length)
         self.exact_likelihood = self.block_size == 1  # t = 1: every token masked, next-token NLL
         self.attn_backend = attn_backend
         self.var_min = var_min
@@ -161,13 +163,6 @@ class BD3LM(AbsorbingDiffusion):
         block = int(settings.get("block_size", 16))
         whole = length is not None and block >= int(length)
         return cls.provides | ({"whole_canvas"} if whole else frozenset())
-
-    @property
-    def capabilities(self) -> frozenset[str]:
-        from samplers.base import model_capabilities
-
-        provided = self.provided({"block_size": self.block_size}, self.length)
-        return model_capabilities(provided, self.time_conditioned)
 
     def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:
         """SUBS inside the block: (B, n, V) logits -> log p(x0 | x_t) (mask never predicted)."""

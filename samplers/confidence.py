@@ -226,14 +226,25 @@ class ConfidenceSampler(Sampler):
     def _init_cache(self, model: GuidedDenoiser, batch: int) -> tuple[object, object | None] | None:
         if self.cache == "none":
             return None
-        if "block_causal" not in model.capabilities:
+        if not self._cache_is_exact(model):
             log.warning(
                 "sampler.cache=%s on a bidirectional model is an approximation (Fast-dLLM): "
                 "the cached keys/values are refreshed once per block, so within a block the "
-                "model does not see the tokens committed since. Exact only for block-causal models.",
+                "model does not see the tokens committed since. Exact only for block-causal "
+                "models whose blocks tile ours (sampler.block_length a multiple of their "
+                "block_size).",
                 self.cache,
             )
         return model.init_cache(batch)
+
+    def _cache_is_exact(self, model: GuidedDenoiser) -> bool:
+        """A block-causal model whose blocks tile ours: a span pass then sees exactly the
+        blocks the full pass sees. bd3lm with one block over the canvas (block_size >= length,
+        MDLM) is block-causal in name only: within its one bidirectional block the cache is
+        Fast-dLLM's approximation."""
+        if "block_causal" not in model.capabilities:
+            return False
+        return self.block_length % model.block_size == 0
 
     def _decode_block(
         self,

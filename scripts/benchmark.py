@@ -150,9 +150,12 @@ class MinimalBlock(nn.Module):
         self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU("tanh"), nn.Linear(4 * d, d))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, L, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, -1)
+        if rotary is not None:  # our DiT's fused rotary pass (models/dit.py rotate_qkv)
+            qkv = dit_module.rotate_qkv(qkv, *rotary)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
         x = x + self.out(a)
         return x + self.mlp(self.ln2(x))
@@ -160,20 +163,33 @@ class MinimalBlock(nn.Module):
 
 class MinimalTransformer(nn.Module):
     """A minimal bidirectional transformer (BERT/GPT-2 layout, learned positions, no
-    conditioning) with the DiT's width, depth, heads and head: the speed reference."""
+    conditioning) with the DiT's width, depth, heads and head: the speed reference.
+
+    `rotary=True` replaces the learned positions by our DiT's rotary pass (its `Rotary` tables
+    and fused `rotate_qkv`): the same positions as the DiT, so the gap to it is what the DiT's
+    conditioning (adaLN-zero, folded for a time-agnostic model) costs."""
 
     scores_positions = True
 
-    def __init__(self, vocab_size: int, hidden: int, blocks: int, heads: int, length: int):
+    def __init__(
+        self, vocab_size: int, hidden: int, blocks: int, heads: int, length: int, rotary=False
+    ):
         super().__init__()
-        self.embed, self.pos = nn.Embedding(vocab_size, hidden), nn.Embedding(length, hidden)
+        self.embed = nn.Embedding(vocab_size, hidden)
+        self.pos = None if rotary else nn.Embedding(length, hidden)
+        self.rotary = dit_module.Rotary(hidden // heads) if rotary else None
         self.blocks = nn.ModuleList(MinimalBlock(hidden, heads) for _ in range(blocks))
         self.norm, self.head = nn.LayerNorm(hidden), nn.Linear(hidden, vocab_size)
 
     def forward(self, x_t, sigma=None, attention_mask=None, positions_to_score=None) -> Tensor:
-        x = self.embed(x_t) + self.pos.weight[: x_t.shape[1]]
+        x = self.embed(x_t)
+        rotary = None
+        if self.rotary is None:
+            x = x + self.pos.weight[: x_t.shape[1]]
+        else:
+            rotary = self.rotary(x_t.shape[1], x.device)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rotary)
         return self.head(_select(self.norm(x), positions_to_score))
 
 
@@ -208,7 +224,7 @@ class MDLMBlock(nn.Module):
     shift/scale/gate (6 x d), rotary q/k, fused qkv and output without bias, gated residual
     with dropout, GELU-tanh MLP with bias."""
 
-    def __init__(self, d: int, heads: int, cond_dim: int) -> None:
+    def __init__(self, d: int, heads: int, cond_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = Float32LayerNorm(d), Float32LayerNorm(d)
@@ -217,7 +233,7 @@ class MDLMBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * d)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], c: Tensor) -> Tensor:
         B, L, C = x.shape
@@ -233,18 +249,23 @@ class MDLMBlock(nn.Module):
 
 
 class MDLMDiT(nn.Module):
-    """MDLM's DiT layout (DDiT blocks, adaLN final layer, sigma map) at our sizes; its
-    dropout 0.1 as in MDLM's configs (identical cost to ours, which uses model.dropout)."""
+    """MDLM's DiT layout (DDiT blocks, adaLN final layer, sigma map) at our sizes, with the
+    same dropout as the DiT it is compared with (`model.dropout`: 0 for tiny, 0.1 for small,
+    as MDLM's configs): a dropout pass our DiT skips is not counted against the reference."""
 
     scores_positions = True
 
-    def __init__(self, vocab_size: int, hidden: int, blocks: int, heads: int, cond_dim: int):
+    def __init__(
+        self, vocab_size: int, hidden: int, blocks: int, heads: int, cond_dim: int, dropout=0.1
+    ):
         super().__init__()
         self.vocab_embed = nn.Parameter(torch.empty(vocab_size, hidden))
         nn.init.kaiming_uniform_(self.vocab_embed, a=math.sqrt(5))
         self.sigma_map = TimestepEmbedder(cond_dim)
         self.head_dim = hidden // heads
-        self.blocks = nn.ModuleList(MDLMBlock(hidden, heads, cond_dim) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            MDLMBlock(hidden, heads, cond_dim, dropout) for _ in range(blocks)
+        )
         self.norm_final = Float32LayerNorm(hidden)
         self.final_modulation = nn.Linear(cond_dim, 2 * hidden)
         self.linear = nn.Linear(hidden, vocab_size)
@@ -398,18 +419,18 @@ def section_backbones(cfg, args, device, report) -> None:
     x0 = random_batch(cfg, V, args.batch_size, device)
     objective = build(cfg, V, device)[1]
     full = build(cfg, V, device, lean=False)[1]
+    size = (V, m.hidden_size, m.n_blocks, m.n_heads)
+
+    def dit() -> DiT:
+        return DiT(*size, m.length, cond_dim=m.cond_dim, dropout=m.dropout)
+
     models = {
-        "dit (lean loss)": (DiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.length), objective),
-        "dit (full loss)": (DiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.length), full),
-        "minimal transformer": (
-            MinimalTransformer(V, m.hidden_size, m.n_blocks, m.n_heads, m.length),
-            objective,
-        ),
-        "mdlm dit": (MDLMDiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.cond_dim), objective),
-        "mdlm dit (full loss)": (
-            MDLMDiT(V, m.hidden_size, m.n_blocks, m.n_heads, m.cond_dim),
-            full,
-        ),
+        "dit (lean loss)": (dit(), objective),
+        "dit (full loss)": (dit(), full),
+        "minimal transformer": (MinimalTransformer(*size, m.length), objective),
+        "minimal + rotary": (MinimalTransformer(*size, m.length, rotary=True), objective),
+        "mdlm dit": (MDLMDiT(*size, m.cond_dim, dropout=m.dropout), objective),
+        "mdlm dit (full loss)": (MDLMDiT(*size, m.cond_dim, dropout=m.dropout), full),
     }
     steps, params = {}, {}
     for name, (backbone, obj) in models.items():

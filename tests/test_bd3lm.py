@@ -493,3 +493,21 @@ def test_samplers_on_a_block_causal_denoiser_at_run_time() -> None:
     assert bool((out.tokens != V - 1).all()) and out.nfe == 16
     out = ConfidenceSampler(steps=8, block_length=4).sample(small, 2, L, prefix=torch.arange(1, 5))
     assert bool((out.tokens != V - 1).all())
+
+
+@torch.no_grad()
+def test_confidence_cache_warns_on_a_one_block_bd3lm(caplog) -> None:
+    """bd3lm with block_size >= length is MDLM: block-causal in name only. Its one block is
+    bidirectional, so the confidence sampler's cache is Fast-dLLM's approximation there and
+    says so; with blocks that tile the sampler's it is exact and silent (the double in
+    tests/test_fast_sampling.py shows the equality)."""
+    from samplers.confidence import ConfidenceSampler
+
+    L = 16
+    whole = BD3LM(LogLinear(), V - 1, V, block_size=L, length=L).eval().denoiser(random_dit(L))
+    with caplog.at_level("WARNING"):
+        out = ConfidenceSampler(steps=8, block_length=4, cache="prefix").sample(
+            whole, 2, L, generator=gen(0)
+        )
+    assert bool((out.tokens != V - 1).all())
+    assert "approximation" in caplog.text

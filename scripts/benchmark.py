@@ -141,11 +141,12 @@ def _select(h: Tensor, positions_to_score: Tensor | None) -> Tensor:
 
 
 class MinimalBlock(nn.Module):
-    """Pre-LN block: fused qkv, SDPA, GELU MLP; nothing else."""
+    """Pre-LN block: fused qkv, SDPA, GELU MLP, residual dropout (the DiT's); nothing else."""
 
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU("tanh"), nn.Linear(4 * d, d))
@@ -157,8 +158,8 @@ class MinimalBlock(nn.Module):
             qkv = dit_module.rotate_qkv(qkv, *rotary)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
-        x = x + self.out(a)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.drop(self.out(a))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class MinimalTransformer(nn.Module):
@@ -172,13 +173,20 @@ class MinimalTransformer(nn.Module):
     scores_positions = True
 
     def __init__(
-        self, vocab_size: int, hidden: int, blocks: int, heads: int, length: int, rotary=False
+        self,
+        vocab_size: int,
+        hidden: int,
+        blocks: int,
+        heads: int,
+        length: int,
+        rotary: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, hidden)
         self.pos = None if rotary else nn.Embedding(length, hidden)
         self.rotary = dit_module.Rotary(hidden // heads) if rotary else None
-        self.blocks = nn.ModuleList(MinimalBlock(hidden, heads) for _ in range(blocks))
+        self.blocks = nn.ModuleList(MinimalBlock(hidden, heads, dropout) for _ in range(blocks))
         self.norm, self.head = nn.LayerNorm(hidden), nn.Linear(hidden, vocab_size)
 
     def forward(self, x_t, sigma=None, attention_mask=None, positions_to_score=None) -> Tensor:
@@ -427,8 +435,11 @@ def section_backbones(cfg, args, device, report) -> None:
     models = {
         "dit (lean loss)": (dit(), objective),
         "dit (full loss)": (dit(), full),
-        "minimal transformer": (MinimalTransformer(*size, m.length), objective),
-        "minimal + rotary": (MinimalTransformer(*size, m.length, rotary=True), objective),
+        "minimal transformer": (MinimalTransformer(*size, m.length, dropout=m.dropout), objective),
+        "minimal + rotary": (
+            MinimalTransformer(*size, m.length, rotary=True, dropout=m.dropout),
+            objective,
+        ),
         "mdlm dit": (MDLMDiT(*size, m.cond_dim, dropout=m.dropout), objective),
         "mdlm dit (full loss)": (MDLMDiT(*size, m.cond_dim, dropout=m.dropout), full),
     }

@@ -46,3 +46,28 @@ def test_gpu_check_dry_run_every_section(tmp_path):
     names = {r["backbone"] for r in report["backbones"]}
     assert {"dit (lean loss)", "minimal transformer", "mdlm dit"} <= names
     assert set(report["modes"]) == {"eager fp32", "eager bf16", "compiled fp32", "compiled bf16"}
+
+
+def test_benchmark_references_apply_the_dropout_they_are_given():
+    """A reference that skips the DiT's dropout (model=small: 0.1) would be timed unfairly
+    fast; each must be stochastic in training at p > 0 and deterministic at p = 0."""
+    import torch
+
+    from tests.tiny_lm import load_script
+
+    bench = load_script("benchmark")
+    x = torch.randint(0, 30, (2, 16))
+    makers = {
+        "minimal": lambda p: bench.MinimalTransformer(31, 32, 2, 4, 16, dropout=p),
+        "minimal + rotary": lambda p: bench.MinimalTransformer(31, 32, 2, 4, 16, True, p),
+        "mdlm dit": lambda p: bench.MDLMDiT(31, 32, 2, 4, 16, dropout=p),
+    }
+    for name, make in makers.items():
+        for p in (0.0, 0.5):
+            torch.manual_seed(0)
+            model = make(p).train()
+            for param in model.parameters():  # MDLM zero-inits its gates and head
+                torch.nn.init.normal_(param, std=0.2)
+            sigma = torch.zeros(2)
+            a, b = model(x, sigma), model(x, sigma)
+            assert torch.equal(a, b) == (p == 0.0), (name, p)

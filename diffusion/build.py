@@ -20,7 +20,7 @@ from torch import nn
 from diffusion.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
-    FinalCheckpoint,
+    LastCheckpoint,
     load_weights,
     read_checkpoint,
     safe_config,
@@ -138,14 +138,7 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        ModelCheckpoint(
-            dirpath=save_dir,
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=cfg.checkpointing.every_n_train_steps,
-            enable_version_counter=False,  # last.ckpt, never last-v1.ckpt after a copy/move
-        ),
-        FinalCheckpoint(Path(save_dir) / "last.ckpt", cfg.checkpointing.every_n_train_steps),
+        LastCheckpoint(save_dir, cfg.checkpointing.every_n_train_steps),
     ]
     logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
     return instantiate(

@@ -33,6 +33,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from diffusion.config import ConfigError
@@ -66,22 +67,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location=map_location or "cpu")
 
 
-class FinalCheckpoint(L.Callback):
-    """Writes `last.ckpt` at the run's final step when the periodic cadence misses it.
+def is_final_step(trainer: L.Trainer) -> bool:
+    """The run ends after this batch: `max_steps` reached, the last batch of the last epoch
+    (`max_epochs`), or a stop requested (`max_time`, a signal)."""
+    if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    epochs = trainer.max_epochs
+    if epochs is not None and epochs > 0 and trainer.current_epoch + 1 >= epochs:
+        if trainer.is_last_batch:
+            return True
+    return bool(trainer.should_stop)
 
-    It saves inside the step (like ModelCheckpoint), not after `fit` returns: by then the
-    loader has prefetched a batch, and the saved data position would skip it on resume.
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt`: every `every_n_train_steps` steps and at the run's final step, always inside
+    the step, never after `fit` returns.
+
+    Lightning's own end-of-fit save (`on_train_end`, taken when no `last.ckpt` was written in
+    this process) would overwrite the in-step one with a loop state that says the epoch is over
+    while the loader is mid-epoch: the next resume would skip the rest of the epoch. It runs
+    only when no save at the final step happened (a stop this callback did not see in time).
     """
 
-    def __init__(self, path: str | Path, every_n_train_steps: int) -> None:
-        self.path = Path(path)
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,  # last.ckpt, never last-v1.ckpt after a copy/move
+        )
+        self.path = Path(dirpath) / "last.ckpt"
         self.every = every_n_train_steps
+        self.saved_step: int | None = None  # the step of this process's latest last.ckpt
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_batch_end(trainer, *args)
         step = trainer.global_step
-        final = trainer.max_steps > 0 and step >= trainer.max_steps
-        if final and (self.every <= 0 or step % self.every != 0):
+        if self.every > 0 and step % self.every == 0 and step > 0:
+            self.saved_step = step  # the periodic save above
+        if is_final_step(trainer) and self.saved_step != step:
             trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved_step = step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.saved_step != trainer.global_step:
+            super().on_train_end(trainer, pl_module)
 
 
 def read_checkpoint(

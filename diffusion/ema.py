@@ -14,13 +14,20 @@ from torch.optim.swa_utils import AveragedModel
 
 
 def ema_avg_fn(decay: float):
-    """`multi_avg_fn` for AveragedModel: averaged <- lerp(averaged, current, 1 - d_n)."""
+    """`multi_avg_fn` for AveragedModel: averaged <- lerp(averaged, current, 1 - d_n) for
+    floating tensors; any other buffer (an index table) takes the current value."""
 
     @torch.no_grad()
     def update(averaged: list, current: list, num_averaged) -> None:
         n = float(num_averaged)
         d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(averaged, current, 1 - d)
+        pairs = list(zip(averaged, current))
+        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - d)
+        for a, c in pairs:  # integer buffers (BERT's position_ids) are copied, not averaged
+            if not a.is_floating_point():
+                a.copy_(c)
 
     return update
 

@@ -84,10 +84,10 @@ class NLLMeter(nn.Module):
         return {
             "nelbo": nelbo,
             "ppl": float(np.exp(nelbo)),
-            "tokens": int(tokens),
+            "tokens": round(tokens),  # a sum of 1/k weights (eval_mc_samples): round, not floor
             "nelbo_excl_bos": nelbo_excl,
             "ppl_excl_bos": float(np.exp(nelbo_excl)),
-            "tokens_excl_bos": int(excl_tokens),
+            "tokens_excl_bos": round(excl_tokens),
         }
 
     def reset(self) -> None:

@@ -143,3 +143,58 @@ def test_loss_output_carries_the_scored_ids():
     sub = SUBS(LogLinear(), V - 1, V).loss(tiny_module(0.0).backbone, x0, torch.ones_like(x0))
     assert torch.equal(sub.targets, x0) and sub.offset == 0
     assert isinstance(sub, LossOutput)
+
+
+def test_every_objective_hands_the_meter_its_scored_ids():
+    """BD3-LM and DUO left `targets` unset, so `ppl_excl_bos` kept mid-row BOS tokens for them
+    alone: 4 rows of 16 with BOS at columns 0 and 7 leave 64 - 4 - 4 = 56 tokens for each."""
+    from diffusion.objectives.bd3lm import BD3LM
+    from diffusion.objectives.duo import DUO
+
+    class Zeros(torch.nn.Module):
+        def forward(self, x, sigma=None, attention_mask=None, attn_mask=None, positions=None):
+            return torch.zeros(*x.shape[:2], V)
+
+    x0 = torch.randint(2, V - 1, (4, 16), generator=torch.Generator().manual_seed(0))
+    x0[:, 0] = x0[:, 7] = 1
+    objectives = {
+        "subs": SUBS(LogLinear(), V - 1, V),
+        "bd3lm": BD3LM(LogLinear(), V - 1, V, block_size=4, length=16),
+        "duo": DUO(LogLinear(), V - 1, V),
+    }
+    for name, objective in objectives.items():
+        objective.eval()
+        out = objective.loss(Zeros(), x0, torch.ones_like(x0), torch.Generator().manual_seed(1))
+        meter = NLLMeter(bos_id=1)
+        meter.update(out.nll, out.mask, out.targets, out.offset)
+        assert meter.compute()["tokens_excl_bos"] == 56, name
+
+
+def test_token_counts_survive_mc_sample_weights():
+    """eval_mc_samples = k weighs each copy 1/k; float32(1/25) < 1/25, and a floor of the sum
+    reported 5,119 of 5,120 tokens."""
+    meter = NLLMeter()
+    for _ in range(5):
+        meter.update(torch.ones(8 * 25, 128), torch.ones(8 * 25, 128) / 25)
+    assert meter.compute()["tokens"] == 5 * 8 * 128
+
+
+def test_ema_copies_integer_buffers_and_averages_the_rest():
+    """BERT carries int64 position_ids: lerping them raised at the second update. Floats follow
+    the warmed-up decay d_n = min(decay, (1 + n) / (10 + n)) (n updates so far), by hand."""
+    from diffusion.ema import make_ema
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.register_buffer("index", torch.arange(3))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = make_ema(model, decay=0.9)
+    ema.update_parameters(model)  # n = 0: a copy
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.index += 5
+    ema.update_parameters(model)  # n = 1: d = min(0.9, 2 / 11)
+    d = 2 / 11
+    expected = d * 1.0 + (1 - d) * 3.0
+    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), expected))
+    assert torch.equal(ema.module.index, torch.arange(3) + 5)

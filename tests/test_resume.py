@@ -135,3 +135,53 @@ def test_allowed_change_takes_effect_and_a_moved_run_directory_continues(three_s
     run_main(moved, "trainer.max_steps=7", *COMMON, "optim.lr=1e-3")  # matches the checkpoint now
     assert last_ckpt(moved)["global_step"] == 7
     assert not list((moved / "checkpoints").glob("last-v*.ckpt"))
+
+
+SHORT_EPOCH = [  # 33 training rows of 128 tokens, batch 4: 8 steps per epoch
+    "data.source.max_docs=2",
+    "model.length=128",
+    "trainer.val_check_interval=100",
+    "trainer.limit_val_batches=1",
+    "eval.samples_after_train=0",
+    "eval.max_batches=1",
+    "model.dropout=0.0",
+    "lr_scheduler=constant_warmup",
+]
+
+
+def test_a_segment_without_a_periodic_save_resumes_mid_epoch_exactly(tmp_path):
+    """Stopped at step 5 with the cadence at 10, last.ckpt must be the in-step one (epoch 0
+    in progress, as the loader says), not Lightning's end-of-fit rewrite that marks the epoch
+    done: resumed to 12 it equals the uninterrupted run to the bit."""
+    from tests.tiny_lm import main_in_process
+
+    common = ["debug=tiny_cpu", "checkpointing.every_n_train_steps=10", *SHORT_EPOCH]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main_in_process(straight, "trainer.max_steps=12", *common)
+    main_in_process(resumed, "trainer.max_steps=5", *common)
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    progress = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert ckpt["global_step"] == 5 and ckpt["epoch"] == 0 and progress["completed"] == 0
+    main_in_process(resumed, "trainer.max_steps=12", *common)
+    step_a, sd_a = weights(straight)
+    step_b, sd_b = weights(resumed)
+    assert step_a == step_b == 12
+    for key in sd_a:
+        torch.testing.assert_close(sd_a[key], sd_b[key], rtol=0, atol=0, msg=key)
+
+
+def test_an_epoch_bound_run_checkpoints_its_last_step(tmp_path):
+    """trainer.max_epochs ends the run (max_steps=-1): the final step is saved even when it is
+    off the cadence (8 steps, every 3)."""
+    from tests.tiny_lm import main_in_process
+
+    main_in_process(
+        tmp_path,
+        "debug=tiny_cpu",
+        "trainer.max_steps=-1",
+        "+trainer.max_epochs=1",
+        "checkpointing.every_n_train_steps=3",
+        *SHORT_EPOCH,
+    )
+    step, _ = weights(tmp_path)
+    assert step == 8

@@ -293,7 +293,7 @@ class BD3LM(AbsorbingDiffusion):
             nll, scored = self.block_nelbo(
                 backbone, x0, attention_mask, generator, loss_mask, rows, clip=clip
             )
-            return LossOutput(nll=nll, mask=scored.to(nll.dtype))
+            return LossOutput(nll=nll, mask=scored.to(nll.dtype), targets=x0)
         nll, scored = self.block_nelbo(
             backbone,
             x0,
@@ -305,7 +305,7 @@ class BD3LM(AbsorbingDiffusion):
         )
         if self.var_min and self.block_size > 1 and self._trained:  # not in a bare ppl_eval
             self._collect_search(backbone, x0, attention_mask, generator, loss_mask)
-        return LossOutput(nll=nll, mask=scored.to(nll.dtype))
+        return LossOutput(nll=nll, mask=scored.to(nll.dtype), targets=x0)
 
     # ---- BD3-LM's data-driven clipping (var_min) ------------------------------------------------
     @torch.no_grad()

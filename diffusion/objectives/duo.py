@@ -297,7 +297,7 @@ class DUO(Objective):
         )
         if self.prior_loss:
             nll = nll + uniform_prior_kl(self.noise.alpha(torch.ones_like(t)), self.K)[:, None]
-        return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype))
+        return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype), targets=x0)
 
 
 CURRICULUM_KEYS = ("curriculum", "gumbel_tau_log10")  # DUO's curriculum settings
@@ -392,7 +392,7 @@ class DUODistill(DUO):
             kl = (student.exp() * (student - teacher)).sum(-1)
         else:
             kl = (teacher.exp() * (teacher - student)).sum(-1)
-        return LossOutput(nll=kl, mask=attention_mask.to(kl.dtype))
+        return LossOutput(nll=kl, mask=attention_mask.to(kl.dtype), targets=x0)
 
 
 class UniformDenoiser:

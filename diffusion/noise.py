@@ -74,8 +74,9 @@ class Clipped(NoiseSchedule):
     """BD3-LM's clipped schedule: the masking rate 1 - alpha(t) = beta + (omega - beta) t runs
     over [beta, omega] only (Arriola et al. 2025, sec. 5). A training device: mask rates near
     0 and 1 carry little signal and most of the NELBO estimator's variance, so training sees
-    rates in [beta, omega] (weight -alpha'/(1 - alpha) = (omega - beta) / rate, i.e. the NELBO's
-    integral restricted to those rates). Evaluation and sampling use `full`, the loglinear
+    rates in [beta, omega] with BD3-LM's weight 1 / rate: the NELBO integrand's mean over those
+    rates, (omega - beta)^-1 times the integral restricted to them, whatever the width (the
+    variance search compares intervals of several widths, as the paper's code does). Evaluation and sampling use `full`, the loglinear
     schedule over all of [0, 1], so reported perplexities stay bounds.
     """
 
@@ -100,4 +101,4 @@ class Clipped(NoiseSchedule):
         return (self.omega - self.beta) / (1 - self.move_chance(t)).clamp_min(self.eps)
 
     def loss_weight(self, t: Tensor) -> Tensor:
-        return (self.omega - self.beta) / self.move_chance(t).clamp_min(1e-12)
+        return 1.0 / self.move_chance(t).clamp_min(1e-12)

@@ -201,7 +201,12 @@ def test_clipped_schedule_rates_and_weight() -> None:
     noise = Clipped(beta=0.3, omega=0.8)
     t = torch.tensor([0.0, 0.5, 1.0])
     assert torch.allclose(noise.move_chance(t), torch.tensor([0.3, 0.55, 0.8]))
-    assert torch.allclose(noise.loss_weight(t), 0.5 / torch.tensor([0.3, 0.55, 0.8]))
+    # BD3-LM's weight 1 / rate (not the restricted integral's (omega - beta) / rate, which
+    # scales each interval's variance by its width squared and tilts the search)
+    assert torch.allclose(noise.loss_weight(t), 1 / torch.tensor([0.3, 0.55, 0.8]))
+    bd3 = BD3LM(noise, V - 1, V, block_size=4)
+    rate, weight = bd3.rate_and_weight(t, (0.3, 0.8))
+    assert torch.allclose(rate, noise.move_chance(t)) and torch.allclose(weight, 1 / rate)
     assert torch.allclose(1 - noise.alpha(t), noise.move_chance(t))
     with pytest.raises(ValueError, match="noise.beta"):
         Clipped(beta=0.8, omega=0.3)

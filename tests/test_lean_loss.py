@@ -189,3 +189,23 @@ def test_dit_forward_compiles_without_a_graph_break():
         explained = torch._dynamo.explain(dit)(x0, None, torch.ones_like(attn), **kwargs)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["subs", "d3pm", "d3pm_subs_masking", "sedd"])
+def test_a_mask_id_in_the_data_is_not_scored_on_either_path(name, caplog):
+    """A literal mask token in the text (x0 == mask id) has probability 0 under SUBS: scored,
+    the full path added ~1e6 nats there and the lean path a finite logit. Neither scores it;
+    both agree, and a warning names the id."""
+    dit = random_dit(name)
+    x0, attn, _ = batch()
+    x0[0, 2] = x0[2, 7] = MASK
+    with caplog.at_level("WARNING", logger="unmask"):
+        full, loss_full, grad_full = run(OBJECTIVES[name](False), dit, x0, attn, None)
+    assert f"mask id {MASK}" in caplog.text
+    lean, loss_lean, grad_lean = run(OBJECTIVES[name](True), dit, x0, attn, None)
+    assert full.mask[0, 2] == 0 and full.mask[2, 7] == 0 and torch.equal(full.mask, lean.mask)
+    assert float(full.mask.sum()) == float(attn.sum()) - 2
+    assert 0 < float(loss_full) < 100
+    torch.testing.assert_close(loss_lean, loss_full, rtol=1e-5, atol=1e-6)
+    for key in grad_full:
+        torch.testing.assert_close(grad_lean[key], grad_full[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -8,6 +8,7 @@ differ (`log_p_x0`, `nll_per_token`); nothing here dispatches on names.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.noise import NoiseSchedule
+
+log = logging.getLogger("unmask")
 
 MIN_CLEAN = 1e-3  # caps the mask-fraction sigma at -log(1e-3), loglinear's sigma(1)
 Rows = tuple[Tensor, int] | None  # (this batch's row indices (B,), global batch size)
@@ -269,6 +272,28 @@ class AbsorbingDiffusion(Objective):
             return -torch.log1p(-masked.clamp(max=1 - MIN_CLEAN))
         return None
 
+    def scored_positions(
+        self, x0: Tensor, attention_mask: Tensor, loss_mask: Tensor | None
+    ) -> Tensor:
+        """(B, L) 1 where a token is scored: real, in the loss mask, and not the mask id itself.
+
+        A data token equal to the mask id (a literal "[MASK]" in BERT-tokenised text) is masked
+        at every t and has probability 0 under SUBS: scored, it would add about 1e6 nats on the
+        full path and a finite value on the lean one. It only conditions; a warning says so once.
+        """
+        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
+        is_mask = (x0 == self.mask_id) & scored.bool()
+        if not getattr(self, "_warned_mask_in_data", False) and bool(is_mask.any()):
+            self._warned_mask_in_data = True
+            log.warning(
+                "the data holds the mask id %d (%d tokens in this batch, e.g. a literal mask "
+                "token in the text): those positions are not scored, and token counts leave "
+                "them out",
+                self.mask_id,
+                int(is_mask.sum()),
+            )
+        return scored * (~is_mask).to(scored.dtype)
+
     # ---- hooks ------------------------------------------------------------------------
     def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:
         """(B, L, V) backbone logits -> (B, L, V) float32 log p(x0 | x_t)."""
@@ -302,7 +327,7 @@ class AbsorbingDiffusion(Objective):
         loss_mask (B, L): 1 where a token may be noised and is scored (SFT: the answer and its
         EOS padding); elsewhere tokens stay clean and only condition. None: every real token.
         """
-        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
+        scored = self.scored_positions(x0, attention_mask, loss_mask)
         t = self.sample_t(x0.shape[0], x0.device, generator, rows)  # (B,)
         move = self.noise.move_chance(t)[:, None]
         x_t = self.q_xt(

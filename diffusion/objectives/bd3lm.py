@@ -226,12 +226,12 @@ class BD3LM(AbsorbingDiffusion):
 
     def rate_and_weight(self, t: Tensor, clip: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
         """Masking rate and NELBO weight at t: the schedule's own, or clipped to [lo, hi]
-        (rate lo + (hi - lo) t, weight (hi - lo) / rate)."""
+        (rate lo + (hi - lo) t, BD3-LM's weight 1 / rate: see `noise.Clipped`)."""
         if clip is None:
             return self.noise.move_chance(t), self.noise.loss_weight(t)
         lo, hi = clip
         rate = lo + (hi - lo) * t
-        return rate, (hi - lo) / rate.clamp_min(1e-12)
+        return rate, 1.0 / rate.clamp_min(1e-12)
 
     def training_clip(self) -> tuple[float, float] | None:
         """The interval training draws masking rates from (None: the full schedule)."""
@@ -255,7 +255,7 @@ class BD3LM(AbsorbingDiffusion):
         """(B, L) per-token NELBO terms and the (B, L) scored mask. `clip`: masking rates in
         [lo, hi]; `all_masked`: t = 1 with weight 1 (the exact NLL at block_size = 1)."""
         B, L = x0.shape
-        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
+        scored = self.scored_positions(x0, attention_mask, loss_mask)
         num_blocks = -(-L // self.block_size)
         blk = block_ids(L, self.block_size, x0.device)  # (L,)
         if all_masked:

@@ -23,7 +23,13 @@ import transformers
 from diffusion.data.base import ConfigError, Layout, Source, atomic_write, build_part, digest
 from diffusion.data.from_checkpoint import upgrade
 from diffusion.data.layouts import Pad, Wrap
-from diffusion.data.loading import ResumableDataLoader, ResumableSampler, TokenDataset, dist_info
+from diffusion.data.loading import (
+    EpochStreamLoader,
+    ResumableDataLoader,
+    ResumableSampler,
+    TokenDataset,
+    dist_info,
+)
 from diffusion.data.sft import SFTRows
 from diffusion.data.tokenizers import decode_rows, from_spec, tokenizer_digest
 
@@ -249,7 +255,7 @@ class TextDataModule(L.LightningDataModule):
         stream = self.source.texts("train", streaming=True).shuffle(seed=self.seed)
         stream = datasets.distributed.split_dataset_by_node(stream, rank=rank, world_size=world)
         rows = self.layout.stream(stream, self.setup_tokenizer(), self.length)
-        return torch.utils.data.DataLoader(
+        return EpochStreamLoader(
             rows,
             batch_size=batch_size,
             num_workers=self.num_workers,

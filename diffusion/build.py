@@ -179,6 +179,9 @@ def module_from_checkpoint(
 # contradict them (except the keys below, which an evaluation may change)
 RUN_DEFINING = ("model", "backbone", "parameterization", "noise", "data", "T", "time_conditioning")
 EVAL_MAY_CHANGE = ("model.length", "data.cache_dir", "data.num_proc", "data.streaming")
+# where this machine keeps its caches and how many processes it tokenizes with: always the
+# evaluating machine's own (the checkpoint's name a folder on the machine it was trained on)
+MACHINE_LOCAL = ("data.cache_dir", "data.num_proc")
 
 
 def read_any_checkpoint(path: str | Path, fmt: str | None = None) -> dict[str, Any]:
@@ -254,7 +257,7 @@ def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
         if "sampler" in saved and not any(k.startswith("sampler.") for k in given):
             out.sampler = saved.sampler  # the sampler it was trained to be sampled with
         for key in EVAL_MAY_CHANGE:
-            if key in given:
+            if key in given or (key in MACHINE_LOCAL and key in ours):
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)
         if "model.length" in given and out.backbone.get("max_length") == saved.model.length:
             out.backbone.max_length = out.model.length  # the yaml's ${model.length}

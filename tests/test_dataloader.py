@@ -314,6 +314,27 @@ def test_resume_continues_with_the_same_batches(k):
     assert seen + rest == full
 
 
+@pytest.mark.parametrize("old_bs,new_bs", [(2, 4), (4, 2), (3, 2)])
+def test_a_resume_with_a_new_batch_size_starts_at_the_first_untrained_row(old_bs, new_bs):
+    """checkpointing.allow_changed lets the batch size change: no row is skipped or repeated."""
+    order = run_epochs(tiny_loader(n=24, bs=1), 1)
+    first = tiny_loader(n=24, bs=old_bs)
+    it = iter(first)
+    seen = [r for _ in range(3) for r in next(it)["input_ids"].flatten().tolist()]
+    resumed = tiny_loader(n=24, bs=new_bs)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = [r for b in resumed for r in b["input_ids"].flatten().tolist()]
+    tail = 24 - 3 * old_bs
+    assert seen + rest == [r for b in order for r in b][: 3 * old_bs + tail - tail % new_bs]
+
+
+def test_a_checkpoint_that_counted_batches_still_resumes():
+    full = run_epochs(tiny_loader(), 1)
+    resumed = tiny_loader()
+    resumed.load_state_dict({"epoch": 0, "batches": 2, "world_size": 1})
+    assert run_epochs(resumed, 1) == full[2:]
+
+
 def test_ranks_get_disjoint_equal_shards():
     shards = [tiny_loader(n=11, bs=1, rank=r, world=2).sampler.indices().tolist() for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 5 and not set(shards[0]) & set(shards[1])
@@ -606,6 +627,12 @@ def test_streaming_train_rows_match_the_layout(tmp_path):
         full.flatten().long(), minlength=bins
     )
     assert int(gap.abs().sum()) <= 2 * 8  # only the dropped tail differs
+    loader = streamed.train_dataloader()
+    first, again = (torch.cat([b["input_ids"] for b in loader]) for _ in range(2))
+    assert torch.equal(first, rows) and not torch.equal(first, again)  # epoch 1: a new order
+    resumed = streamed.train_dataloader()
+    resumed.load_state_dict(loader.state_dict() | {"epoch": 1})  # a resume in epoch 1
+    assert torch.equal(torch.cat([b["input_ids"] for b in resumed]), again)
     from diffusion.data.sft import ChatRecords
 
     with pytest.raises(ValueError, match="streaming=true is not supported by the sft layout"):

@@ -501,3 +501,33 @@ def test_eval_config_takes_a_published_folder(tmp_path, monkeypatch):
     path = Path(out.eval.checkpoint_path)
     assert path.suffix == ".ckpt" and path.parent == tmp_path / "cache" / "converted"
     assert read_checkpoint(path)["unmask_format"]["format"] == "mdlm_hf"
+
+
+def test_an_evaluation_uses_this_machines_cache_not_the_checkpoints(tmp_path, monkeypatch):
+    """A checkpoint trained elsewhere names that machine's cache folder and worker count: the
+    evaluation runs with this machine's (UNMASK_CACHE, its num_proc), unless the command line
+    names another."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from diffusion.build import eval_config
+    from diffusion.config import register_resolvers
+
+    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "here"))
+    register_resolvers()
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        fixed = ["checkpointing.save_dir=x", "trainer.default_root_dir=x", "logger=none"]
+        base = compose("config", overrides=fixed)
+        trained = OmegaConf.to_container(base, resolve=True)
+        trained["data"] |= {"cache_dir": "/home/alice/.cache/unmask", "num_proc": 8}
+        ckpt = tmp_path / "elsewhere.ckpt"
+        torch.save({"state_dict": {}, "unmask_config": trained}, ckpt)
+        over = [*fixed, "mode=ppl_eval", f"eval.checkpoint_path={ckpt}"]
+        cfg = compose("config", overrides=over)
+        named = compose("config", overrides=[*over, f"data.cache_dir={tmp_path / 'named'}"])
+    out = eval_config(cfg, base)
+    assert out.data.cache_dir == str(tmp_path / "here") and out.data.num_proc is None
+    assert out.data.name == trained["data"]["name"]  # the rest of data is the checkpoint's
+    assert eval_config(named, base).data.cache_dir == str(tmp_path / "named")

@@ -74,39 +74,46 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
 
 class ResumableDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader Lightning checkpoints: `state_dict` = (epoch, batches served this epoch).
+    """A DataLoader Lightning checkpoints: `state_dict` = (epoch, rows served this epoch).
 
     Lightning 2.6 stores the state of every train loader that has `state_dict` and
     `load_state_dict` (fit_loop.on_save_checkpoint) and restores it before the first `iter`;
-    the next epoch pass then skips the batches already trained on, so a resumed run sees the
-    same batches as an uninterrupted one. Counting happens where batches leave the loader,
-    so worker prefetching does not shift it.
+    the next epoch pass then skips the rows already trained on, so a resumed run sees the
+    same batches as an uninterrupted one. The position is kept in rows of this rank's shard,
+    not batches, so a resume with a deliberately changed batch size (`checkpointing.
+    allow_changed`) starts at the first untrained row. Counting happens where batches leave
+    the loader, so worker prefetching does not shift it.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, *, sampler: ResumableSampler, **kwargs):
         super().__init__(dataset, sampler=sampler, **kwargs)
-        self._served = 0
+        self._rows = 0
         self._resume: dict[str, int] | None = None
+
+    def _epoch_done(self) -> bool:
+        """True once no further batch can be drawn from this epoch's rows."""
+        left = len(self.sampler) - self._rows
+        return left <= 0 or (self.drop_last and left < self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         sampler: ResumableSampler = self.sampler
         skip = 0
         if self._resume is not None and self._resume["epoch"] == sampler.epoch:
-            skip = self._resume["batches"]
+            skip = self._resume["rows"]
         self._resume = None
-        sampler.start = skip * self.batch_size
-        self._served = skip
+        sampler.start = skip
+        self._rows = skip
         for batch in super().__iter__():
-            self._served += 1
+            self._rows = min(self._rows + self.batch_size, len(sampler))
             yield batch
         sampler.set_epoch(sampler.epoch + 1)  # a plain loop gets a fresh order next pass
-        self._served = 0
+        self._rows = 0
 
     def state_dict(self) -> dict[str, int]:
         sampler: ResumableSampler = self.sampler
-        if self._served >= len(self):  # the epoch is complete: resume at the next one
-            return {"epoch": sampler.epoch + 1, "batches": 0, "world_size": sampler.world_size}
-        return {"epoch": sampler.epoch, "batches": self._served, "world_size": sampler.world_size}
+        if self._epoch_done():  # the epoch is complete: resume at the next one
+            return {"epoch": sampler.epoch + 1, "rows": 0, "world_size": sampler.world_size}
+        return {"epoch": sampler.epoch, "rows": self._rows, "world_size": sampler.world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         sampler: ResumableSampler = self.sampler
@@ -117,8 +124,50 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
                 sampler.world_size,
                 state["world_size"],
             )
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        if "rows" in state:
+            rows = int(state["rows"])
+        else:  # checkpoints before the position was kept in rows counted batches
+            rows = int(state["batches"]) * self.batch_size
+        self._resume = {"epoch": int(state["epoch"]), "rows": rows}
         sampler.set_epoch(int(state["epoch"]))
+
+
+class EpochStreamLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a streamed dataset that reshuffles it at every epoch.
+
+    Lightning sets the epoch only on a loader's sampler, and a loader over an
+    `IterableDataset` has none, so the stream would replay one order every epoch. This
+    loader calls the dataset's `set_epoch` at each pass and checkpoints the epoch (Lightning
+    stores `state_dict`), so a resumed run streams that epoch's order again; the rows
+    already trained on in it are streamed again too (a stream cannot seek).
+    """
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._epoch = 0
+        self._served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.set_epoch(self._epoch)
+        self._served = 0
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+        self._epoch += 1
+        self._served = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._epoch = int(state["epoch"])
+        if int(state.get("batches", 0)):
+            log.warning(
+                "resuming a streamed corpus mid-epoch: epoch %d restarts from its first row "
+                "(%d batches of it were trained on before)",
+                self._epoch,
+                int(state["batches"]),
+            )
 
 
 class TokenDataset(torch.utils.data.Dataset):

@@ -173,6 +173,21 @@ def test_pad_documents_truncates_and_masks():
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
 
 
+def test_pad_layout_says_how_much_it_truncates(tmp_path, caplog):
+    """Cutting documents to model.length is by design, never silent: the log names the count."""
+    with caplog.at_level("WARNING", logger="diffusion.data.layouts"):
+        assert layouts.report_truncation("train", np.array([4, 1, 9]), length=5) == 2
+    assert "2 of 3 train documents" in caplog.text and "(7 of 14 tokens, 50.0%" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffusion.data.layouts"):
+        assert layouts.report_truncation("train", np.array([3, 1]), length=5) == 0
+    assert caplog.text == ""
+    dm = local_dm(tmp_path, length=16, wrap=False)
+    with caplog.at_level("WARNING", logger="diffusion.data.layouts"):
+        dm.setup()
+    assert "of 3 train documents are longer than model.length=16" in caplog.text
+
+
 def test_pad_mode_attention_mask(tmp_path):
     dm = local_dm(tmp_path, length=96, wrap=False)
     dm.setup()

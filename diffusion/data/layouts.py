@@ -10,6 +10,7 @@ Documents are encoded with special-token parsing off (tokenizers.encode_text).
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -18,6 +19,8 @@ import torch
 
 from diffusion.data.base import ConfigError, Layout, Source, stack_rows
 from diffusion.data.tokenizers import encode_text
+
+log = logging.getLogger(__name__)
 
 
 def wrap_documents(flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, length: int):
@@ -58,6 +61,21 @@ def pad_documents(flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, pad
     ids[np.arange(len(lengths)), body + 1] = eos
     mask = (np.arange(length)[None, :] < (body + 2)[:, None]).astype(np.int8)
     return ids, mask
+
+
+def report_truncation(split: str, lengths: np.ndarray, length: int) -> int:
+    """Warn how many documents of `split` the pad layout cuts (longer than `length` - 2 tokens)
+    and what share of their tokens is lost: truncation is by design, but never silent."""
+    cut = lengths.astype(np.int64) > length - 2
+    if cut.any():
+        lost = int((lengths[cut].astype(np.int64) - (length - 2)).sum())
+        log.warning(
+            "pad layout: %d of %d %s documents are longer than model.length=%d and are "
+            "truncated (%d of %d tokens, %.1f%%, dropped); the wrap layout keeps every token",
+            int(cut.sum()), len(lengths), split, length, lost, int(lengths.sum()),
+            100.0 * lost / max(int(lengths.sum()), 1),
+        )  # fmt: skip
+    return int(cut.sum())
 
 
 def _pieces(text: str, size: int = 1 << 20) -> list[str]:
@@ -140,6 +158,7 @@ class Pad(Layout):
 
     def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
         flat, lengths, _ = _documents(source, split, tokenizer, num_proc)
+        report_truncation(split, lengths, length)
         tok = tokenizer
         ids, mask = pad_documents(
             flat, lengths, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, length

@@ -8,8 +8,9 @@ keys/values of the finished blocks (`forward_span(..., context="prefix", write=F
 finished block is run once more, clean, to write its keys/values (`write=True`): exactly what
 the x_0 half computes in training, so the cache is exact, not an approximation.
 
-Generation stops when every row has produced `eos_id` (positions after a row's first EOS are
-filled with EOS), or at `max_length` tokens, which may exceed the training length: past the
+Generation stops when every row has produced `eos_id` (positions after a row's first generated
+EOS are filled with EOS, fixed tokens excepted; the canvas keeps its width), or at `max_length`
+tokens, which may exceed the training length: past the
 backbone's context the window slides, keeping the last whole blocks of at most half the
 context, re-encoded at positions from 0 (BD3-LM's arbitrary-length generation).
 """
@@ -74,8 +75,10 @@ class BlockSampler(Sampler):
         return own
 
     # ---- the cache -----------------------------------------------------------------------------
-    def _encode(self, model: GuidedDenoiser, window: Tensor, block: int, t: Tensor):
-        """A fresh cache holding the clean `window` (B, W), written block by block."""
+    def _encode(self, model: GuidedDenoiser, window: Tensor, fixed: Tensor, block: int, t: Tensor):
+        """A fresh cache holding the clean `window` (B, W), written block by block; `fixed`
+        (B, W) is the window's conditioning (CFG's unconditional pass masks it)."""
+        model.cond_mask = fixed
         cache = model.init_cache(window.shape[0])
         for a in range(0, window.shape[1], block):
             b = min(a + block, window.shape[1])
@@ -106,9 +109,10 @@ class BlockSampler(Sampler):
             if end - offset > capacity:  # slide: keep the last whole blocks of <= capacity / 2
                 keep = (capacity // 2 // block) * block
                 offset = start - keep
-                cache = self._encode(model, x[:, offset:start], block, one)
+                cache = self._encode(model, x[:, offset:start], fixed[:, offset:start], block, one)
             lo, hi = start - offset, end - offset  # the block in model positions
             window = x[:, offset:end]  # a view: steps below write into x
+            model.cond_mask = fixed[:, offset:end]  # CFG masks the window's prompt / fixed tokens
             log_p, changed = None, True
             for i in range(self.steps):
                 span = window[:, lo:hi]
@@ -131,11 +135,14 @@ class BlockSampler(Sampler):
             if self.stop_at_eos and self.eos_id is not None:
                 hit = ((x[:, start:end] == self.eos_id) & ~fixed[:, start:end]).any(1)
                 done |= hit
-                if bool(done.all()):
+                if bool(done.all()):  # every row has ended: the rest of the canvas is EOS
+                    x = x.masked_fill(x == mask_id, self.eos_id)
+                    if record is not None:
+                        record(x.clone())
                     break
             if end < total:  # the finished block joins the cache (clean, as x_0 in training)
                 model.log_p_x0_span(window, one, lo, hi, cache, context="prefix", write=True)
-        return self._finish(x[:, :end], fixed[:, :end])
+        return self._finish(x, fixed)
 
     @staticmethod
     def _capacity(cache) -> int:
@@ -144,9 +151,10 @@ class BlockSampler(Sampler):
         return int(getattr(first, "capacity", 1 << 62))
 
     def _finish(self, x: Tensor, fixed: Tensor) -> Tensor:
-        """Rows that produced EOS are EOS from their first generated EOS on."""
+        """Rows that produced EOS are EOS from their first generated EOS on (fixed tokens
+        stay: they are conditioning, never output)."""
         if not self.stop_at_eos or self.eos_id is None:
             return x
         is_eos = (x == self.eos_id) & ~fixed  # (B, L)
         after = is_eos.long().cumsum(1) > 0  # at or after the first generated EOS
-        return x.masked_fill(after, self.eos_id)
+        return x.masked_fill(after & ~fixed, self.eos_id)

@@ -188,12 +188,18 @@ class ConfidenceSampler(Sampler):
             lo, hi = start + k * self.block_length, min(start + (k + 1) * self.block_length, length)
             block_steps = self.steps // num_blocks + int(k < self.steps % num_blocks)
             x = self._decode_block(model, x, lo, hi, block_steps, free, cache, generator, record)
-            if self.stop_id is not None and bool((x[:, start:hi] == self.stop_id).any(1).all()):
+            if self.stop_id is not None and bool(self._ended(model, x, start, hi).all()):
                 x = x.masked_fill(x == model.mask_id, self.stop_id)  # every sample has ended
                 if record is not None:
                     record(x.clone())
                 break
         return x
+
+    def _ended(self, model: GuidedDenoiser, x: Tensor, start: int, hi: int) -> Tensor:
+        """(B,) rows that have generated the stop token in [start, hi) (a fixed, infilled
+        EOS is conditioning: it does not end a row)."""
+        stop = (x[:, start:hi] == self.stop_id) & ~model.cond_mask[:, start:hi]
+        return stop.any(1)
 
     def _check_blocks(self, model: GuidedDenoiser, start: int, length: int) -> None:
         """On a model without whole-canvas denoising (bd3lm with block_size < length), each

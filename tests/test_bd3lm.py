@@ -375,13 +375,101 @@ def test_block_sampler_stops_at_eos_and_pads_with_it() -> None:
 
     den = EOSInSecondBlock()
     sampler = BlockSampler(steps=8, eos_id=EOS, max_length=12)
-    out = sampler.sample(den, 4, L_TOY, generator=gen(0))
-    assert out.tokens.shape == (4, 4)  # stopped after the block holding EOS
+    out = sampler.sample(den, 4, L_TOY, generator=gen(0))  # the toy cannot see past L_TOY:
+    assert out.tokens.shape == (4, 12)  # it stopped, and the canvas keeps its width
     assert bool((out.tokens[:, 2:] == EOS).all())  # EOS from the first generated EOS on
     keep = BlockSampler(steps=8, eos_id=EOS, stop_at_eos=False).sample(
         den, 4, L_TOY, generator=gen(0)
     )
     assert bool((keep.tokens[:, 3] == 0).all())
+
+
+class EOSAtRowStart(BlockToyDenoiser):
+    """The toy, except that the rows in `eos_rows` start with EOS (id 1) and no other row or
+    position ever draws it."""
+
+    eos_rows: tuple[int, ...] = (0,)
+    eos_batch: int | None = None  # only batches of this size (None: every batch)
+
+    def log_p_x0_span(self, x_t, t, start, end, cache, *, context="prefix", write=True):
+        out = super().log_p_x0_span(x_t, t, start, end, cache, context=context, write=write)
+        out[..., 1] = -torch.inf
+        if start == 0 and self.eos_batch in (None, x_t.shape[0]):
+            for r in self.eos_rows:
+                out[r] = -torch.inf
+                out[r, 0, 1], out[r, 1, 0] = 0.0, 0.0
+        return out
+
+
+@pytest.mark.parametrize("eos_rows", [(0,), (0, 1)])
+def test_block_sampler_keeps_fixed_tokens_after_eos(eos_rows) -> None:
+    """An infilled (fixed) token after a row's EOS is conditioning, not output: it stays, and
+    it is not cut off when every row stops early."""
+    den = EOSAtRowStart()
+    den.eos_rows = eos_rows
+    fixed = torch.tensor([False, False, False, True])
+    out = BlockSampler(steps=8, eos_id=1).sample(
+        den, 2, L_TOY, generator=gen(0), fixed_mask=fixed, fixed_values=torch.tensor([0, 0, 0, 2])
+    )
+    assert out.tokens.shape == (2, L_TOY) and out.tokens[:, 3].tolist() == [2, 2]
+    assert out.tokens[0, :3].tolist() == [1, 1, 1]  # EOS from the first generated one on
+    assert bool((out.tokens != MASK).all())
+
+
+def test_block_sampler_batches_that_stop_at_different_blocks_concatenate(tmp_path) -> None:
+    """sample_eval draws several batches; early stopping must not change a batch's width."""
+    from diffusion.evaluation.sampling import generate
+
+    class Module:
+        def to(self, device):
+            return self
+
+        def denoiser(self):
+            return self.den
+
+    class Decoder:
+        def decode(self, tokens):
+            return [" ".join(map(str, row)) for row in tokens.tolist()]
+
+    module = Module()
+    module.den = EOSAtRowStart()
+    module.den.eos_rows, module.den.eos_batch = (0, 1), 2  # batch 1 stops in block 0, not 2
+    sampler = BlockSampler(steps=8, eos_id=1, num_samples=3, batch_size=2)
+    cfg = OmegaConf.create(
+        {"model": {"length": L_TOY}, "eval": {"sample_seed": 0, "device": "cpu"},
+         "trainer": {"accelerator": "cpu"}, "sampler": {"steps": 8}}
+    )  # fmt: skip
+    out = generate(cfg, Decoder(), module, sampler)
+    assert out["tokens"].shape == (3, L_TOY) and len(out["texts"]) == 3
+
+
+@pytest.mark.parametrize("max_length", [None, 20])
+def test_block_sampler_guidance_masks_the_windows_prompt(max_length) -> None:
+    """CFG with a prompt: the unconditional pass sees the window with its prompt masked (and a
+    cache written from that), so its logits equal a full forward of the masked canvas."""
+    L, block, P = 12, 4, 4
+    net = random_dit(L)
+    denoiser = BD3LM(LogLinear(), V - 1, V, block_size=block).eval().denoiser(net)
+    calls = recording(denoiser)
+    prefix = torch.tensor([1, 2, 3, 4])
+    sampler = BlockSampler(steps=4, cfg_scale=1.5, max_length=max_length, stop_at_eos=False)
+    out = sampler.sample(denoiser, 2, L, prefix=prefix, generator=gen(0))
+    assert out.tokens.shape == (2, max_length or L)
+    assert torch.equal(out.tokens[:, :P], prefix.expand(2, -1))
+    uncond = [i for i, c in enumerate(calls) if bool((c[0][:, :P] == V - 1).all())]
+    assert uncond  # one unconditional pass after each conditional one, prompt in the window
+    if max_length is None:
+        assert len(calls) == 2 * len(uncond)
+    for i in uncond:
+        canvas, start, end, cached = calls[i]
+        cond_canvas = calls[i - 1][0]
+        assert torch.equal(canvas[:, P:], cond_canvas[:, P:]) and calls[i - 1][1] == start
+        full_canvas = canvas.clone()
+        full_canvas[:, end:] = V - 1
+        full = type(denoiser).log_p_x0(denoiser, full_canvas, torch.ones(2))[:, start:end]
+        real = cached > -1e5
+        assert torch.equal(real, full > -1e5)
+        assert float((cached[real] - full[real]).abs().max()) <= 1e-10
 
 
 def test_block_yaml_builds() -> None:

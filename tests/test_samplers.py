@@ -416,6 +416,23 @@ def test_confidence_random_strategy_and_eos_stop() -> None:
     assert out.tokens[:, :2].tolist() == [[1, eos]] * 3 and bool((out.tokens[:, 2:] == eos).all())
 
 
+def test_confidence_eos_stop_ignores_an_infilled_eos() -> None:
+    """A fixed EOS (infilling) is conditioning: it must not end the rows' decoding."""
+    eos = 2
+    probs = torch.zeros(1, 8, 4)
+    probs[0, :, 1] = 1.0
+    denoiser = FixedDenoiser(probs)
+    sampler = ConfidenceSampler(
+        steps=8, block_length=2, strategy="random", stop_at_eos=True, eos_id=eos
+    )
+    fixed = torch.zeros(8, dtype=torch.bool)
+    fixed[1] = True
+    out = sampler.sample(
+        denoiser, 3, 8, generator=gen(), fixed_mask=fixed, fixed_values=torch.full((8,), eos)
+    )
+    assert out.nfe == 7 and bool((out.tokens[:, 2:] == 1).all())  # 1 + 2 + 2 + 2: all blocks
+
+
 # ----------------------------------------------------------------------------- semi-AR
 
 

@@ -215,28 +215,34 @@ def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool
 
 
 class _RotateQKV(torch.autograd.Function):
-    """q and k of a packed (B, L, 3, H, D) qkv rotated in one pass, v copied; the backward is
-    the inverse rotation (no activations saved, only the cos/sin tables)."""
+    """q and k of a packed (B, L, 3, H, D) qkv rotated into one new (B, L, 2, H, D) buffer, v a
+    view of the input; all three come out as (B, H, L, D) views. The backward writes the inverse
+    rotation of q's and k's gradients and v's gradient straight into one packed gradient: no
+    copy of v, no stacking of the three gradients, no activations saved (only cos/sin)."""
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _rotate_into(out[:, :, :2], qkv[:, :, :2], cos, sin, inverse=False)
-        out[:, :, 2].copy_(qkv[:, :, 2])
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor):
+        B, L, _, H, D = qkv.shape
+        qk = torch.empty((B, L, 2, H, D), dtype=qkv.dtype, device=qkv.device)
+        _rotate_into(qk, qkv[:, :, :2], cos, sin, inverse=False)
         ctx.save_for_backward(cos, sin)
-        return out
+        q, k = qk.unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        cos, sin = ctx.saved_tensors
-        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        _rotate_into(out[:, :, :2], grad[:, :, :2], cos, sin, inverse=True)
-        out[:, :, 2].copy_(grad[:, :, 2])
-        return out, None, None
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
+        cos, sin = ctx.saved_tensors  # (L, 1, 1, D/2): [:, 0] lays them over (B, L, H, D/2)
+        B, H, L, D = grad_q.shape
+        grad = torch.empty((B, L, 3, H, D), dtype=grad_q.dtype, device=grad_q.device)
+        for i, g in enumerate((grad_q, grad_k)):
+            _rotate_into(grad[:, :, i], g.transpose(1, 2), cos[:, 0], sin[:, 0], inverse=True)
+        grad[:, :, 2].copy_(grad_v.transpose(1, 2))
+        return grad, None, None
 
 
-def rotate_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary on the packed (B, L, 3, H, D) projections: q and k rotated by position, v as is.
+def rotate_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rotary on the packed (B, L, 3, H, D) projections: q, k rotated by position and v as is,
+    each (B, H, L, D) (the layout attention takes).
 
     cos, sin: (L, D/2) from `Rotary`. Equal to rotating q and k separately by
     x * cos + rotate_half(x) * sin with the halves' tables repeated (the classic form).
@@ -244,10 +250,9 @@ def rotate_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos = cos.to(qkv.dtype)[:, None, None]  # (L, 1, 1, D/2) over (B, L, 2, H, D/2)
     sin = sin.to(qkv.dtype)[:, None, None]
     if torch.compiler.is_compiling():  # plain ops: the compiler fuses them itself
-        qk, v = qkv[:, :, :2], qkv[:, :, 2:]
-        x1, x2 = qk.chunk(2, dim=-1)
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return torch.cat([rotated, v], dim=2)
+        x1, x2 = qkv[:, :, :2].chunk(2, dim=-1)
+        q, k = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
     return _RotateQKV.apply(qkv, cos, sin)
 
 
@@ -271,14 +276,28 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, cond_dim)
 
 
+def _per_row(m: Tensor, x: Tensor) -> Tensor:
+    """A (B, C) modulation laid over x: (B, 1, C) for (B, L, C) x; as is for rows (N, C)."""
+    return m[:, None] if x.dim() == 3 else m
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x (B, L, C) * (1 + scale (B, C)) + shift (B, C), in one fused op."""
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+    """adaLN: x (B, L, C) * (1 + scale (B, C)) + shift (B, C), in one fused op (or x (N, C)
+    rows with their own (N, C) modulations)."""
+    return torch.addcmul(_per_row(shift, x), x, 1 + _per_row(scale, x))
 
 
 def gated_residual(x: Tensor, gate: Tensor | None, y: Tensor) -> Tensor:
-    """x + gate (B, C) * y, (B, L, C), in one fused op (x + y without a gate)."""
-    return x + y if gate is None else torch.addcmul(x, gate[:, None], y)
+    """x + gate (B, C) * y, (B, L, C), in one fused op (x + y without a gate); rows as above."""
+    return x + y if gate is None else torch.addcmul(x, _per_row(gate, x), y)
+
+
+def at_rows(m: Tensor | None, rows: Tensor, length: int) -> Tensor | None:
+    """The modulations of flat positions `rows` (N,) of (B, length): each position's row of a
+    per-sample m (B, C), (N, C); a shared m (1, C) or None stays as it is."""
+    if m is None or m.shape[0] == 1:
+        return m
+    return m.index_select(0, torch.div(rows, length, rounding_mode="floor"))
 
 
 def modulated_norm(
@@ -329,9 +348,14 @@ class Block(nn.Module):
         causal: bool,
         kv: tuple[Tensor, Tensor, Span] | None = None,
         attn_mask=None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """x (B, L, C) -> (B, L, C). With `kv = (keys, values, span)` x holds the positions
-        span.start .. span.start + L - 1, attending as `span_attention` says."""
+        span.start .. span.start + L - 1, attending as `span_attention` says.
+
+        `rows` (N,) flat positions b * L + i: only they go on past the attention, (N, C) out.
+        Exact, since everything after the attention is per position; the last block of a lean
+        loss skips the output projection and the MLP where nothing is scored."""
         B, L, C = x.shape
         if self.adaLN is not None and cond is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond).chunk(6, dim=-1)
@@ -340,8 +364,8 @@ class Block(nn.Module):
             gate1 = gate2 = None
 
         h = modulated_norm(self.norm1, x, shift1, scale1)
-        qkv = rotate_qkv(self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads), *rotary)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, D) views of the packed tensor
+        qkv = self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads)
+        q, k, v = rotate_qkv(qkv, *rotary)  # (B, H, L, D)
         if kv is None:
             if attn_mask is None:
                 a = attention(q, k, v, key_padding, causal)
@@ -349,7 +373,13 @@ class Block(nn.Module):
                 a = masked_attention(q, k, v, attn_mask, key_padding)
         else:
             a = span_attention(q, k, v, kv[0], kv[1], kv[2], causal)
-        x = self._residual(x, self.proj, a.transpose(1, 2).reshape(B, L, C), gate1)
+        a = a.transpose(1, 2).reshape(B, L, C)
+        if rows is not None:
+            x, a = x.flatten(0, 1).index_select(0, rows), a.flatten(0, 1).index_select(0, rows)
+            gate1, shift2, scale2, gate2 = (
+                at_rows(m, rows, L) for m in (gate1, shift2, scale2, gate2)
+            )
+        x = self._residual(x, self.proj, a, gate1)
         h = modulated_norm(self.norm2, x, shift2, scale2)
         return self._residual(x, self.mlp[2], self.mlp[1](self.mlp[0](h)), gate2)
 
@@ -383,17 +413,24 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(
-        self, x: Tensor, cond: Tensor | None, positions_to_score: Tensor | None = None
+        self,
+        x: Tensor,
+        cond: Tensor | None,
+        positions_to_score: Tensor | None = None,
+        length: int | None = None,
     ) -> Tensor:
         """(B, L, C) -> (B, L, V) logits; with `positions_to_score` (N,) flat indices into the
-        B * L positions, only those rows reach the vocabulary projection: (N, V)."""
+        B * L positions, only those rows reach the norm and the vocabulary projection: (N, V).
+        x may already be those rows, (N, C), from a block given `rows`; `length` is then L."""
         shift = scale = None
         if self.adaLN is not None and cond is not None:
             shift, scale = self.adaLN(cond).chunk(2, dim=-1)
-        h = modulated_norm(self.norm, x, shift, scale)
         if positions_to_score is not None:
-            h = h.flatten(0, 1).index_select(0, positions_to_score)  # (N, C)
-        return self.linear(h)
+            if x.dim() == 3:
+                length = x.shape[1]
+                x = x.flatten(0, 1).index_select(0, positions_to_score)  # (N, C)
+            shift, scale = (at_rows(m, positions_to_score, length) for m in (shift, scale))
+        return self.linear(modulated_norm(self.norm, x, shift, scale))
 
 
 def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
@@ -416,6 +453,9 @@ class DiT(nn.Module):
     tokenizer_key: ClassVar[str | None] = None  # trained from scratch on the data's tokenizer
     causal: bool = False  # the instance's setting (backbone.causal)
     scores_positions = True  # forward(..., positions_to_score=) applies the head only there
+    # ... and the last block's projection and MLP too (exact; False: the ablation in
+    # scripts/benchmark.py --sections backbones)
+    prune_last_block: bool = True
 
     def __init__(
         self,
@@ -481,9 +521,11 @@ class DiT(nn.Module):
         cond = self._condition(sigma, B)
         key_padding = padding_mask(attention_mask)
         rotary = self.rotary(L, x.device, positions)
-        for block in self.blocks:
-            x = block(x, rotary, cond, key_padding, self.causal, attn_mask=attn_mask)
-        return self.final(x, cond, positions_to_score)  # (B, L, V) or (N, V)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            rows = positions_to_score if i == last and self.prune_last_block else None
+            x = block(x, rotary, cond, key_padding, self.causal, attn_mask=attn_mask, rows=rows)
+        return self.final(x, cond, positions_to_score, L)  # (B, L, V) or (N, V)
 
     def _condition(self, sigma: Tensor | None, B: int) -> Tensor:
         """(B, cond_dim) embedding of sigma; a time-agnostic DiT embeds sigma = 0 (as MDLM),

@@ -131,8 +131,8 @@ class DDiTBlock(nn.Module):
         h = self.norm1(x)
         if c is not None:
             h = modulate(h, shift1, scale1)
-        qkv = rotate_qkv(self.attn_qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads), *rotary)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, D)
+        qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads)
+        q, k, v = rotate_qkv(qkv, *rotary)  # (B, H, L, D)
         if kv is not None:
             keys, values, start = kv
             keys[:, :, start : start + L] = k

@@ -155,8 +155,9 @@ class MinimalBlock(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, -1)
         if rotary is not None:  # our DiT's fused rotary pass (models/dit.py rotate_qkv)
-            qkv = dit_module.rotate_qkv(qkv, *rotary)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            q, k, v = dit_module.rotate_qkv(qkv, *rotary)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
         x = x + self.drop(self.out(a))
         return x + self.drop(self.mlp(self.ln2(x)))
@@ -429,11 +430,14 @@ def section_backbones(cfg, args, device, report) -> None:
     full = build(cfg, V, device, lean=False)[1]
     size = (V, m.hidden_size, m.n_blocks, m.n_heads)
 
-    def dit() -> DiT:
-        return DiT(*size, m.length, cond_dim=m.cond_dim, dropout=m.dropout)
+    def dit(prune: bool = True) -> DiT:
+        model = DiT(*size, m.length, cond_dim=m.cond_dim, dropout=m.dropout)
+        model.prune_last_block = prune
+        return model
 
     models = {
         "dit (lean loss)": (dit(), objective),
+        "dit (lean loss, last block unpruned)": (dit(prune=False), objective),
         "dit (full loss)": (dit(), full),
         "minimal transformer": (MinimalTransformer(*size, m.length, dropout=m.dropout), objective),
         "minimal + rotary": (

@@ -131,6 +131,40 @@ def test_fused_forward_and_grads_equal_the_slow_reference(causal, padded, timed)
         assert_same(g, r, tol=3e-5, what=name)  # sums over rows compound the roundings
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("timed", [True, False])
+def test_scored_rows_equal_the_slow_reference_and_skip_the_last_mlp(causal, timed):
+    """positions_to_score (the lean loss): the logits and gradients of those rows equal the
+    slow reference's, while the last block runs its projection and MLP on those rows only
+    (the earlier blocks on every position: the last attention needs all keys)."""
+    model = tiny(causal=causal, time_conditioning=timed).train()
+    x = torch.randint(0, 11, (3, 10))
+    sigma = torch.tensor([0.3, 1.1, 2.0]) if timed else None
+    attn = torch.ones(3, 10, dtype=torch.long)
+    attn[1, 6:] = 0
+    index = torch.tensor([0, 4, 9, 12, 15, 23, 27])  # rows of samples 0, 1 and 2
+    rows = {}
+
+    def seen(n: int):
+        def hook(module, inputs, output) -> None:
+            rows[n] = inputs[0].shape
+
+        return hook
+
+    hooks = [blk.mlp[0].register_forward_hook(seen(n)) for n, blk in enumerate(model.blocks)]
+    out = model(x, sigma=sigma, attention_mask=attn, positions_to_score=index)
+    for h in hooks:
+        h.remove()
+    assert rows == {0: torch.Size([3, 10, 32]), 1: torch.Size([7, 32])}
+    ref = slow_forward(model, x, sigma=sigma, attention_mask=attn).flatten(0, 1)[index]
+    assert_same(out, ref)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), list(model.parameters()), allow_unused=True)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), list(model.parameters()))
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert_same(g, r, tol=3e-5, what=name)
+
+
 def test_fused_rotary_equals_slow_reference_at_every_length_and_dtype():
     """The cached tables serve shorter and longer calls alike (grown on demand), and the
     soft-token path (x_t as float weights) and bf16 autocast agree with the reference."""

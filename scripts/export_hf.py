@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -68,9 +69,22 @@ def embedding_name(backbone: torch.nn.Module) -> str:
 def load_tokenizer(cfg: dict, backbone, name: str | None):
     """The data's HF tokenizer (else the backbone's), with the [MASK] the model was trained with."""
     data_tok = (cfg.get("data") or {}).get("tokenizer")
+    tok = None
+    if name is None and isinstance(data_tok, Mapping):
+        # a spec (a release's special ids, the ModernBERT LDM's chat tokens, ...): built as the
+        # data module builds it, so the folder ships the ids the model was trained with
+        from diffusion.data.tokenizers import _Trained, from_spec
+
+        spec = from_spec(dict(data_tok))
+        if isinstance(spec, _Trained):  # trained on the corpus: not a tokenizer to ship
+            name = backbone.pretrained
+        else:
+            tok = spec.build(None, str(cfg.get("data", {}).get("cache_dir") or "."), "export")
+            name = spec.describe()
     if name is None:
         name = data_tok if data_tok and data_tok not in TRAINED_TOKENIZERS else backbone.pretrained
-    tok = transformers.AutoTokenizer.from_pretrained(name)
+    if tok is None:
+        tok = transformers.AutoTokenizer.from_pretrained(name)
     if tok.mask_token is None:
         reused = getattr(backbone, "mask_token_id", None)
         if reused is not None:  # DiffuGPT-s: an existing token serves as [MASK]
@@ -81,6 +95,11 @@ def load_tokenizer(cfg: dict, backbone, name: str | None):
         raise SystemExit(
             f"tokenizer {name}: mask id {tok.mask_token_id} is outside the model's "
             f"vocabulary ({backbone.vocab_size})"
+        )
+    if len(tok) > backbone.vocab_size:
+        raise SystemExit(
+            f"tokenizer {name}: {len(tok)} ids, more than the model's {backbone.vocab_size} "
+            "embedding rows (pass --tokenizer with the one it was trained with)"
         )
     return tok
 

@@ -417,6 +417,66 @@ def test_restricted_unpickler_runs_no_code(tmp_path):
     assert not target.exists()
 
 
+def _write_pickle(path: Path, pkl: bytes, tensors: dict[str, bytes] | None = None) -> Path:
+    """A torch zip checkpoint with a hand-written data.pkl (and raw storages)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        for key, raw in (tensors or {}).items():
+            z.writestr(f"archive/data/{key}", raw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "glob", [b"ctorch\nFloatStorage\n", b"ctorch._utils\n_rebuild_tensor_v2\n"]
+)
+def test_a_crafted_pickle_cannot_change_how_later_files_read(tmp_path, glob):
+    """BUILD on an allowed global (a storage type's dtype, a rebuild function's attributes) is
+    refused with a FormatError naming the file, and a file read afterwards reads as before."""
+    from models.formats.safe_pickle import load_restricted
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, good)
+    # PROTO 2; GLOBAL; {"dtype": torch.float16}; BUILD; POP; {}; STOP
+    pkl = b"\x80\x02" + glob + b"}X\x05\x00\x00\x00dtypectorch\nfloat16\nsb0}."
+    evil = _write_pickle(tmp_path / "evil.ckpt", pkl)
+    with pytest.raises(FormatError, match="evil.ckpt.*allowed global"):
+        load_restricted(evil)
+    w = load_restricted(good)["w"]
+    assert w.dtype == torch.float32 and w.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_tensor_record_past_its_storage_is_a_format_error(tmp_path):
+    """A corrupt header (size (400, 2) over an 8-element storage) names the file; it never
+    reaches torch's resize error or reads past the storage."""
+    from models.formats.safe_pickle import load_restricted
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"backbone.vocab_embed.embedding": torch.zeros(4, 2)}}, good)
+    with zipfile_open(good) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    pkl_name = next(n for n in entries if n.endswith("data.pkl"))
+    assert b"K\x04K\x02\x86" in entries[pkl_name]  # the size record (4, 2) to corrupt
+    entries[pkl_name] = entries[pkl_name].replace(b"K\x04K\x02\x86", b"M\x90\x01K\x02\x86", 1)
+    bad = tmp_path / "bad.ckpt"
+    with zipfile_open(bad, "w") as z:
+        for n, raw in entries.items():
+            z.writestr(n, raw)
+    with pytest.raises(FormatError, match=r"bad\.ckpt.*\(400, 2\).*exceeds its storage of 8"):
+        load_restricted(bad)
+    for fmt in ("mdlm_ckpt", None):  # named, and found by detection (an MDLM-looking key)
+        with pytest.raises(FormatError, match=r"bad\.ckpt.*exceeds its storage"):
+            load_checkpoint(str(bad), fmt=fmt)
+    assert load_restricted(good)["state_dict"]["backbone.vocab_embed.embedding"].shape == (4, 2)
+
+
+def zipfile_open(path: Path, mode: str = "r"):
+    import zipfile
+
+    return zipfile.ZipFile(path, mode)
+
+
 def test_our_checkpoint_format_and_disable_ema(tmp_path):
     """Our own .ckpt is detected as such; use_ema=False makes the EMA copy the raw weights."""
     folder = write_hf(tmp_path / "hf", mdlm_params())
@@ -531,3 +591,34 @@ def test_an_evaluation_uses_this_machines_cache_not_the_checkpoints(tmp_path, mo
     assert out.data.cache_dir == str(tmp_path / "here") and out.data.num_proc is None
     assert out.data.name == trained["data"]["name"]  # the rest of data is the checkpoint's
     assert eval_config(named, base).data.cache_dir == str(tmp_path / "named")
+
+
+def test_a_text8_checkpoint_gets_mdlms_own_character_ids(tmp_path, monkeypatch):
+    """MDLM's Text8Tokenizer has 35 ids: 8 specials ([MASK] = 4), then a-z and space. The
+    converted checkpoint must tokenize with exactly those ids (our data=text8 vocabulary has
+    another layout, and V - 1 = 34 is MDLM's space, not its mask)."""
+    from diffusion.data.tokenizers import encode_text, from_spec
+
+    monkeypatch.setitem(globals(), "V", 35)
+    monkeypatch.setitem(globals(), "MASK", 4)
+    raw, shadow = mdlm_params(seed=1), mdlm_params(seed=2)
+    cfg = mdlm_config("subs", "dit", False)
+    cfg.data = {"train": "text8", "valid": "text8", "tokenizer_name_or_path": "text8", "wrap": True}
+    ckpt = load_checkpoint(str(write_lightning(tmp_path / "text8.ckpt", raw, shadow, cfg)))
+    assert ckpt["unmask_format"]["mask_id"] == 4
+    assert ckpt["unmask_config"]["data"]["name"] == "text8"
+    tok = from_spec(ckpt["unmask_config"]["data"]["tokenizer"]).build(None, str(tmp_path), "t8")
+    specials = ["[CLS]", "[SEP]", "[BOS]", "[EOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]
+    mdlm_ids = {t: i for i, t in enumerate([*specials, *"abcdefghijklmnopqrstuvwxyz "])}
+    assert len(tok) == 35 and tok.mask_token_id == 4
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 3, 5)
+    text = "Hi you [MASK]"  # lowercased; corpus text "[MASK]" is characters (brackets: [UNK])
+    ids = encode_text(tok, [text])[0]
+    assert ids == [mdlm_ids.get(c, 7) for c in text.lower()]
+    x = torch.randint(0, 35, (2, LEN), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(converted_logits(ckpt, x), reference_logits(shadow, x), **TOL)
+    # a text8 checkpoint whose embedding is not MDLM's 35 rows is refused, naming the file
+    monkeypatch.setitem(globals(), "V", 36)
+    bad = write_lightning(tmp_path / "bad.ckpt", mdlm_params(seed=1), mdlm_params(seed=2), cfg)
+    with pytest.raises(FormatError, match=r"bad\.ckpt.*36 embedding rows"):
+        load_checkpoint(str(bad))

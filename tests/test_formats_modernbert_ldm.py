@@ -214,6 +214,13 @@ def test_ldm_tokenizer_chat_tokens_get_the_release_ids(base, tmp_path):
     _, dm, _ = module_from_checkpoint(str(tmp_path / "ldm.ckpt"), "checkpoint")
     assert (dm.vocab_size, dm.mask_id, dm.tokenizer.pad_token_id) == (V, mask, n + 1)
     assert dm.tokenizer.convert_tokens_to_ids("<EOT_ID>") == n + 4
+    # exported to a Hugging Face folder, it ships this tokenizer, chat tokens and template
+    from tests.tiny_lm import load_script
+
+    argv = ["--ckpt", str(tmp_path / "ldm.ckpt"), "--out", str(tmp_path / "hf")]
+    shipped = transformers.AutoTokenizer.from_pretrained(load_script("export_hf").main(argv))
+    assert len(shipped) == V and shipped.convert_tokens_to_ids("<EOT_ID>") == n + 4
+    assert shipped.apply_chat_template(chat, tokenize=False) == text
     # the release's own tokenizer saved beside the weights is read as it is
     tok.save_pretrained(folder)
     assert load_checkpoint(str(folder), overrides=ov)["unmask_config"]["data"]["tokenizer"] == str(

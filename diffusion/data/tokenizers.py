@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import transformers
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from diffusion.data.base import (
     BOS,
@@ -188,6 +188,32 @@ class TrainedChar(_Trained):
 
     def describe(self) -> str:
         return "char" + (f" (alphabet {self.alphabet!r})" if self.alphabet else "")
+
+
+MDLM_CHAR_SPECIALS = ("[CLS]", "[SEP]", BOS, EOS, MASK, PAD, "[RESERVED]", UNK)
+
+
+class MDLMChar(TokenizerSpec):
+    """MDLM's text8 tokenizer (its `Text8Tokenizer`): 8 specials [CLS] [SEP] [BOS] [EOS] [MASK]
+    [PAD] [RESERVED] [UNK] = 0-7, then one id per `alphabet` character (text8's a-z and space:
+    8-34), lowercased. MDLM's text8 checkpoints were trained on these ids ([MASK] = 4), so a
+    converted one is evaluated with exactly this layout (`models/formats/mdlm_lightning.py`)."""
+
+    def __init__(self, alphabet: str = "abcdefghijklmnopqrstuvwxyz ") -> None:
+        if not alphabet or len(set(alphabet)) != len(alphabet):
+            raise ConfigError(f"data.tokenizer.alphabet={alphabet!r}: distinct characters")
+        self.alphabet = alphabet
+
+    def build(self, source: Source | None, cache_dir: str, name: str) -> Any:
+        vocab = {t: i for i, t in enumerate([*MDLM_CHAR_SPECIALS, *self.alphabet])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return wrap_tokenizer(tok)
+
+    def describe(self) -> str:
+        return f"mdlm char ({len(MDLM_CHAR_SPECIALS) + len(self.alphabet)} ids, [MASK] = 4)"
 
 
 class HFTokenizer(TokenizerSpec):

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from diffusion.data.base import MASK
+from diffusion.data.tokenizers import MDLM_CHAR_SPECIALS, MDLMChar
 from models.formats.common import FormatError, make_checkpoint, strict_match
 from models.formats.mdlm_hf import check_inv_freq, dit_layout, model_overrides
 from models.formats.safe_pickle import load_restricted, plain
@@ -211,9 +213,17 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
     raw, weights, updates, V = backbone_weights(ckpt, arch, use_ema, source)
     data_name = str(get(cfg, "data.train", source))
     data, tokenizer = data_and_tokenizer(cfg, overrides, source)
-    mask_id = V - 1  # MDLM appends [MASK] when the tokenizer has none (GPT-2, text8)
+    mask_id = V - 1  # MDLM appends [MASK] when the tokenizer has none (GPT-2)
     if tokenizer.startswith("bert"):
         mask_id = 103
+    if tokenizer == "text8":  # MDLM's own 35-id character layout, [MASK] = 4
+        data = [*data, f"data.tokenizer._target_={MDLMChar.__module__}.MDLMChar"]
+        mask_id = MDLM_CHAR_SPECIALS.index(MASK)
+        if V != len(MDLM_CHAR_SPECIALS) + 27:
+            raise FormatError(
+                f"{source}: a text8 checkpoint with {V} embedding rows; MDLM's text8 tokenizer "
+                f"has {len(MDLM_CHAR_SPECIALS) + 27}"
+            )
     ov = config_overrides(cfg, arch, data, mask_id, source) + list(overrides)
     info = {
         "format": NAME,

@@ -58,6 +58,18 @@ def stand_in(module: str, name: str) -> type:
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, *args: Any) -> torch.Tensor:
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise ValueError(f"a tensor record names {type(storage).__name__}, not a storage")
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or any(int(n) < 0 for n in size) or int(offset) < 0:
+        raise ValueError(f"a tensor record has size {size}, stride {stride}, offset {offset}")
+    if all(int(n) > 0 for n in size):
+        last = int(offset) + sum((int(n) - 1) * int(st) for n, st in zip(size, stride))
+        if last >= storage._size():
+            raise ValueError(
+                f"a tensor of size {size} (stride {stride}, offset {offset}) exceeds its "
+                f"storage of {storage._size()} elements (corrupt header?)"
+            )
     t = torch.empty(0, dtype=storage.dtype)
     t.set_(storage._untyped_storage, offset, torch.Size(size), stride)
     return t
@@ -86,9 +98,34 @@ _STORAGES = {
 }  # fmt: skip
 
 
-class _StorageType:
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+class _Frozen:
+    """What `find_class` hands out for an allowed function or storage type: a fresh, immutable
+    wrapper per request, so a pickle's BUILD (or attribute writes) can change neither this file's
+    reading of later records nor any other file read in the process."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Any) -> None:
+        object.__setattr__(self, "target", target)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.target(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise ValueError(f"the pickle tries to set {name!r} on an allowed global")
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("the pickle tries to change the state of an allowed global")
+
+
+class _StorageType(_Frozen):
+    """A storage class of the pickle (torch.FloatStorage, ...): only its dtype is used."""
+
+    __slots__ = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.target
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -103,7 +140,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "complex"): complex,
 }
 _ALLOWED.update({("torch", n): d for n, d in _DTYPES.items()})
-_ALLOWED.update({("torch", n): _StorageType(d) for n, d in _STORAGES.items()})
+_STORAGE_GLOBALS = {("torch", n): d for n, d in _STORAGES.items()}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -114,11 +151,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.archive, self.prefix, self.source = archive, prefix, source
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _STORAGE_GLOBALS:
+            return _StorageType(_STORAGE_GLOBALS[module, name])
         allowed = _ALLOWED.get((module, name))
         if self.archive is None and allowed is _rebuild_tensor:
-            return _meta_tensor  # peek: shapes only
+            return _Frozen(_meta_tensor)  # peek: shapes only
+        if callable(allowed) and not isinstance(allowed, type):
+            return _Frozen(allowed)  # our rebuild functions: never the shared object
         if allowed is not None:
-            return allowed
+            return allowed  # immutable: torch dtypes, built-in classes
         return stand_in(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
@@ -161,7 +202,18 @@ def load_restricted(path: str | Path, tensors: bool = True) -> Any:
             return RestrictedUnpickler(f, archive if tensors else None, prefix, str(path)).load()
     except FormatError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+    except (
+        zipfile.BadZipFile,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        RuntimeError,
+        IndexError,
+        KeyError,
+    ) as e:  # fmt: skip  (a corrupt or crafted pickle: BUILD on an immutable global, bad records)
         raise FormatError(
             f"cannot read {path} (truncated, corrupt or not a torch checkpoint): {e}"
         ) from e

@@ -214,10 +214,15 @@ class TextDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
 
     def dataloader(
-        self, split: str, batch_size: int | None = None, shuffle: bool = False
+        self,
+        split: str,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        for_eval: bool = False,
     ) -> torch.utils.data.DataLoader:
-        """A loader over any split, sharded over ranks; train: shuffled, full batches only."""
-        train = split == "train"
+        """A loader over any split, sharded over ranks; training's train loader: shuffled, full
+        batches only. `for_eval`: every row once, whatever the split (ppl_eval of train)."""
+        train = split == "train" and not for_eval
         if train and self.streaming:
             return self._streaming_loader(batch_size or self.batch_size)
         data = self.dataset(split)

@@ -250,8 +250,11 @@ class DiffusionModule(L.LightningModule):
         loss_mask = batch.get("loss_mask")
         k = self.eval_mc_samples
         if k > 1:  # each row seen k times, each time with its own t and mask
-            x0, attn = x0.repeat_interleave(k, 0), attn.repeat_interleave(k, 0)
-            loss_mask = loss_mask.repeat_interleave(k, 0) if loss_mask is not None else None
+            # tiled, not interleaved: copy j of row i is row j * B + i, so with antithetic
+            # (stratified) times its k draws fall in k strata spread over [eps, 1]; side by side
+            # they all fell in one 1/B slice of time and the estimate depended on the row's place
+            x0, attn = x0.repeat(k, 1), attn.repeat(k, 1)
+            loss_mask = loss_mask.repeat(k, 1) if loss_mask is not None else None
         out = self.objective.loss(self.eval_backbone, x0, attn, generator, loss_mask=loss_mask)
         out.mask = out.mask / k
         return out

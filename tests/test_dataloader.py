@@ -355,6 +355,30 @@ def test_ranks_get_disjoint_equal_shards():
     assert len(shards[0]) == len(shards[1]) == 5 and not set(shards[0]) & set(shards[1])
 
 
+def test_a_sampler_built_before_the_process_group_shards_by_the_group(monkeypatch):
+    """mode=ppl_eval builds its loader before the trainer starts the process group: a shard
+    fixed at construction was the whole split on every rank (each row scored world times)."""
+    import diffusion.data.loading as loading
+
+    sampler = ResumableSampler(11, shuffle=False, seed=0, drop_last=False)
+    assert len(sampler.indices()) == 11  # no group yet: one rank
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(loading, "dist_info", lambda r=rank: (r, 2))
+        shards.append(sampler.indices().tolist())
+    assert sorted(shards[0] + shards[1]) == list(range(11))  # each row once, on one rank
+
+
+def test_the_eval_loader_of_the_train_split_keeps_its_last_partial_batch(shakes):
+    train = len(shakes.dataset("train"))
+    batch = 7 if train % 7 else 6
+    loader = shakes.dataloader("train", batch_size=batch, for_eval=True)
+    seen = [i for b in loader for i in b["input_ids"][:, 0].tolist()]
+    assert len(seen) == train
+    fit = shakes.dataloader("train", batch_size=batch)  # training: full batches only
+    assert sum(len(b["input_ids"]) for b in fit) == train - train % batch
+
+
 class Recorder(L.LightningModule):
     def __init__(self):
         super().__init__()

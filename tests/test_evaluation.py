@@ -98,3 +98,44 @@ def test_the_judge_never_sees_special_tokens_and_stops_at_the_first_eos(tiny_jud
     judge = GenPPLJudge(tiny_judge, batch_size=1)
     plain, ended = judge.score(["to be"]), judge.score(["to be"], [True])
     assert ended["gen_ppl_tokens"] == plain["gen_ppl_tokens"] + 1
+
+
+def test_the_judge_reads_its_context_from_the_config_key_its_family_uses(tmp_path):
+    """GPT-Neo, OPT, Llama and Pythia keep their context in max_position_embeddings: a judge
+    read only n_positions, took 1024-token windows and failed deep inside the model on a
+    long sample. A config with no context key is a clear error naming the judge key."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+
+    from diffusion.config import ConfigError
+    from diffusion.evaluation.judges import judge_context
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        ["to be or not to be that is the question"] * 50,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = GPTNeoConfig(
+        vocab_size=len(tok), max_position_embeddings=32, hidden_size=32, num_layers=1,
+        num_heads=2, attention_types=[[["global"], 1]], bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    GPTNeoForCausalLM(config).save_pretrained(tmp_path)
+    judge = GenPPLJudge(str(tmp_path))
+    assert judge.max_length == 32
+    text = "to be or not to be that is the question " * 20
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) > 32
+    assert math.isfinite(judge.score([text])["gen_ppl"])
+
+    class NoContext:
+        hidden_size = 32
+
+    with pytest.raises(ConfigError, match="eval.gen_ppl_eval_model_name_or_path='x'"):
+        judge_context(NoContext(), "x")

@@ -76,6 +76,23 @@ def test_ppl_eval_from_checkpoint_reproduces_the_training_score(tiny_lm, tmp_pat
     assert abs(two["nelbo"] - math.log(two["ppl"])) < 1e-9
 
 
+def test_ppl_eval_of_the_train_split_scores_every_row(tiny_lm, tokens, tmp_path):
+    """eval.split=train scores the last partial batch too: the training loader's drop_last
+    (full batches only) silently left it out of the count and the bound."""
+    rows = tokens["train"]
+    batch = 7
+    assert len(rows) % batch, "the split must end in a partial batch"
+    tiny_lm.evaluate(
+        tmp_path,
+        "ppl_eval",
+        "eval.split=train",
+        "eval.max_batches=null",
+        f"loader.eval_batch_size={batch}",
+    )
+    stats = read(tmp_path / "ppl_eval.json")
+    assert stats["split"] == "train" and stats["tokens"] == rows.numel()
+
+
 def test_sample_eval_with_a_local_judge(tiny_lm, tmp_path, tiny_judge):
     """sample_eval's report is the judge's score and the entropy of exactly the written
     samples (specials stripped, cut at the first EOS)."""

@@ -240,6 +240,39 @@ def test_subs_checkpoint_scores_with_T0_and_T1000():
     assert results[1000] == pytest.approx(results[0], rel=0.1)  # the same bound, two estimators
 
 
+def test_mc_samples_spread_each_rows_draws_over_all_of_time():
+    """eval_mc_samples = k copies of each row share one stratified draw of k * B times; a
+    row's k copies must take k different strata of [eps, 1]. Side by side (interleaved) they
+    all fell in one 1/B slice, and the bound of a row depended on its place in the batch."""
+    B, k = 4, 8
+    obj = SUBS(LogLinear(), MASK, V)
+    seen = {}
+    sample_t, loss = obj.sample_t, obj.loss
+
+    def spy_t(n, device, generator=None, rows=None):
+        seen["t"] = sample_t(n, device, generator, rows)
+        return seen["t"]
+
+    def spy_loss(backbone, x0, *args, **kwargs):
+        seen["x0"] = x0
+        return loss(backbone, x0, *args, **kwargs)
+
+    obj.sample_t, obj.loss = spy_t, spy_loss
+
+    class Zeros(torch.nn.Module):
+        def forward(self, x_t, sigma=None, attention_mask=None):
+            return torch.zeros(*x_t.shape, V)
+
+    module = DiffusionModule(Zeros(), obj, optimizer=None, ema_decay=0, eval_mc_samples=k)
+    x0 = torch.tensor([[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])
+    module.eval_nll({"input_ids": x0, "attention_mask": torch.ones_like(x0)}, None)
+    assert seen["x0"].shape == (B * k, 3)
+    for row in x0:
+        copies = (seen["x0"] == row).all(1)
+        strata = torch.floor(seen["t"][copies] * k).clamp(max=k - 1)
+        assert copies.sum() == k and len(set(strata.tolist())) == k, strata
+
+
 # ---- SEDD -----------------------------------------------------------------------------------
 def sedd_score_entropy_slow(logits, x_t, x0, sigma):
     """Loops: log s = logits - log(e^sigma - 1) - log(V - 1), s_{x_t} = 1; at a masked i,

@@ -41,12 +41,20 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        r, w = dist_info()
         self.num_rows, self.shuffle, self.seed, self.drop_last = num_rows, shuffle, seed, drop_last
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
+        self._rank, self._world_size = rank, world_size
         self.epoch = 0
         self.start = 0
+
+    # read when used, not when built: `mode=ppl_eval` builds its loader before the trainer
+    # starts the process group, and a shard fixed then was the whole split on every rank
+    @property
+    def rank(self) -> int:
+        return dist_info()[0] if self._rank is None else self._rank
+
+    @property
+    def world_size(self) -> int:
+        return dist_info()[1] if self._world_size is None else self._world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

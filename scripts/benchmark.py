@@ -430,14 +430,18 @@ def section_backbones(cfg, args, device, report) -> None:
     full = build(cfg, V, device, lean=False)[1]
     size = (V, m.hidden_size, m.n_blocks, m.n_heads)
 
-    def dit(prune: bool = True) -> DiT:
+    def dit(prune: bool = True, stock_gelu: bool = False) -> DiT:
         model = DiT(*size, m.length, cond_dim=m.cond_dim, dropout=m.dropout)
         model.prune_last_block = prune
+        if stock_gelu:  # ATen's tanh-GELU kernel in place of ours (the same function)
+            for block in model.blocks:
+                block.mlp[1] = nn.GELU(approximate="tanh")
         return model
 
     models = {
         "dit (lean loss)": (dit(), objective),
         "dit (lean loss, last block unpruned)": (dit(prune=False), objective),
+        "dit (lean loss, stock GELU kernel)": (dit(stock_gelu=True), objective),
         "dit (full loss)": (dit(), full),
         "minimal transformer": (MinimalTransformer(*size, m.length, dropout=m.dropout), objective),
         "minimal + rotary": (

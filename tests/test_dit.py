@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.dit import DiT
+from models.dit import DiT, TanhGELU
 
 
 def tiny(**kw):
@@ -94,7 +94,7 @@ def slow_forward(model: DiT, x: Tensor, sigma=None, attention_mask=None) -> Tens
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=pad)
         h = h + g1[:, None] * blk.proj(a.transpose(1, 2).reshape(B, L, -1))
         z = F.layer_norm(h, (h.shape[-1],)) * (1 + c2[:, None]) + s2[:, None]
-        h = h + g2[:, None] * blk.mlp(z)
+        h = h + g2[:, None] * blk.mlp[2](F.gelu(blk.mlp[0](z), approximate="tanh"))  # ATen's
     s, c = model.final.adaLN(cond).chunk(2, dim=-1)
     z = F.layer_norm(h, (h.shape[-1],)) * (1 + c[:, None]) + s[:, None]
     return model.final.linear(z)
@@ -163,6 +163,33 @@ def test_scored_rows_equal_the_slow_reference_and_skip_the_last_mlp(causal, time
     ref_grads = torch.autograd.grad((ref * weights).sum(), list(model.parameters()))
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
         assert_same(g, r, tol=3e-5, what=name)
+
+
+def test_the_cpu_gelu_kernel_equals_atens_tanh_gelu_and_its_derivative():
+    """TanhGELU's CPU kernel (x * sigmoid(2u), the derivative written by the forward) against
+    ATen's tanh-GELU: equal in float64 to rounding, in float32 as close to the float64 truth
+    as ATen's own kernel is, and finite where the polynomial would overflow (derivative 1 far
+    right, 0 far left). The exact-erf GELU, 1e-3 away, must fail the same check."""
+    x64 = torch.cat([torch.linspace(-12, 12, 20_001, dtype=torch.float64),
+                     torch.tensor([-1e30, -1e13, -100.0, 100.0, 1e13, 1e30], dtype=torch.float64)])  # fmt: skip
+    for dtype in (torch.float64, torch.float32):
+        x = x64.to(dtype).requires_grad_()
+        truth_x = x.detach().double().requires_grad_()
+        truth = F.gelu(truth_x, approximate="tanh")
+        (truth_grad,) = torch.autograd.grad(truth.sum(), truth_x)
+        y = TanhGELU()(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert y.dtype == dtype and torch.isfinite(grad).all()
+        tol = 1e-12 if dtype == torch.float64 else 4e-6  # ATen's float32: 4e-7 / 1e-6 off
+        assert (y.double() - truth.detach()).abs().max() <= tol * 10
+        assert (grad.double() - truth_grad).abs().max() <= tol
+        assert grad[-3:].tolist() == [1.0, 1.0, 1.0] and grad[-6:-4].tolist() == [0.0, 0.0]
+    with torch.no_grad():  # inference: no derivative buffer, the same values
+        assert torch.equal(TanhGELU()(x.detach()), y.detach())
+    small = x64[:20_001].float().requires_grad_()
+    erf_grad = torch.autograd.grad(F.gelu(small).sum(), small)[0]
+    ours_grad = torch.autograd.grad(TanhGELU()(small).sum(), small)[0]
+    assert (erf_grad - ours_grad).abs().max() > 100 * 4e-6  # 1e-3 apart: caught
 
 
 def test_fused_rotary_equals_slow_reference_at_every_length_and_dtype():

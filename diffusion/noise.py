@@ -56,18 +56,37 @@ class LogLinear(NoiseSchedule):
 
 
 class Cosine(NoiseSchedule):
-    """alpha(t) = eps + (1 - eps) cos(pi t / 2): fewer masks early (MDLM appendix)."""
+    """alpha(t) = eps + (1 - eps) cos(pi t / 2): fewer masks early (MDLM appendix).
+
+    Each quantity is written where float32 keeps its relative precision over all of [0, 1]:
+    1 - alpha = 2 (1 - eps) sin^2(pi t / 4) (no 1 - cos cancellation near t = 0, where float32
+    lost 5% of it at t = 1e-3, and so of the largest loss weights), alpha with
+    sin(pi (1 - t) / 2) (exact 1 - t; no rounded pi t / 2 near the zero of cos at t = 1), and
+    the weight -alpha' / (1 - alpha) from those two.
+    """
 
     def __init__(self, eps: float = 1e-3) -> None:
         self.eps = eps
 
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.eps + (1 - self.eps) * torch.sin((1 - t) * (math.pi / 2))
+
+    def move_chance(self, t: Tensor) -> Tensor:
+        return 2 * (1 - self.eps) * torch.sin(t * (math.pi / 4)) ** 2
+
     def sigma(self, t: Tensor) -> Tensor:
-        return -torch.log(self.eps + (1 - self.eps) * torch.cos(t * math.pi / 2))
+        move = self.move_chance(t)  # -log(alpha), by whichever of the two is the larger
+        return torch.where(move < 0.5, -torch.log1p(-move), -torch.log(self.alpha(t)))
+
+    def _neg_dalpha(self, t: Tensor) -> Tensor:
+        return (1 - self.eps) * (math.pi / 2) * torch.sin(t * (math.pi / 2))
 
     def dsigma(self, t: Tensor) -> Tensor:
-        alpha = self.eps + (1 - self.eps) * torch.cos(t * math.pi / 2)
-        dalpha = -(1 - self.eps) * (math.pi / 2) * torch.sin(t * math.pi / 2)
-        return -dalpha / alpha
+        return self._neg_dalpha(t) / self.alpha(t)
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """-alpha' / (1 - alpha), equal to dsigma / expm1(sigma)."""
+        return self._neg_dalpha(t) / self.move_chance(t)
 
 
 class Clipped(NoiseSchedule):

@@ -39,8 +39,8 @@ class SUBS(AbsorbingDiffusion):
         if self.T == 0:
             return self.noise.loss_weight(t)
         s = t - 1.0 / self.T
-        alpha_t, alpha_s = self.noise.alpha(t), self.noise.alpha(s)
-        return self.T * (alpha_s - alpha_t) / (1 - alpha_t)  # T-step NELBO, MC over t
+        move_t, move_s = self.noise.move_chance(t), self.noise.move_chance(s)
+        return self.T * (move_t - move_s) / move_t  # T (alpha_s - alpha_t) / (1 - alpha_t)
 
     def nll_per_token(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         log_p_true = model_out.gather(-1, x0[..., None]).squeeze(-1)  # (B, L); 0 where unmasked

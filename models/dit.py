@@ -290,7 +290,7 @@ class _TanhGELUCPU(torch.autograd.Function):
 
 class TanhGELU(nn.Module):
     """`nn.GELU(approximate="tanh")`, MDLM's MLP activation, with a faster CPU kernel for float32
-    and float64 (1.5-1.7x for forward + backward on a 2-core EPYC); CUDA, half precision and
+    and float64 (about 1.5x for forward + backward on a 2-core EPYC); CUDA, half precision and
     compiled graphs take the stock kernel. Values agree to float rounding (tests/test_dit.py)."""
 
     def forward(self, x: Tensor) -> Tensor:

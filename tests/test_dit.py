@@ -170,8 +170,8 @@ def test_the_cpu_gelu_kernel_equals_atens_tanh_gelu_and_its_derivative():
     ATen's tanh-GELU: equal in float64 to rounding, in float32 as close to the float64 truth
     as ATen's own kernel is, and finite where the polynomial would overflow (derivative 1 far
     right, 0 far left). The exact-erf GELU, 1e-3 away, must fail the same check."""
-    x64 = torch.cat([torch.linspace(-12, 12, 20_001, dtype=torch.float64),
-                     torch.tensor([-1e30, -1e13, -100.0, 100.0, 1e13, 1e30], dtype=torch.float64)])  # fmt: skip
+    far = torch.tensor([-1e30, -1e13, -100.0, 100.0, 1e13, 1e30], dtype=torch.float64)
+    x64 = torch.cat([torch.linspace(-12, 12, 20_001, dtype=torch.float64), far])
     for dtype in (torch.float64, torch.float32):
         x = x64.to(dtype).requires_grad_()
         truth_x = x.detach().double().requires_grad_()

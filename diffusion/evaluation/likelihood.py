@@ -41,7 +41,8 @@ def evaluate_ppl(
         bound=not module.objective.exact_likelihood,
     )
     kind = "upper bound" if stats["bound"] else "exact"
-    baseline = f"  unigram ppl {stats['unigram_ppl']:.2f}" if unigram else ""
+    base = stats["unigram_ppl"]  # None: not asked for, or train streamed (nothing counted)
+    baseline = f"  unigram ppl {base:.2f}" if base is not None else ""
     log.info(
         "%s %s: nelbo/token %.4f  ppl %.2f (%s), ppl_excl_bos %.2f%s  (%d tokens)",
         dm.name,

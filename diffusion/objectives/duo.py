@@ -227,8 +227,11 @@ class DUO(Objective):
         return torch.where(u < 1 - alpha, self.expand(new), x0)
 
     def alpha_beta(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha_t and beta_t = -alpha'_t / alpha_t = dsigma(t) of the discrete schedule."""
-        return self.noise.alpha(t), self.noise.dsigma(t)
+        """alpha_t and beta_t = -alpha'_t / alpha_t = dsigma(t) of the discrete schedule, in
+        float64: the NELBO needs 1 - alpha_t, which a float32 alpha_t rounds near t = 0 (cosine
+        at t = 1e-3: 1 - alpha = 1.2e-6, 2% off, and so the terms of every changed token)."""
+        t64 = t.to(torch.float64)
+        return self.noise.alpha(t64), self.noise.dsigma(t64)
 
     def curriculum_active(self) -> bool:
         return self.curriculum and self.training and self.step < self.curriculum_end
@@ -278,15 +281,17 @@ class DUO(Objective):
         t = self.sample_t(B, x0.device, generator, rows)  # (B,)
         if self.curriculum_active():
             alpha, beta = self.gaussian_alpha_beta(t)
+            alpha_1 = argmax_alpha(self.gamma(t.new_ones(1)), self.K)[0]  # this process's q_1
             eps = per_row_normal((L, self.K), generator, x0.device, rows, B)
             w = self.gaussian_latent(x0, self.gamma(t), eps)  # (B, L, K)
             x_t = self.expand(w.argmax(-1))
             net_in = self.soft_tokens(w, self.inverse_tau())
         else:
             alpha, beta = self.alpha_beta(t)
+            alpha_1 = self.noise.alpha(t.new_ones(1, dtype=torch.float64))
             x_t = self.q_xt(x0, alpha[:, None], generator, rows)
             net_in = x_t
-        sigma = -torch.log(alpha)
+        sigma = -torch.log(alpha).float()  # as UniformDenoiser conditions the backbone
         logits = backbone(net_in, sigma, attention_mask)
         nll = usdm_nelbo(
             self.log_x_theta(logits),
@@ -295,8 +300,8 @@ class DUO(Objective):
             alpha[:, None],
             beta[:, None],
         )
-        if self.prior_loss:
-            nll = nll + uniform_prior_kl(self.noise.alpha(torch.ones_like(t)), self.K)[:, None]
+        if self.prior_loss:  # KL(q_1 || uniform) of the process x_t came from
+            nll = nll + uniform_prior_kl(alpha_1, self.K)[:, None]
         return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype), targets=x0)
 
 
@@ -414,8 +419,8 @@ class UniformDenoiser:
     def log_p_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
         """(B, L), (B,) -> (B, L, V) log x_theta (the mean parameterization's clean
         distribution; -inf-like on the mask id, which uniform noise never produces)."""
-        alpha = self.objective.noise.alpha(t.float())
-        logits = self.backbone(x_t, -torch.log(alpha), None)
+        alpha = self.objective.noise.alpha(t.to(torch.float64))  # as the loss: float64 alpha_t
+        logits = self.backbone(x_t, -torch.log(alpha).float(), None)
         log_x = self.objective.log_x_theta(logits)  # (B, L, K)
         col = torch.full_like(log_x[..., :1], NEG_INF)
         m = self.mask_id

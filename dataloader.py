@@ -22,7 +22,7 @@ import transformers
 
 from diffusion.data.base import ConfigError, Layout, Source, atomic_write, build_part, digest
 from diffusion.data.from_checkpoint import upgrade
-from diffusion.data.layouts import Pad, Wrap
+from diffusion.data.layouts import MDLMWrap, Pad, Wrap
 from diffusion.data.loading import (
     EpochStreamLoader,
     ResumableDataLoader,
@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 MASK_MARKER = "░"  # how `decode` shows a masked position
 
 
-LAYOUTS = {"wrap": Wrap, "pad": Pad, "sft": SFTRows}  # `data.layout=pad` shorthands
+LAYOUTS = {
+    "wrap": Wrap,
+    "mdlm_wrap": MDLMWrap,
+    "pad": Pad,
+    "sft": SFTRows,
+}  # `data.layout=pad` shorthands
 
 
 def _part(spec: Any, kind: str, base: type) -> Any:

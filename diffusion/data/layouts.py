@@ -1,6 +1,9 @@
 """Layouts: how a split's documents become fixed-length rows.
 
-- `Wrap` (MDLM): concatenate `[BOS] doc [EOS]` once over the split and cut it into rows;
+- `Wrap`: concatenate `[BOS] doc [EOS]` once over the split and cut it into rows (every token
+  is data, rows start mid-document);
+- `MDLMWrap` (MDLM's own `wrap`, which BD3-LM and DUO inherit): `doc [EOS]` concatenated in
+  groups of 1000 documents, cut into pieces of `length - 2`, each row `[BOS] piece [EOS]`;
 - `Pad`: one document per row, truncated (EOS kept), `attention_mask` 0 on padding;
 - `SFTRows` (sft.py): chat-rendered prompt, answer, EOS padding, with a `loss_mask`.
 
@@ -43,6 +46,39 @@ def wrap_documents(flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, le
     stream[starts[doc] + lead + within] = flat
     rows = len(stream) // length
     return stream[: rows * length].reshape(rows, length)
+
+
+def mdlm_wrap_documents(
+    flat: np.ndarray,
+    lengths: np.ndarray,
+    bos: int,
+    eos: int,
+    length: int,
+    group_size: int | None = 1000,
+) -> np.ndarray:
+    """MDLM's wrap (its `_group_texts`): every document followed by EOS, concatenated over each
+    group of `group_size` documents (MDLM runs it as a batched `datasets.map`, 1000 documents a
+    batch; None: the whole split as one group), cut into pieces of `length - 2` with each
+    group's tail dropped, and every row `[BOS] piece [EOS]`. Returns (N, length) int32."""
+    body = length - 2
+    lengths = lengths.astype(np.int64)
+    stream = np.empty(int(lengths.sum()) + len(lengths), dtype=np.int32)
+    ends = np.cumsum(lengths + 1)  # exclusive end of each `doc [EOS]` in the stream
+    stream[ends - 1] = eos
+    doc = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(len(flat)) - (np.cumsum(lengths) - lengths)[doc]
+    stream[(ends - lengths - 1)[doc] + within] = flat
+    size = len(lengths) if not group_size else int(group_size)
+    pieces = []
+    for first in range(0, len(lengths), max(size, 1)):
+        lo = int(ends[first - 1]) if first else 0
+        hi = int(ends[min(first + size, len(lengths)) - 1])
+        n = (hi - lo) // body
+        pieces.append(stream[lo : lo + n * body].reshape(n, body))
+    rows = np.concatenate(pieces) if pieces else np.zeros((0, body), np.int32)
+    out = np.empty((len(rows), length), dtype=np.int32)
+    out[:, 0], out[:, -1], out[:, 1:-1] = bos, eos, rows
+    return out
 
 
 def pad_documents(flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, pad: int, length: int):
@@ -123,7 +159,8 @@ def _documents(source: Source, split: str, tokenizer: Any, num_proc: int | None)
 
 
 class Wrap(Layout):
-    """Concatenate `[BOS] doc [EOS]` over the split and cut it into rows of `length` (MDLM)."""
+    """Concatenate `[BOS] doc [EOS]` over the split and cut it into rows of `length`: every
+    token is data (MDLM's own rows are `MDLMWrap`)."""
 
     name: ClassVar[str] = "wrap"
     supports_streaming: ClassVar[bool] = True
@@ -146,6 +183,43 @@ class Wrap(Layout):
 
     def stream(self, stream: Any, tokenizer: Any, length: int) -> Any:
         return StreamingRows(stream, tokenizer, length, wrap=True)
+
+
+class MDLMWrap(Wrap):
+    """MDLM's wrapped rows, `[BOS] 1022 tokens [EOS]` at L = 1024 (`mdlm_wrap_documents`): what
+    MDLM, BD3-LM and DUO train and report perplexity on, and what their checkpoints expect at
+    position 0. Its two bookend tokens per row are scored, as MDLM scores them."""
+
+    name: ClassVar[str] = "mdlm_wrap"
+
+    def __init__(self, group_size: int | None = 1000) -> None:
+        """`group_size`: documents concatenated before cutting (MDLM: its map batch, 1000,
+        with one process; null: the whole split)."""
+        if group_size is not None and int(group_size) < 1:
+            raise ConfigError(f"data.layout.group_size={group_size} must be >= 1 (or null)")
+        self.group_size = None if group_size is None else int(group_size)
+
+    def check(self, source: Source, length: int) -> None:
+        if length < 3:
+            raise ConfigError(f"model.length={length} is too short for the mdlm_wrap layout")
+
+    def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
+        flat, lengths, where = _documents(source, split, tokenizer, num_proc)
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        ids = mdlm_wrap_documents(flat, lengths, bos, eos, length, self.group_size)
+        if len(ids) == 0:
+            raise ConfigError(
+                f"{where} has no group of {self.group_size or 'all'} documents with "
+                f"{length - 2} tokens (EOS after each included): use a shorter model.length, "
+                "more data or data.layout.group_size=null"
+            )
+        return stack_rows(ids, np.ones_like(ids, dtype=np.int8))
+
+    def stream(self, stream: Any, tokenizer: Any, length: int) -> Any:
+        return StreamingRows(stream, tokenizer, length, wrap=True, bookends=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"layout": self.name, "group_size": self.group_size}
 
 
 class Pad(Layout):
@@ -178,8 +252,13 @@ class StreamingRows(torch.utils.data.IterableDataset):
     one document per row. Not resumable mid-epoch (Lightning warns): the stream restarts.
     """
 
-    def __init__(self, stream: Any, tokenizer: Any, length: int, wrap: bool) -> None:
+    def __init__(
+        self, stream: Any, tokenizer: Any, length: int, wrap: bool, bookends: bool = False
+    ) -> None:
+        """`bookends` (MDLM's wrap): `doc [EOS]` into the buffer, rows `[BOS] piece [EOS]` (the
+        stream is one group: MDLM's per-1000-document tails are not dropped)."""
         self.stream, self.tokenizer, self.length, self.wrap = stream, tokenizer, length, wrap
+        self.bookends = bookends
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -189,7 +268,7 @@ class StreamingRows(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         tok, n = self.tokenizer, self.length
         bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        buf: list[int] = [bos] if bos == eos else []
+        buf: list[int] = [bos] if bos == eos and not self.bookends else []
         for example in self.stream:
             (ids,) = encode_text(tok, [example["text"]])
             if not self.wrap:
@@ -200,6 +279,15 @@ class StreamingRows(torch.utils.data.IterableDataset):
                     "input_ids": torch.from_numpy(row[0]).long(),
                     "attention_mask": torch.from_numpy(mask[0]).long(),
                 }
+                continue
+            if self.bookends:
+                buf += [*ids, eos]
+                while len(buf) >= n - 2:
+                    body, buf = buf[: n - 2], buf[n - 2 :]
+                    yield {
+                        "input_ids": torch.tensor([bos, *body, eos]),
+                        "attention_mask": torch.ones(n, dtype=torch.long),
+                    }
                 continue
             buf += ([] if bos == eos else [bos]) + ids + [eos]
             while len(buf) >= n:

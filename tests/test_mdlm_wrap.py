@@ -1,0 +1,129 @@
+"""MDLM's wrapped rows (`data.layout=mdlm_wrap`, the default of the hub corpora): `[BOS] piece
+[EOS]` rows cut from `doc [EOS]` streams per group of 1000 documents, checked by hand and
+against a slow reference written here from MDLM's description (tokenize each document, append
+EOS, concatenate one map batch, cut pieces of L - 2, drop the batch's tail, add the bookends)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from dataloader import TextDataModule  # noqa: E402
+from diffusion.data import layouts  # noqa: E402
+from diffusion.data.base import ConfigError  # noqa: E402
+from diffusion.data.layouts import MDLMWrap, Wrap  # noqa: E402
+from diffusion.data.sources import HFDataset  # noqa: E402
+
+RUNTIME = dict(batch_size=2, eval_batch_size=2, num_workers=0, seed=0)
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def slow_mdlm_rows(docs: list[list[int]], bos: int, eos: int, length: int, group: int | None):
+    """MDLM's `_group_texts` over each map batch of `group` documents, in plain lists."""
+    rows, size = [], group or len(docs)
+    for first in range(0, len(docs), size):
+        stream = [tok for doc in docs[first : first + size] for tok in [*doc, eos]]
+        body = length - 2
+        for i in range(0, len(stream) // body * body, body):
+            rows.append([bos, *stream[i : i + body], eos])
+    return rows
+
+
+def flatten(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    flat = np.array([t for d in docs for t in d], np.int32)
+    return flat, np.array([len(d) for d in docs], np.int64)
+
+
+def test_mdlm_rows_by_hand():
+    """Documents [10 11 12], [20], [30 31] at L = 5: stream 10 11 12 E 20 E 30 31 E, pieces of 3
+    (the tail-free 9 tokens make exactly 3 rows), each row B piece E. BOS == EOS (GPT-2) too."""
+    flat, lengths = flatten([[10, 11, 12], [20], [30, 31]])
+    rows = layouts.mdlm_wrap_documents(flat, lengths, bos=1, eos=2, length=5)
+    assert rows.tolist() == [[1, 10, 11, 12, 2], [1, 2, 20, 2, 2], [1, 30, 31, 2, 2]]
+    gpt2 = layouts.mdlm_wrap_documents(flat, lengths, bos=0, eos=0, length=6)
+    assert gpt2.tolist() == [[0, 10, 11, 12, 0, 0], [0, 20, 0, 30, 31, 0]]
+    # groups of 2 documents: [10 11 12 E 20 E] -> 2 rows, [30 31 E] -> 1 row
+    two = layouts.mdlm_wrap_documents(flat, lengths, bos=1, eos=2, length=5, group_size=2)
+    assert two.tolist() == [[1, 10, 11, 12, 2], [1, 2, 20, 2, 2], [1, 30, 31, 2, 2]]
+    one = layouts.mdlm_wrap_documents(flat, lengths, bos=1, eos=2, length=6, group_size=2)
+    assert one.tolist() == [[1, 10, 11, 12, 2, 2]]  # 6 // 4 = 1 row, then [30 31 E] < 4: dropped
+
+
+@pytest.mark.parametrize("group", [None, 1, 7, 1000])
+@pytest.mark.parametrize("length", [3, 8, 33])
+def test_mdlm_rows_equal_the_slow_reference(group, length):
+    rng = np.random.default_rng(length * 31 + (group or 0))
+    docs = [list(rng.integers(5, 50, rng.integers(0, 40))) for _ in range(60)]
+    flat, lengths = flatten(docs)
+    got = layouts.mdlm_wrap_documents(flat, lengths, bos=1, eos=2, length=length, group_size=group)
+    assert got.tolist() == slow_mdlm_rows(docs, 1, 2, length, group)
+    plain = layouts.wrap_documents(flat, lengths, bos=1, eos=2, length=length)
+    assert got.shape[1] == plain.shape[1] and got.tolist() != plain.tolist()  # not our wrap
+
+
+def local_dm(tmp_path, layout, length: int, streaming: bool = False) -> TextDataModule:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i} " + "abcdefgh"[: i % 8] for i in range(40)))
+    source = HFDataset(
+        path="text",
+        data_files={"train": str(corpus)},
+        load_kwargs={"sample_by": "paragraph"},
+        splits={"train": "train"},
+    )
+    return TextDataModule(
+        name="local", source=source, tokenizer="char", layout=layout, streaming=streaming,
+        cache_dir=str(tmp_path / "cache"), length=length, **RUNTIME,
+    )  # fmt: skip
+
+
+def test_the_layout_in_a_data_module_streamed_and_cached(tmp_path):
+    """`data.layout=mdlm_wrap`: every row is [BOS] ... [EOS], its cache file is its own (the
+    plain wrap's rows differ), and streaming cuts the same pieces (one group: no tails)."""
+    dm = local_dm(tmp_path, "mdlm_wrap", length=12)
+    dm.setup()
+    rows = dm.dataset("train").input_ids
+    tok = dm.tokenizer
+    assert bool((rows[:, 0] == tok.bos_token_id).all()) and bool(
+        (rows[:, -1] == tok.eos_token_id).all()
+    )
+    texts = dm.decode(rows)
+    assert texts[0].startswith("[BOS]paragraph") and texts[0].endswith("[EOS]")
+    plain = local_dm(tmp_path, "wrap", length=12)
+    plain.setup()
+    assert plain.dataset("train").input_ids.shape != rows.shape  # a separate cache entry
+    whole = local_dm(tmp_path, MDLMWrap(group_size=None), length=12)
+    whole.setup()
+    streamed = local_dm(tmp_path, MDLMWrap(group_size=None), length=12, streaming=True)
+    streamed.setup()
+    got = torch.cat([b["input_ids"] for b in streamed.train_dataloader()])
+    full = whole.dataset("train").input_ids.long()
+    assert got.shape == full.shape and bool((got[:, 0] == tok.bos_token_id).all())
+    assert torch.equal(torch.bincount(got.flatten()), torch.bincount(full.flatten()))  # same tokens
+    with pytest.raises(ConfigError, match="too short for the mdlm_wrap layout"):
+        local_dm(tmp_path, "mdlm_wrap", length=2)
+    with pytest.raises(ConfigError, match="group_size=0"):
+        MDLMWrap(group_size=0)
+
+
+def test_the_hub_corpora_take_mdlms_rows_and_the_others_keep_theirs():
+    """MDLM's corpora (OWT, the zero-shot sets, lm1b-wrap) default to its rows; local files and
+    text8 keep the plain wrap, lm1b its padding, SFT its rows (no key of the base leaks)."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+
+        def layout(name: str) -> str:
+            return compose(config_name="config", overrides=[f"data={name}"]).data.layout._target_
+
+        for name in ("openwebtext", "wikitext103", "ptb", "lambada", "lm1b_wrap", "ag_news"):
+            assert layout(name).endswith("layouts.MDLMWrap"), name
+        assert layout("local").endswith("layouts.Wrap") and layout("text8").endswith(".Wrap")
+        assert layout("lm1b").endswith("layouts.Pad")
+        sft = compose(config_name="config", overrides=["data=sft_local"]).data.layout
+        assert sft._target_.endswith("SFTRows") and "group_size" not in sft
+    assert issubclass(MDLMWrap, Wrap)

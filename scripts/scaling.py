@@ -306,8 +306,10 @@ def isoflop_optimum(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, 
     is used as it is (clamped=True). The returned coefficients are the least-squares parabola
     over all sizes (the smooth curve drawn and redrawn by the bootstrap)."""
     coef = np.polyfit(log_n, loss, 2)
-    order = np.argsort(log_n)
-    xs, ys = log_n[order], loss[order]
+    # repeated sizes (seeds, or shapes with equal N) are averaged: the three-point parabola
+    # needs three distinct log N
+    xs, inverse = np.unique(log_n, return_inverse=True)
+    ys = np.bincount(inverse, weights=loss) / np.bincount(inverse)
     i = int(np.argmin(ys))
     if 0 < i < len(xs) - 1:  # an interior best size: the parabola through it and its neighbours
         local = np.polyfit(xs[i - 1 : i + 2], ys[i - 1 : i + 2], 2)
@@ -369,6 +371,12 @@ def frontier(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _exp(x: float) -> float:
+    """exp(x), inf past the float range (a multiplier on a near-flat frontier: no crossing
+    within reach) instead of OverflowError."""
+    return math.inf if x > 709.0 else math.exp(x)  # NaN stays NaN
+
+
 def multiplier(fa: dict, fb: dict, c_ref: float) -> dict[str, float]:
     """Compute multiplier of `a` over reference `b`: k with L_a(k C) = L_b(C).
 
@@ -383,10 +391,10 @@ def multiplier(fa: dict, fb: dict, c_ref: float) -> dict[str, float]:
         np.log([o["loss_opt"] for o in fb["optima"]]),
     )
     e, pref = shared_exponent({"a": ga, "b": gb})
-    shared = math.exp((pref["b"] - pref["a"]) / e)
+    shared = _exp((pref["b"] - pref["a"]) / e)
     (la, ea), (lb, eb) = fa["loss_law"], fb["loss_law"]
     log_l_target = lb + eb * math.log(c_ref)  # the reference's frontier loss at c_ref
-    c_a = math.exp((log_l_target - la) / ea)
+    c_a = _exp((log_l_target - la) / ea)
     return {"shared": shared, "shared_exponent": e, "at_c_ref": c_a / c_ref}
 
 

@@ -273,3 +273,24 @@ def test_ddpm_unmasking_probabilities_keep_their_precision_near_t0(monkeypatch, 
         a_s = float(noise.alpha(torch.tensor(s, dtype=torch.float64)))
         got = float(calls[i][-1][0])
         assert got == pytest.approx((a_s - a_t) / (1 - a_t), rel=1e-5), i
+
+
+@pytest.mark.parametrize("mask_id", [3, 8])  # inside the vocabulary, and its last id
+def test_duo_leaves_a_mask_id_in_the_data_unscored(mask_id: int, caplog) -> None:
+    """The uniform process has no state for the mask id: a literal mask token in the data was
+    compacted onto its neighbour's index and scored as that token (or, as the last id, indexed
+    past K). It is now left out of the score, with the absorbing objectives' warning, and the
+    other positions' terms are those of the same batch with a real token in its place."""
+    V, B, L = 9, 2, 4
+    duo = DUO(LogLinear(), mask_id, V)
+    logits = torch.randn(B, L, V, generator=gen(6))
+    x0 = torch.tensor([[0, 1, mask_id, 2], [mask_id, 4, 5, 6]])
+    with caplog.at_level("WARNING"):
+        out = duo.loss(Fixed(logits), x0, torch.ones_like(x0), gen(7))
+    assert "the data holds the mask id" in caplog.text
+    assert out.mask.tolist() == [[1, 1, 0, 1], [0, 1, 1, 1]]
+    assert torch.equal(out.targets, x0)
+    clean = x0.masked_fill(x0 == mask_id, 0)
+    ref = DUO(LogLinear(), mask_id, V).loss(Fixed(logits), clean, torch.ones_like(x0), gen(7))
+    keep = out.mask.bool()
+    assert torch.equal(out.nll[keep], ref.nll[keep]) and bool(torch.isfinite(out.nll).all())

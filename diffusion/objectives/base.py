@@ -175,6 +175,29 @@ class Objective(nn.Module):
         a global batch, whose random draws are made whole and indexed."""
         raise NotImplementedError
 
+    def scored_positions(
+        self, x0: Tensor, attention_mask: Tensor, loss_mask: Tensor | None
+    ) -> Tensor:
+        """(B, L) 1 where a token is scored: real, in the loss mask, and not the mask id itself.
+
+        A data token equal to the mask id (a literal "[MASK]" in BERT-tokenised text) is masked
+        at every t and has probability 0 under SUBS: scored, it would add about 1e6 nats on the
+        full path and a finite value on the lean one; the uniform process (DUO) has no state for
+        it. It only conditions; a warning says so once. Needs `self.mask_id`.
+        """
+        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
+        is_mask = (x0 == self.mask_id) & scored.bool()
+        if not getattr(self, "_warned_mask_in_data", False) and bool(is_mask.any()):
+            self._warned_mask_in_data = True
+            log.warning(
+                "the data holds the mask id %d (%d tokens in this batch, e.g. a literal mask "
+                "token in the text): those positions are not scored, and token counts leave "
+                "them out",
+                self.mask_id,
+                int(is_mask.sum()),
+            )
+        return scored * (~is_mask).to(scored.dtype)
+
 
 class AbsorbingDiffusion(Objective):
     """Absorbing-state (masking) diffusion: forward process and the NELBO estimator."""
@@ -271,28 +294,6 @@ class AbsorbingDiffusion(Objective):
             masked = (x_t == self.mask_id).float().mean(-1)  # (B,)
             return -torch.log1p(-masked.clamp(max=1 - MIN_CLEAN))
         return None
-
-    def scored_positions(
-        self, x0: Tensor, attention_mask: Tensor, loss_mask: Tensor | None
-    ) -> Tensor:
-        """(B, L) 1 where a token is scored: real, in the loss mask, and not the mask id itself.
-
-        A data token equal to the mask id (a literal "[MASK]" in BERT-tokenised text) is masked
-        at every t and has probability 0 under SUBS: scored, it would add about 1e6 nats on the
-        full path and a finite value on the lean one. It only conditions; a warning says so once.
-        """
-        scored = attention_mask if loss_mask is None else attention_mask * loss_mask
-        is_mask = (x0 == self.mask_id) & scored.bool()
-        if not getattr(self, "_warned_mask_in_data", False) and bool(is_mask.any()):
-            self._warned_mask_in_data = True
-            log.warning(
-                "the data holds the mask id %d (%d tokens in this batch, e.g. a literal mask "
-                "token in the text): those positions are not scored, and token counts leave "
-                "them out",
-                self.mask_id,
-                int(is_mask.sum()),
-            )
-        return scored * (~is_mask).to(scored.dtype)
 
     # ---- hooks ------------------------------------------------------------------------
     def log_p_x0(self, logits: Tensor, x_t: Tensor) -> Tensor:

@@ -206,6 +206,17 @@ class DUO(Objective):
     def expand(self, c: Tensor) -> Tensor:
         return c + (c >= self.mask_id).long()
 
+    def real_tokens(self, x0: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(x0 with every mask-id token replaced by a real one, the (B, L) scored positions).
+
+        The uniform process has no state for the mask id: a data token equal to it (a literal
+        "[MASK]" in BERT-tokenised text) was compacted onto its neighbour's index and scored as
+        that token (or, as the last id, indexed past K). It is not scored, with the warning
+        the absorbing objectives give (`scored_positions`), and noised as a real token."""
+        scored = self.scored_positions(x0, attention_mask, None)
+        stand_in = 1 if self.mask_id == 0 else 0
+        return x0.masked_fill(x0 == self.mask_id, stand_in), scored
+
     def log_x_theta(self, logits: Tensor) -> Tensor:
         """(B, L, V) logits -> (B, L, K) float32 log x_theta over the real tokens."""
         keep = torch.cat([logits[..., : self.mask_id], logits[..., self.mask_id + 1 :]], -1)
@@ -278,6 +289,7 @@ class DUO(Objective):
         if loss_mask is not None:
             raise ValueError("parameterization=duo has no loss_mask support (SFT): use subs")
         B, L = x0.shape
+        targets, (x0, scored) = x0, self.real_tokens(x0, attention_mask)
         t = self.sample_t(B, x0.device, generator, rows)  # (B,)
         if self.curriculum_active():
             alpha, beta = self.gaussian_alpha_beta(t)
@@ -302,7 +314,7 @@ class DUO(Objective):
         )
         if self.prior_loss:  # KL(q_1 || uniform) of the process x_t came from
             nll = nll + uniform_prior_kl(alpha_1, self.K)[:, None]
-        return LossOutput(nll=nll, mask=attention_mask.to(nll.dtype), targets=x0)
+        return LossOutput(nll=nll, mask=scored.to(nll.dtype), targets=targets)
 
 
 CURRICULUM_KEYS = ("curriculum", "gumbel_tau_log10")  # DUO's curriculum settings
@@ -380,6 +392,7 @@ class DUODistill(DUO):
         if not self.training:
             return super().loss(backbone, x0, attention_mask, generator, loss_mask, rows)
         B, L = x0.shape
+        targets, (x0, scored) = x0, self.real_tokens(x0, attention_mask)
         dt = self.dt()
         t = (self.sample_t(B, x0.device, generator, rows) + dt).clamp(max=1.0)  # (B,)
         s = t - dt
@@ -397,7 +410,7 @@ class DUODistill(DUO):
             kl = (student.exp() * (student - teacher)).sum(-1)
         else:
             kl = (teacher.exp() * (teacher - student)).sum(-1)
-        return LossOutput(nll=kl, mask=attention_mask.to(kl.dtype), targets=x0)
+        return LossOutput(nll=kl, mask=scored.to(kl.dtype), targets=targets)
 
 
 class UniformDenoiser:

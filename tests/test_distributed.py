@@ -139,3 +139,41 @@ def test_stochastic_length_crops_a_fraction_of_steps_the_same_on_every_rank():
     assert first.shape[1] < L and torch.equal(first, again)
     with pytest.raises(ValueError, match="training.random_length_fraction"):
         module(1.5)
+
+
+class _Shard(torch.utils.data.IterableDataset):
+    """A rank's stream: `n` rows of the rank's own value; records its epochs."""
+
+    def __init__(self, n: int, value: int) -> None:
+        self.n, self.value, self.epochs = n, value, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield torch.tensor([self.value])
+
+
+def _stream_rank(rank: int, init: str, out: str) -> None:
+    from diffusion.data.loading import EpochStreamLoader
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        loader = EpochStreamLoader(_Shard(n=7 if rank == 0 else 4, value=rank), batch_size=2)
+        counts = [len(list(loader)) for _ in range(2)]  # two epochs
+        torch.save({"counts": counts, "state": loader.state_dict()}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_streamed_shards_of_unequal_length_end_their_epoch_together(tmp_path):
+    """Rank 0 streams 7 rows (4 batches of 2), rank 1 4 rows (2 batches): without agreement
+    rank 0 took 2 more optimizer steps than rank 1, whose gradient all-reduce then hung. Every
+    rank now serves 2 batches per epoch, and the epochs advance together."""
+    init = f"file://{tmp_path / 'init'}"
+    torch.multiprocessing.spawn(_stream_rank, args=(init, str(tmp_path / "out")), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        assert got["counts"] == [2, 2], rank
+        assert got["state"] == {"epoch": 2, "batches": 0}

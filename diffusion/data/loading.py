@@ -140,6 +140,20 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
         sampler.set_epoch(int(state["epoch"]))
 
 
+def all_ranks(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (one scalar all-reduce; `flag` itself on one process)."""
+    _, world = dist_info()
+    if world == 1:
+        return flag
+    dist = torch.distributed
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 class EpochStreamLoader(torch.utils.data.DataLoader):
     """A DataLoader over a streamed dataset that reshuffles it at every epoch.
 
@@ -148,6 +162,12 @@ class EpochStreamLoader(torch.utils.data.DataLoader):
     loader calls the dataset's `set_epoch` at each pass and checkpoints the epoch (Lightning
     stores `state_dict`), so a resumed run streams that epoch's order again; the rows
     already trained on in it are streamed again too (a stream cannot seek).
+
+    Under DDP the ranks' shards of a stream differ in length (`split_dataset_by_node` hands
+    out whole files or every world-th row), and a rank that ran out while another still
+    stepped would hang the gradient all-reduce: every batch is served only when every rank
+    has one (one scalar all-reduce per batch), so an epoch ends on all ranks at the shortest
+    shard's count, the surplus rows of the longer shards unused that epoch (logged).
     """
 
     def __init__(self, dataset: torch.utils.data.IterableDataset, **kwargs: Any) -> None:
@@ -158,9 +178,20 @@ class EpochStreamLoader(torch.utils.data.DataLoader):
     def __iter__(self) -> Iterator[Any]:
         self.dataset.set_epoch(self._epoch)
         self._served = 0
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            batch = next(batches, None)
+            if not all_ranks(batch is not None):
+                break
             self._served += 1
             yield batch
+        if batch is not None:
+            log.info(
+                "epoch %d of the stream ends at %d batches, another rank's shard being shorter "
+                "(the rest of this rank's shard is unused this epoch)",
+                self._epoch,
+                self._served,
+            )
         self._epoch += 1
         self._served = 0
 

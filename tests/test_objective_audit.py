@@ -18,23 +18,12 @@ from diffusion.objectives.duo import DUO
 from samplers.analytic import AnalyticSampler
 from samplers.base import model_capabilities
 from samplers.uniform import UniformSampler
+from tests.test_duo import Recorder as Fixed  # fixed logits, recording what it saw
 from tests.test_samplers import FixedDenoiser
 
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class Fixed(torch.nn.Module):
-    """A fake backbone: fixed logits, recording what it saw."""
-
-    def __init__(self, logits: Tensor) -> None:
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x_t, sigma=None, attention_mask=None):
-        self.seen, self.sigma = x_t, sigma
-        return self.logits.clone()
 
 
 def usdm_slow(p: list[float], x: int, z: int, a: float, beta: float) -> float:

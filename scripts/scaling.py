@@ -18,14 +18,19 @@ diffusion/flops.py; its ppl_eval.json (validation NELBO, non-embedding parameter
 what the fit reads. Arguments after `--` are Hydra overrides applied to every run.
 
 The fits (SMDM's forms, Chinchilla's IsoFLOP approach):
-  * per budget C: loss against log N is fitted by a parabola; its vertex gives N_opt(C) and
-    L_opt(C) (a vertex outside the sampled sizes is clamped to the best sampled point, flagged);
-  * across budgets: L_opt = A C^alpha and N_opt = B C^b (least squares in log-log);
+  * per budget C: the vertex of the parabola in log N through the best sampled size and its two
+    neighbours gives N_opt(C) and L_opt(C); a best size at the edge of the grid is used as it
+    is (flagged "clamped"), and a budget whose least-squares parabola over all sizes is concave
+    (the sweep brackets no minimum) is flagged "concave";
+  * across budgets: L_opt = A C^alpha and N_opt = B C^b (least squares in log-log) over the
+    budgets with a bracketed optimum (clamped and concave ones are left out, and counted in
+    the output; --include-clamped fits them too);
   * two parameterizations: the compute multiplier k with L_x(k C) = L_ref(C), from a joint fit
     with one shared exponent (SMDM: MDM ~16x AR), and from the separate fits at the middle
     budget.
-Uncertainties come from a parametric bootstrap: the measured losses are redrawn with the
-scatter left around the IsoFLOP parabolas and every fit is redone.
+Uncertainties come from a parametric bootstrap: the measured losses are redrawn around
+themselves with the scatter left around the IsoFLOP parabolas and every fit (the same
+estimator, exclusions included) is redone, so an interval is one of the reported number.
 """
 
 from __future__ import annotations
@@ -304,7 +309,8 @@ def isoflop_optimum(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, 
     The vertex of the parabola (in log N) through the best sampled size and its two neighbours
     (robust to the asymmetric curves small budgets give); a best size at the edge of the grid
     is used as it is (clamped=True). The returned coefficients are the least-squares parabola
-    over all sizes (the smooth curve drawn and redrawn by the bootstrap)."""
+    over all sizes: the smooth curve drawn, the residuals the bootstrap's scatter comes from,
+    and the concavity check (coef[0] <= 0: the sweep brackets no minimum)."""
     coef = np.polyfit(log_n, loss, 2)
     # repeated sizes (seeds, or shapes with equal N) are averaged: the three-point parabola
     # needs three distinct log N
@@ -337,8 +343,13 @@ def shared_exponent(groups: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[f
     return float(sol[0]), {name: float(sol[1 + j]) for j, name in enumerate(names)}
 
 
-def frontier(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """IsoFLOP optima per budget and the two power laws, for one parameterization's rows."""
+def frontier(rows: list[dict[str, Any]], include_clamped: bool = False) -> dict[str, Any]:
+    """IsoFLOP optima per budget and the two power laws, for one parameterization's rows.
+
+    An optimum that is not a bracketed minimum -- clamped (the best size at the grid's edge,
+    or fewer than three sizes) or concave (the least-squares parabola over all sizes curves
+    down: the sweep brackets no minimum) -- is only a bound on N_opt and L_opt, so it is left
+    out of the power laws (in_fit=False, counted in "excluded") unless include_clamped."""
     by_budget: dict[float, list[dict]] = defaultdict(list)
     for r in rows:
         by_budget[r["budget"]].append(r)
@@ -350,24 +361,29 @@ def frontier(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if len(set(log_n.tolist())) >= 3:
             x, l_opt, clamped, coef = isoflop_optimum(log_n, loss)
             parabola, residuals = coef.tolist(), (loss - np.polyval(coef, log_n)).tolist()
+            concave = bool(coef[0] <= 0)
         else:  # a parabola needs three sizes: the best sampled one stands in, flagged
             i = int(np.argmin(loss))
             x, l_opt, clamped, parabola, residuals = float(log_n[i]), float(loss[i]), True, None, []
+            concave = False
         optima.append(
             {
                 "budget": budget,
                 "n_opt": math.exp(x),
                 "loss_opt": l_opt,
                 "clamped": clamped,
+                "concave": concave,
+                "in_fit": include_clamped or not (clamped or concave),
                 "parabola": parabola,
                 "residuals": residuals,
             }
         )
-    out: dict[str, Any] = {"optima": optima}
-    if len(optima) >= 2:
-        log_c = np.log([o["budget"] for o in optima])
-        out["loss_law"] = power_law(log_c, np.log([o["loss_opt"] for o in optima]))
-        out["size_law"] = power_law(log_c, np.log([o["n_opt"] for o in optima]))
+    used = [o for o in optima if o["in_fit"]]
+    out: dict[str, Any] = {"optima": optima, "excluded": len(optima) - len(used)}
+    if len(used) >= 2:
+        log_c = np.log([o["budget"] for o in used])
+        out["loss_law"] = power_law(log_c, np.log([o["loss_opt"] for o in used]))
+        out["size_law"] = power_law(log_c, np.log([o["n_opt"] for o in used]))
     return out
 
 
@@ -381,15 +397,12 @@ def multiplier(fa: dict, fb: dict, c_ref: float) -> dict[str, float]:
     """Compute multiplier of `a` over reference `b`: k with L_a(k C) = L_b(C).
 
     shared: from one exponent fitted to both frontiers (constant in C);
-    at_c_ref: from the separate fits, at the reference budget c_ref."""
-    ga = (
-        np.log([o["budget"] for o in fa["optima"]]),
-        np.log([o["loss_opt"] for o in fa["optima"]]),
-    )
-    gb = (
-        np.log([o["budget"] for o in fb["optima"]]),
-        np.log([o["loss_opt"] for o in fb["optima"]]),
-    )
+    at_c_ref: from the separate fits, at the reference budget c_ref. Both use only the optima
+    the power laws use (in_fit)."""
+    oa = [o for o in fa["optima"] if o.get("in_fit", True)]
+    ob = [o for o in fb["optima"] if o.get("in_fit", True)]
+    ga = (np.log([o["budget"] for o in oa]), np.log([o["loss_opt"] for o in oa]))
+    gb = (np.log([o["budget"] for o in ob]), np.log([o["loss_opt"] for o in ob]))
     e, pref = shared_exponent({"a": ga, "b": gb})
     shared = _exp((pref["b"] - pref["a"]) / e)
     (la, ea), (lb, eb) = fa["loss_law"], fb["loss_law"]
@@ -398,45 +411,77 @@ def multiplier(fa: dict, fb: dict, c_ref: float) -> dict[str, float]:
     return {"shared": shared, "shared_exponent": e, "at_c_ref": c_a / c_ref}
 
 
-def fit_all(rows: list[dict], compare: list[str] | None) -> dict[str, Any]:
+def fit_all(
+    rows: list[dict], compare: list[str] | None, include_clamped: bool = False
+) -> dict[str, Any]:
     labels = sorted({r["label"] for r in rows})
-    fits = {lab: frontier([r for r in rows if r["label"] == lab]) for lab in labels}
+    fits = {
+        lab: frontier([r for r in rows if r["label"] == lab], include_clamped) for lab in labels
+    }
     result: dict[str, Any] = {"fits": fits}
     if compare and all("loss_law" in fits[lab] for lab in compare):
         a, b = compare
-        budgets = sorted({o["budget"] for o in fits[b]["optima"]})
+        budgets = sorted({o["budget"] for o in fits[b]["optima"] if o["in_fit"]})
         c_ref = math.exp(float(np.mean(np.log(budgets))))
         result["compare"] = {"a": a, "b": b, "c_ref": c_ref, **multiplier(fits[a], fits[b], c_ref)}
     return result
 
 
-def bootstrap(rows: list[dict], compare: list[str] | None, n: int, seed: int) -> dict[str, Any]:
-    """Parametric bootstrap: redraw every loss as parabola fit + N(0, sigma^2), sigma from the
-    pooled residuals (per parameterization), and redo every fit. Returns per-quantity draws."""
+def bootstrap_centre(rows: list[dict]) -> list[dict]:
+    """The rows the bootstrap redraws around: each loss replaced by the mean of the runs of its
+    (parameterization, budget, size) -- exactly what isoflop_optimum reads (it averages
+    repeated sizes), so fit_all(bootstrap_centre(rows)) gives the reported fit itself."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["label"], r["budget"], r["params"])].append(r["loss"])
+    means = {k: float(np.mean(v)) for k, v in groups.items()}
+    return [{**r, "loss": means[(r["label"], r["budget"], r["params"])]} for r in rows]
+
+
+def bootstrap(
+    rows: list[dict],
+    compare: list[str] | None,
+    n: int,
+    seed: int,
+    include_clamped: bool = False,
+) -> dict[str, Any]:
+    """Parametric bootstrap of the reported fits. Returns per-quantity draws.
+
+    Every loss (budgets with fewer than three sizes too) is redrawn as centre + N(0, sigma^2)
+    and fit_all -- the reported estimator, with its three-point vertices and its exclusions
+    of clamped/concave budgets -- is redone.
+    The centre is the measured curve itself (per-size means, bootstrap_centre), not a smooth
+    fit to it: the reported optimum is the three-point vertex, which on a noisy or asymmetric
+    curve differs from the vertex of the least-squares parabola over all sizes, and redrawing
+    around that parabola gave the sampling spread of *its* vertex, centred away from the
+    reported number (the point could fall outside its own interval). Around the measured curve
+    the undisturbed draw is the reported fit, so the intervals are intervals of the reported
+    numbers. The three-point vertex is kept as the estimator (rather than switching the point
+    to the all-sizes parabola) because measured IsoFLOP curves over wide size ranges are not
+    parabolas in log N (docs/scaling.png: steep on one side), and a parabola through the
+    whole grid then puts its vertex off the minimum; the local fit only assumes a parabola
+    near it. sigma (per parameterization) is the pooled scatter left around the all-sizes
+    parabolas: any misfit of those parabolas counts as noise, so it errs wide, not narrow.
+    A draw where a parameterization keeps fewer than two bracketed budgets has no power laws:
+    its quantities are missing from that draw (the counts are in "n" and the draws' sizes)."""
     rng = np.random.default_rng(seed)
-    base = fit_all(rows, compare)
+    base = fit_all(rows, compare, include_clamped)
     sigma = {}
     for lab, f in base["fits"].items():
         res = [x for o in f["optima"] for x in o["residuals"]]
         dof = len(res) - 3 * sum(o["parabola"] is not None for o in f["optima"])
         sigma[lab] = math.sqrt(sum(x * x for x in res) / dof) if dof > 0 else float("nan")
-    fitted = {}
-    for lab, f in base["fits"].items():
-        for o in f["optima"]:
-            if o["parabola"] is not None:
-                fitted[(lab, o["budget"])] = np.asarray(o["parabola"])
+    centre = bootstrap_centre(rows)
     draws: dict[str, list[float]] = defaultdict(list)
     for _ in range(n):
         fake = []
-        for r in rows:
-            coef = fitted.get((r["label"], r["budget"]))
-            if coef is None or not math.isfinite(sigma[r["label"]]):
-                fake.append(r)  # no parabola (fewer than three sizes) or no scatter: as measured
+        for r in centre:
+            if not math.isfinite(sigma[r["label"]]):
+                fake.append(r)  # no scatter to draw from (no parabola anywhere): as measured
                 continue
-            mean = float(np.polyval(coef, math.log(r["params"])))
-            fake.append({**r, "loss": mean + rng.normal(0.0, sigma[r["label"]])})
+            fake.append({**r, "loss": r["loss"] + rng.normal(0.0, sigma[r["label"]])})
         try:
-            f = fit_all(fake, compare)
+            f = fit_all(fake, compare, include_clamped)
         except (KeyError, np.linalg.LinAlgError, ValueError, ZeroDivisionError):
             continue
         for lab, fl in f["fits"].items():
@@ -448,7 +493,7 @@ def bootstrap(rows: list[dict], compare: list[str] | None, n: int, seed: int) ->
         if "compare" in f:
             draws["multiplier.shared"].append(f["compare"]["shared"])
             draws["multiplier.at_c_ref"].append(f["compare"]["at_c_ref"])
-    return {"sigma": sigma, "draws": {k: np.asarray(v) for k, v in draws.items()}}
+    return {"sigma": sigma, "n": n, "draws": {k: np.asarray(v) for k, v in draws.items()}}
 
 
 def interval(x: np.ndarray, log: bool = False) -> tuple[float, float, float]:
@@ -482,10 +527,28 @@ def report(rows: list[dict], result: dict, boot: dict | None) -> str:
 
     for lab, f in result["fits"].items():
         for o in f["optima"]:
-            flag = " (clamped to a sampled size)" if o["clamped"] else ""
+            flags = ["clamped to a sampled size"] if o["clamped"] else []
+            if o.get("concave"):
+                flags.append("concave: the sweep brackets no minimum")
+            if not o.get("in_fit", True):
+                flags.append("left out of the power laws")
+            flag = f" ({'; '.join(flags)})" if flags else ""
             lines.append(
                 f"{lab}: C={o['budget']:.3g}  N_opt={o['n_opt']:,.0f}  L_opt={o['loss_opt']:.4f}{flag}"
             )
+        flagged = sum(o["clamped"] or o.get("concave", False) for o in f["optima"])
+        if f.get("excluded"):
+            lines.append(
+                f"{lab}: {f['excluded']} of {len(f['optima'])} budgets left out of the power laws "
+                "(clamped or concave optima; --include-clamped fits them too)"
+            )
+        elif flagged:
+            lines.append(
+                f"{lab}: the power laws include {flagged} clamped or concave optima "
+                "(--include-clamped): bounds on the optimum, not minima"
+            )
+        if "loss_law" not in f and len(f["optima"]) >= 2:
+            lines.append(f"{lab}: no power laws: fewer than two budgets with a bracketed optimum")
         if "loss_law" in f:
             (la, alpha), (lb, b) = f["loss_law"], f["size_law"]
             lines.append(
@@ -506,10 +569,19 @@ def report(rows: list[dict], result: dict, boot: dict | None) -> str:
         )
     if boot:
         lines.append(
-            "[68% intervals: parametric bootstrap, "
+            "[68% intervals: parametric bootstrap around the measured losses, "
             + ", ".join(f"sigma_{k}={v:.4f}" for k, v in boot["sigma"].items())
             + " nats]"
         )
+        total = boot.get("n", 0)
+        short = {k: v.size for k, v in draws.items() if v.size < total}
+        if short:
+            lines.append(
+                f"[of {total} draws, only some gave these fits (the others kept fewer than two "
+                "bracketed budgets, or failed): "
+                + ", ".join(f"{k} {m}" for k, m in short.items())
+                + "]"
+            )
     return "\n".join(lines)
 
 
@@ -550,11 +622,14 @@ def plot(rows: list[dict], result: dict, path: Path) -> None:
                     label=f"{lab} C={b:.2g}",
                 )
                 axes[0].plot(opt["n_opt"], opt["loss_opt"], "*", color=color[b], ms=12, mec="k")
+        for o in f["optima"]:  # optima left out of the power laws: hollow
+            fill = {} if o.get("in_fit", True) else {"mfc": "none"}
+            axes[1].plot(o["budget"], o["loss_opt"], marker, color=f"C{j}", **fill)
+            axes[2].plot(o["budget"], o["n_opt"], marker, color=f"C{j}", **fill)
         if "loss_law" in f:
             c = np.asarray([o["budget"] for o in f["optima"]])
             grid = np.geomspace(c.min() / 2, c.max() * 4, 50)
             (la, alpha), (lb, bexp) = f["loss_law"], f["size_law"]
-            axes[1].plot(c, [o["loss_opt"] for o in f["optima"]], marker, color=f"C{j}")
             axes[1].plot(
                 grid,
                 np.exp(la) * grid**alpha,
@@ -562,7 +637,6 @@ def plot(rows: list[dict], result: dict, path: Path) -> None:
                 color=f"C{j}",
                 label=f"{lab}: L = {np.exp(la):.3g} C^{alpha:.3f}",
             )
-            axes[2].plot(c, [o["n_opt"] for o in f["optima"]], marker, color=f"C{j}")
             axes[2].plot(
                 grid,
                 np.exp(lb) * grid**bexp,
@@ -591,7 +665,8 @@ def plot(rows: list[dict], result: dict, path: Path) -> None:
     )
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no fitted law: nothing to label
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -610,8 +685,12 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         compare = [next(lab for lab in labels if lab != ref), ref]
     if compare and not set(compare) <= set(labels):
         raise SystemExit(f"--compare {compare}: the runs hold {labels}")
-    result = fit_all(rows, compare)
-    boot = bootstrap(rows, compare, args.bootstrap, args.seed) if args.bootstrap else None
+    result = fit_all(rows, compare, args.include_clamped)
+    boot = (
+        bootstrap(rows, compare, args.bootstrap, args.seed, args.include_clamped)
+        if args.bootstrap
+        else None
+    )
     text = report(rows, result, boot)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -620,6 +699,8 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     if boot:
         summary["bootstrap"] = {
             "sigma": boot["sigma"],
+            "n": boot["n"],
+            "draws_used": {k: int(v.size) for k, v in boot["draws"].items()},
             "intervals_68": {
                 k: interval(v, log=not k.endswith(("alpha", "_b")))
                 for k, v in boot["draws"].items()
@@ -651,6 +732,12 @@ def main() -> None:
         )
         s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws (0: none)")
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument(
+            "--include-clamped",
+            action="store_true",
+            help="fit the power laws through clamped and concave optima too (flagged either way; "
+            "default: left out, and counted)",
+        )
     s = sub.choices["sweep"]
     s.add_argument("--param", nargs="+", default=["subs"], choices=sorted(PARAMETERIZATIONS))
     s.add_argument("--budgets", nargs="+", type=float, required=True, help="training FLOPs")

@@ -206,4 +206,12 @@ def test_two_budgets_two_sizes_sweep_end_to_end(tmp_path):
         assert stats["steps"] == int(row["budget"] // per_step)
         assert stats["train_flops"] <= row["budget"] < stats["train_flops"] + per_step
         assert math.isfinite(stats["nelbo"]) and stats["non_embedding_params"] > 0
-    assert "L_opt = A C^alpha" in proc.stdout
+    # two sizes per budget bracket no minimum: both optima are clamped, left out, no laws ...
+    assert "2 of 2 budgets left out of the power laws" in proc.stdout
+    assert "L_opt = A C^alpha" not in proc.stdout
+    # ... unless asked for: a refit (no training) through them
+    refit = [sys.executable, "scripts/scaling.py", "fit", "--out", str(out), "--bootstrap", "20"]
+    refit.append("--include-clamped")
+    proc = subprocess.run(refit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "L_opt = A C^alpha" in proc.stdout and "include 2 clamped or concave" in proc.stdout

@@ -10,6 +10,7 @@ hash, the layout and the length) and serves them through a resumable, rank-shard
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -163,9 +164,27 @@ class TextDataModule(L.LightningDataModule):
 
     def adopt_tokenizer(self, other: TextDataModule) -> None:
         """Tokenize this corpus with `other`'s tokenizer (zero-shot evaluation of a model
-        trained on `other`): same ids, same [MASK], and a cache key of that tokenizer."""
-        self.tokenizer = other.setup_tokenizer()
-        self.tokenizer_spec, self._tokenizer_hash = other.tokenizer_spec, other.tokenizer_hash()
+        trained on `other`): same ids, same [MASK], and a cache key of that tokenizer.
+
+        This layout's `prepare` runs as in `setup_tokenizer` (SFT rows need the chat
+        template), on a copy: prepare may change a tokenizer in place and `other`'s must stay
+        as it is. The hash is of the prepared copy, what this corpus is tokenized with. A
+        prepare that adds ids (role tokens) or moves [MASK] is refused: the model trained on
+        `other` has no embedding for them.
+        """
+        theirs = other.setup_tokenizer()
+        mine = self.layout.prepare(copy.deepcopy(theirs))
+        added = sorted(set(mine.get_vocab()) - set(theirs.get_vocab()))
+        mask_id = mine.mask_token_id if mine.mask_token_id is not None else len(mine)
+        if mask_id != other.mask_id or max(len(mine), mask_id + 1) > other.vocab_size:
+            raise ConfigError(
+                f"data {self.name!r}: its {self.layout.name} layout changes the tokenizer of data "
+                f"{other.name!r} (adds {added}, [MASK] id {other.mask_id} -> {mask_id}); a model "
+                f"trained on {other.name!r} (vocab_size {other.vocab_size}) has no ids for "
+                "them, so it cannot be evaluated on this corpus"
+            )
+        self.tokenizer, self.tokenizer_spec = mine, other.tokenizer_spec
+        self._tokenizer_hash = None  # recomputed from `mine` (differs where prepare changed it)
 
     # -- rows --------------------------------------------------------------------------------
 

@@ -67,7 +67,11 @@ def test_the_unigram_baseline_of_a_streamed_training_run_does_not_fail(tmp_path,
     assert 1 < cached.unigram_ppl("validation") < cached.vocab_size
 
 
-def local_text_dm(cache, text: str, length: int, tokenizer="char") -> TextDataModule:
+def local_text_dm(
+    cache, text: str, length: int, tokenizer="char", layout="wrap", streaming: bool = False
+) -> TextDataModule:
+    """A data module over `text` written to one local file, read a paragraph per document
+    (shared with test_mdlm_wrap)."""
     cache.mkdir(parents=True, exist_ok=True)
     corpus = cache / "corpus.txt"
     corpus.write_text(text)
@@ -78,7 +82,7 @@ def local_text_dm(cache, text: str, length: int, tokenizer="char") -> TextDataMo
         splits={"train": "train"},
     )
     return TextDataModule(
-        name="local", source=source, tokenizer=tokenizer, layout="wrap",
+        name="local", source=source, tokenizer=tokenizer, layout=layout, streaming=streaming,
         cache_dir=str(cache / "c"), length=length, **RUNTIME,
     )  # fmt: skip
 

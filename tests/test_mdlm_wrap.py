@@ -19,9 +19,8 @@ from dataloader import TextDataModule  # noqa: E402
 from diffusion.data import layouts  # noqa: E402
 from diffusion.data.base import ConfigError  # noqa: E402
 from diffusion.data.layouts import MDLMWrap, Wrap  # noqa: E402
-from diffusion.data.sources import HFDataset  # noqa: E402
+from tests.test_data_audit import local_text_dm  # noqa: E402
 
-RUNTIME = dict(batch_size=2, eval_batch_size=2, num_workers=0, seed=0)
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
@@ -69,18 +68,8 @@ def test_mdlm_rows_equal_the_slow_reference(group, length):
 
 
 def local_dm(tmp_path, layout, length: int, streaming: bool = False) -> TextDataModule:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"paragraph {i} " + "abcdefgh"[: i % 8] for i in range(40)))
-    source = HFDataset(
-        path="text",
-        data_files={"train": str(corpus)},
-        load_kwargs={"sample_by": "paragraph"},
-        splits={"train": "train"},
-    )
-    return TextDataModule(
-        name="local", source=source, tokenizer="char", layout=layout, streaming=streaming,
-        cache_dir=str(tmp_path / "cache"), length=length, **RUNTIME,
-    )  # fmt: skip
+    text = "\n\n".join(f"paragraph {i} " + "abcdefgh"[: i % 8] for i in range(40))
+    return local_text_dm(tmp_path, text, length, layout=layout, streaming=streaming)
 
 
 def test_the_layout_in_a_data_module_streamed_and_cached(tmp_path):

@@ -19,6 +19,7 @@ from diffusion.data.base import ConfigError
 
 _HASHES: dict[tuple[str, int, int, int, int], str] = {}  # (path, size, mtime, ctime, inode) -> hash
 TEXT_FORMATS = ("text", "json", "csv")  # builders that read text files (parquet is binary)
+DECODE_CHUNK = 1 << 20  # bytes per read when checking a file is UTF-8
 
 
 def is_url(path: str) -> bool:
@@ -62,18 +63,25 @@ def fingerprint(files: Sequence[str]) -> list[list[str]]:
 
 
 def _decode_error(path: str) -> str | None:
-    """'path line N: ...' at the first undecodable byte of a UTF-8 file, else None."""
+    """'path line N: ...' at the first undecodable byte of a UTF-8 file, else None.
+
+    Read in chunks through an incremental decoder, which holds back a partial sequence at a
+    chunk's end: an error's position is within that held-back tail plus the new chunk
+    (`e.object`), so the offset counts from where that tail began, exact across boundaries.
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset = 1, 0
+    line, offset = 1, 0  # offset: bytes of the file before the current chunk
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(DECODE_CHUNK):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:
-                at = offset + e.start
+                held = len(e.object) - len(chunk)  # bytes carried over from the last chunk
+                at = offset - held + e.start
                 with open(path, "rb") as g:
                     line += g.read(at).count(b"\n")
-                return f"{path} line {line}: byte {chunk[e.start]:#04x} at offset {at} is not UTF-8"
+                byte = e.object[e.start]
+                return f"{path} line {line}: byte {byte:#04x} at offset {at} is not UTF-8"
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)

@@ -245,6 +245,13 @@ class Pad(Layout):
         return StreamingRows(stream, tokenizer, length, wrap=False)
 
 
+def cut_pieces(buf: list[int], size: int) -> tuple[list[list[int]], list[int]]:
+    """The whole pieces of `size` tokens off the front of a streaming buffer, and the rest
+    (kept for the next document): the cut both streamed wrap layouts share."""
+    whole = len(buf) // size * size
+    return [buf[i : i + size] for i in range(0, whole, size)], buf[whole:]
+
+
 class StreamingRows(torch.utils.data.IterableDataset):
     """Rows of `length` tokens cut on the fly from a streamed `datasets.IterableDataset`.
 
@@ -280,18 +287,14 @@ class StreamingRows(torch.utils.data.IterableDataset):
                     "attention_mask": torch.from_numpy(mask[0]).long(),
                 }
                 continue
-            if self.bookends:
+            if self.bookends:  # pieces of n - 2, each row [BOS] piece [EOS]
                 buf += [*ids, eos]
-                while len(buf) >= n - 2:
-                    body, buf = buf[: n - 2], buf[n - 2 :]
-                    yield {
-                        "input_ids": torch.tensor([bos, *body, eos]),
-                        "attention_mask": torch.ones(n, dtype=torch.long),
-                    }
-                continue
-            buf += ([] if bos == eos else [bos]) + ids + [eos]
-            while len(buf) >= n:
-                row, buf = buf[:n], buf[n:]
+                pieces, buf = cut_pieces(buf, n - 2)
+                rows = ([bos, *piece, eos] for piece in pieces)
+            else:
+                buf += ([] if bos == eos else [bos]) + ids + [eos]
+                rows, buf = cut_pieces(buf, n)
+            for row in rows:
                 yield {
                     "input_ids": torch.tensor(row),
                     "attention_mask": torch.ones(n, dtype=torch.long),

@@ -102,6 +102,51 @@ def read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path} line {n}", record
 
 
+def _starts_with_array(path: str) -> bool:
+    """Whether the file's first non-whitespace byte (after a UTF-8 BOM) is `[`: one JSON
+    array of records (Alpaca's alpaca_data.json) rather than JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(3)
+        head = head[3:] if head == b"\xef\xbb\xbf" else head
+        while True:
+            rest = head.lstrip(b" \t\r\n")
+            if rest:
+                return rest.startswith(b"[")
+            head = f.read(1 << 16)
+            if not head:
+                return False
+
+
+def read_json_array(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location "path record N", record) per element of a file holding one JSON array of
+    objects; bad bytes or JSON name the file and line (and column), a non-object its index."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text") from None
+    try:
+        records = json.loads(text)  # starts with `[`: a list, or an error
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})"
+        ) from None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ConfigError(
+                f"{path} record {i}: expected a JSON object, got {type(record).__name__}"
+            )
+        yield f"{path} record {i}", record
+
+
+def read_records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, record) of a `path: json` data file: one JSON array of objects when its
+    first non-whitespace byte is `[`, else JSON lines (`read_jsonl`)."""
+    return read_json_array(path) if _starts_with_array(path) else read_jsonl(path)
+
+
 def sft_rows(
     prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], length: int, eos: int
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -128,8 +173,9 @@ def sft_rows(
 
 
 class ChatRecords(HFDataset):
-    """Conversations from jsonl files (`path: json` + `data_files`, read line by line so a bad
-    line is named by file and number; a split may slice a file, `train[:95%]`) or from a
+    """Conversations from json files (`path: json` + `data_files`: JSON lines, read line by
+    line so a bad line is named by file and number, or one JSON array of records such as
+    Alpaca's alpaca_data.json, `read_records`; a split may slice a file, `train[:95%]`) or from a
     Hugging Face dataset (`path: tatsu-lab/alpaca`); `row_format` turns a record into messages
     (ROW_FORMATS). `texts` gives the contents (what bpe/char tokenizers train on)."""
 
@@ -143,7 +189,7 @@ class ChatRecords(HFDataset):
         """(location, raw record) of every example of a split, first `max_docs` only."""
         if self.path == "json" and self.data_files:
             key, files = self.files(split)
-            records = [r for f in files for r in read_jsonl(f)]
+            records = [r for f in files for r in read_records(f)]
             spec = str(self.split_spec(split))
             if spec != key:  # a slice of the files, e.g. train[:95%]
                 import datasets

@@ -7,6 +7,7 @@ detokenizer, then empty documents dropped, after at most `max_docs` were taken.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,9 @@ from typing import Any
 from diffusion.data import files as local_files
 from diffusion.data.base import CACHE_VERSION, SPLITS, ConfigError, Source, plain
 from diffusion.data.detokenizers import get_detokenizer
+
+log = logging.getLogger(__name__)
+_WARNED_UNPINNED: set[tuple[str, str | None]] = set()  # (path, name) warned about, per process
 
 
 class TextSource(Source):
@@ -98,7 +102,34 @@ class HFDataset(TextSource):
             raise ConfigError(f"data.source.data_files has no {key!r} entry (for split {split!r})")
         return key, local_files.resolve(key, self.data_files[key])
 
+    def is_hub(self) -> bool:
+        """A hub dataset: not a packaged builder (text, json, parquet, ...), no data_files,
+        and `path` not a local folder or script."""
+        try:  # private to datasets: a fixed list where a release renames it
+            from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as packaged
+        except ImportError:
+            packaged = {"text", "json", "csv", "parquet", "arrow", "pandas", "sql", "webdataset"}
+        local = os.path.exists(os.path.expanduser(self.path))
+        return not (self.data_files or local or self.path in packaged)
+
+    def warn_unpinned(self) -> None:
+        """Warn (once per dataset and process) that an unpinned hub dataset's cache key cannot
+        see the hub change: the key holds `revision` as given, never the commit downloaded
+        (that is only known after loading, which a cache hit skips)."""
+        if self.revision is not None or not self.is_hub():
+            return
+        if (self.path, self.name) in _WARNED_UNPINNED:
+            return
+        _WARNED_UNPINNED.add((self.path, self.name))
+        log.warning(
+            "data.source.path=%r%s is a hub dataset with no pinned revision: its cached rows "
+            "and trained tokenizers are keyed without the hub's commit, so a change on the hub "
+            "goes unnoticed; pin it with data.source.revision=<commit sha>",
+            self.path, f" (name {self.name!r})" if self.name else "",
+        )  # fmt: skip
+
     def fingerprint(self, split: str) -> dict[str, Any]:
+        self.warn_unpinned()
         fp = super().fingerprint(split) | {"split": self.split_spec(split), "key": self.text_key}
         fp |= {"hf": [self.path, self.name, self.revision], "load": self.load_kwargs}
         fp |= {"chars": self.char_ranges.get(split), "source": "hf"}

@@ -19,6 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from diffusion.data.base import (
     BOS,
+    CACHE_VERSION,
     EOS,
     MASK,
     PAD,
@@ -141,10 +142,17 @@ class _Trained(TokenizerSpec):
     def training_texts(self, source: Source) -> list[str]:
         return [t for t in source.texts("train")["text"] if t]
 
-    def build(self, source: Source, cache_dir: str, name: str) -> Any:
+    def cache_key(self, source: Source) -> str:
+        """What names the cached file: the settings, the train split's fingerprint (unless a
+        fixed alphabet decides it) and CACHE_VERSION, so a format bump retrains every kind
+        (a fixed-alphabet char tokenizer has no source fingerprint to carry the version)."""
         fixed = self.fixed_texts()
         corpus = None if fixed is not None else source.fingerprint("train")
-        path = os.path.join(cache_dir, name, f"tokenizer-{digest([self.settings(), corpus])}.json")
+        return digest([self.settings(), corpus, {"v": CACHE_VERSION}])
+
+    def build(self, source: Source, cache_dir: str, name: str) -> Any:
+        fixed = self.fixed_texts()
+        path = os.path.join(cache_dir, name, f"tokenizer-{self.cache_key(source)}.json")
         if not os.path.exists(path):
             texts = fixed if fixed is not None else self.training_texts(source)
             vocab_size = getattr(self, "vocab_size", 0)

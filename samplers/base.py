@@ -192,6 +192,10 @@ def uniform(
     return u.to(device)
 
 
+# exp(-750) == 0.0 in float64: an entry this far below its row's top is never drawn
+ZERO_PROBABILITY_GAP = -750.0
+
+
 def sample_categorical(log_p: Tensor, u: Tensor) -> Tensor:
     """Inverse-CDF draw in float64: log_p (N, V) (unnormalised is fine), u (N,) -> (N,) long.
 
@@ -209,10 +213,17 @@ def filter_log_probs(
     """Temperature, then top-k, then nucleus (top-p) filtering of (..., V) log-probs; renormalised.
 
     temperature == 0 means greedy (one-hot on the argmax). Rows stay valid distributions.
+    A temperature above 1 never revives an entry of probability 0: one more than
+    ZERO_PROBABILITY_GAP below its row's top (SUBS' finite -1e6 mask column, the off-token
+    entries of a one-hot row) becomes -inf; dividing alone would make -1e6 / T drawable
+    once T > ~1300 (and the sampler could "unmask" to [MASK]).
     """
     if temperature == 0:
         return torch.full_like(log_p, -torch.inf).scatter_(-1, log_p.argmax(-1, keepdim=True), 0.0)
-    if temperature != 1.0:
+    if temperature > 1.0:
+        dead = log_p - log_p.amax(-1, keepdim=True) < ZERO_PROBABILITY_GAP
+        log_p = (log_p / temperature).masked_fill(dead, -torch.inf)
+    elif temperature != 1.0:  # below 1 the gaps only widen: zeros stay zero
         log_p = log_p / temperature
     if top_k is not None and 0 < top_k < log_p.shape[-1]:
         kth = log_p.topk(top_k, dim=-1).values[..., -1:]  # (..., 1)

@@ -311,10 +311,25 @@ class BD3LM(AbsorbingDiffusion):
     @torch.no_grad()
     def _collect_search(self, backbone, x0, attention_mask, generator, loss_mask) -> None:
         """Per-block mean losses of this validation batch under every candidate interval
-        (only the first `clip_search_batches` batches of a validation pass)."""
+        (only the first `clip_search_batches` batches of a validation pass).
+
+        The search draws from a copy of the validation generator's state (or, without one,
+        inside a fork of the global RNG), which it leaves where it was: the validation
+        losses of later batches are the same with var_min on or off."""
         first = next(iter(self._search.values()), [])
         if len(first) >= self.clip_search_batches:
             return
+        if generator is None:
+            devices = [x0.device] if x0.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                self._search_batch(backbone, x0, attention_mask, None, loss_mask)
+            return
+        search = torch.Generator(device=generator.device)
+        search.set_state(generator.get_state())  # the same draws as before, not advancing it
+        self._search_batch(backbone, x0, attention_mask, search, loss_mask)
+
+    def _search_batch(self, backbone, x0, attention_mask, generator, loss_mask) -> None:
+        """Append this batch's (B, nb) per-block mean losses under every candidate interval."""
         L = x0.shape[1]
         for lo, hi in self.clip_grid:
             nll, scored = self.block_nelbo(

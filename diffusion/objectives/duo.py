@@ -55,6 +55,8 @@ def usdm_nelbo(log_x_theta: Tensor, x0: Tensor, x_t: Tensor, alpha: Tensor, beta
 
     log_x_theta (B, L, K) log of the predicted clean distribution; x0, x_t (B, L) in [0, K);
     alpha, beta (B, L) or broadcastable: alpha_t and the rate -alpha'_t / alpha_t.
+    At alpha = 1 (t = 0) the true rates' 0 log 0 terms are taken at their limit 0, so a token
+    with x_t = x0 scores (beta / K) (1 / x_theta(x_t) - 1), finite, as are its gradients.
     """
     K = log_x_theta.shape[-1]
     a = alpha.to(torch.float64)
@@ -65,13 +67,14 @@ def usdm_nelbo(log_x_theta: Tensor, x0: Tensor, x_t: Tensor, alpha: Tensor, beta
     xbar_theta_z = xbar_theta.gather(-1, z).squeeze(-1)  # (B, L)
     log_xbar_theta_z = log_xbar_theta.gather(-1, z).squeeze(-1)
     log_xbar_theta_x = log_xbar_theta.gather(-1, x0[..., None]).squeeze(-1)
-    same = (x0 == x_t).to(torch.float64)
+    is_same = x0 == x_t
+    same = is_same.to(torch.float64)
     hi, lo = K * a + 1 - a, 1 - a  # the two values of xbar: at x, elsewhere
     xbar_z = same * hi + (1 - same) * lo  # (B, L)
-    log_hi, log_lo = torch.log(hi), torch.log(lo)
-    log_xbar_z = same * log_hi + (1 - same) * log_lo
+    log_hi, log_lo = torch.log(hi), torch.log(lo)  # log_lo = -inf at alpha = 1
+    log_xbar_z = torch.where(is_same, log_hi, log_lo)  # no 0 * -inf
     # sum over every z' of xbar(z') log xbar(z') and of xbar(z') log xbar_theta(z'), minus z
-    all_true = (K - 1) * lo * log_lo + hi * log_hi
+    all_true = torch.xlogy((K - 1) * lo, lo) + hi * log_hi  # 0 log 0 = 0 at alpha = 1
     all_theta = lo * log_xbar_theta.sum(-1) + K * a * log_xbar_theta_x
     rest_true = all_true - xbar_z * log_xbar_z
     rest_theta = all_theta - xbar_z * log_xbar_theta_z

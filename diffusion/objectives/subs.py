@@ -18,10 +18,18 @@ NEG_INF = -1e6  # finite "minus infinity": keeps logsumexp and gradients NaN-fre
 
 
 def subs_log_p_x0(logits: Tensor, x_t: Tensor, mask_id: int) -> Tensor:
-    """The six lines of SUBS: (B, L, V) logits -> log p(x0 | x_t) in float32."""
-    logits = logits.float()
-    logits[..., mask_id] = NEG_INF  # zero masking probability
-    log_p = logits.log_softmax(dim=-1)
+    """The six lines of SUBS: (B, L, V) logits -> log p(x0 | x_t) in float32.
+
+    The caller's `logits` are never written: the mask column is set in place only on the
+    float32 copy `.float()` makes of other dtypes, and on a fresh masked copy of float32 ones.
+    """
+    masked = logits.float()
+    if masked is logits:  # already float32: `.float()` returned the caller's tensor
+        masked = masked.index_fill(-1, torch.tensor([mask_id], device=logits.device), NEG_INF)
+    else:
+        masked[..., mask_id] = NEG_INF  # zero masking probability
+    log_p = masked.log_softmax(dim=-1)
+    del masked  # peak memory as before: the masked logits go before `carry` is made
     unmasked = x_t != mask_id
     carry = torch.full_like(log_p, NEG_INF)
     carry.scatter_(-1, x_t[..., None], 0.0)  # one-hot on the visible token

@@ -92,6 +92,12 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_spec = from_spec(tokenizer)
         self.layout: Layout = _part(layout, "layout", Layout)
         self.layout.check(self.source, self.length)
+        chunk = getattr(self.source, "chunk_chars", None)
+        if chunk is not None and chunk != self.length:
+            log.warning(
+                "data.source.chunk_chars=%d differs from model.length=%d: MDLM cuts text8 into "
+                "pieces of its model.length (set both to match its rows)", chunk, self.length
+            )  # fmt: skip
         if streaming and not self.layout.supports_streaming:
             raise ConfigError(
                 f"data.streaming=true is not supported by the {self.layout.name} layout"

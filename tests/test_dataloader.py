@@ -485,6 +485,7 @@ CORPORA = {  # config -> overrides pointing it at a fixture shaped like the corp
     "text8": {
         "data_files": {"train": "text8.txt"},
         "char_ranges": {"train": [0, 200], "validation": [200, 260], "test": [260, None]},
+        "chunk_chars": 20,  # MDLM's 256-character pieces, scaled to the fixture
     },
 }
 

@@ -102,16 +102,24 @@ def test_the_layout_in_a_data_module_streamed_and_cached(tmp_path):
 
 
 def test_the_hub_corpora_take_mdlms_rows_and_the_others_keep_theirs():
-    """MDLM's corpora (OWT, the zero-shot sets, lm1b-wrap) default to its rows; local files and
-    text8 keep the plain wrap, lm1b its padding, SFT its rows (no key of the base leaks)."""
+    """MDLM's corpora (OWT, the zero-shot sets, lm1b-wrap, text8) default to its rows; local
+    files keep the plain wrap, lm1b its padding, SFT its rows (no key of the base leaks)."""
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
 
         def layout(name: str) -> str:
             return compose(config_name="config", overrides=[f"data={name}"]).data.layout._target_
 
-        for name in ("openwebtext", "wikitext103", "ptb", "lambada", "lm1b_wrap", "ag_news"):
+        for name in (
+            "openwebtext",
+            "wikitext103",
+            "ptb",
+            "lambada",
+            "lm1b_wrap",
+            "ag_news",
+            "text8",
+        ):
             assert layout(name).endswith("layouts.MDLMWrap"), name
-        assert layout("local").endswith("layouts.Wrap") and layout("text8").endswith(".Wrap")
+        assert layout("local").endswith("layouts.Wrap")
         assert layout("lm1b").endswith("layouts.Pad")
         sft = compose(config_name="config", overrides=["data=sft_local"]).data.layout
         assert sft._target_.endswith("SFTRows") and "group_size" not in sft

@@ -59,7 +59,10 @@ class HFDataset(TextSource):
     `path` is a hub dataset (`Salesforce/wikitext`) or a packaged builder (`text`, `json`,
     `parquet`) reading `data_files` ({data_files key: path, glob, URL or a list}); `splits`
     maps our split names to the loader's split expressions (`train[:-100000]`); `text_key`
-    names the text column; `char_ranges` cuts splits from one character stream (text8).
+    names the text column; `char_ranges` cuts splits from one character stream (text8);
+    `chunk_chars` then cuts every document into documents of that many characters, a shorter
+    last piece dropped (MDLM's and D3PM's text8: pieces of model.length = 256 characters, each
+    of which MDLM's wrap follows with an EOS).
     Local files are fingerprinted by content; a bad file is named with its line.
     """
 
@@ -73,6 +76,7 @@ class HFDataset(TextSource):
         splits: Mapping[str, Any] | None = None,
         text_key: str = "text",
         char_ranges: Mapping[str, Sequence[int | None]] | None = None,
+        chunk_chars: int | None = None,
         detokenizer: str | None = None,
         max_docs: int | None = None,
     ) -> None:
@@ -84,6 +88,9 @@ class HFDataset(TextSource):
         self.load_kwargs = dict(plain(load_kwargs) or {})
         self.splits = dict(plain(splits) or {})
         self.text_key, self.char_ranges = text_key, dict(plain(char_ranges) or {})
+        if chunk_chars is not None and int(chunk_chars) < 1:
+            raise ConfigError(f"data.source.chunk_chars={chunk_chars} must be >= 1 (or null)")
+        self.chunk_chars = None if chunk_chars is None else int(chunk_chars)
 
     def split_names(self) -> list[str]:
         return [s for s in SPLITS if s in self.splits]
@@ -133,6 +140,8 @@ class HFDataset(TextSource):
         fp = super().fingerprint(split) | {"split": self.split_spec(split), "key": self.text_key}
         fp |= {"hf": [self.path, self.name, self.revision], "load": self.load_kwargs}
         fp |= {"chars": self.char_ranges.get(split), "source": "hf"}
+        if self.chunk_chars is not None:  # absent otherwise: earlier cache keys stay valid
+            fp["chunk_chars"] = self.chunk_chars
         if self.data_files:
             fp["files"] = local_files.fingerprint(self.files(split)[1])
         return fp
@@ -207,4 +216,10 @@ class HFDataset(TextSource):
         if split in self.char_ranges:  # text8: one character stream cut at fixed offsets
             start, end = self.char_ranges[split]
             ds = datasets.Dataset.from_dict({"text": ["".join(ds["text"])[start:end]]})
+        if self.chunk_chars is not None:
+            if streaming:
+                raise ConfigError("data.source.chunk_chars needs data.streaming=false")
+            n = self.chunk_chars
+            pieces = [t[i : i + n] for t in ds["text"] for i in range(0, len(t) - n + 1, n)]
+            ds = datasets.Dataset.from_dict({"text": pieces})
         return self.clean(self.limit(ds, streaming), streaming, num_proc)

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -113,6 +113,48 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
     )
 
 
+class ParamSummary(ModelSummary):
+    """Lightning's table of the module's parts and parameters, without its FLOPs column and
+    "Total FLOPs" line: Lightning counts FLOPs only by running an `example_input_array`, which
+    a diffusion module has none of, so both read 0. The FLOPs per token that count are logged
+    by diffusion/flops.py when the module is built."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style="bold magenta")
+        for name, _ in columns:
+            table.add_column(name or " ", justify="right" if name == "Params" else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        frozen = total_parameters - trainable_parameters
+        console.print(
+            f"Trainable params: {get_human_readable_count(trainable_parameters)}  "
+            f"Non-trainable params: {get_human_readable_count(frozen)}  "
+            f"Total: {get_human_readable_count(total_parameters)} "
+            f"({get_formatted_model_size(model_size)} MB)  "
+            f"Modules in train / eval mode: {total_training_modes['train']} / "
+            f"{total_training_modes['eval']}"
+        )
+
+
 def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
     """The Lightning trainer: with checkpoints and logger for training; bare for evaluation."""
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
@@ -140,6 +182,8 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
         ),
         LastCheckpoint(save_dir, cfg.checkpointing.every_n_train_steps),
     ]
+    if cfg.trainer.get("enable_model_summary", True) is not False:
+        callbacks.append(ParamSummary())
     logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
     return instantiate(
         cfg.trainer,

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -155,6 +155,17 @@ class ParamSummary(ModelSummary):
         )
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading "Epoch 3" where a step-limited run
+    (max_epochs = -1) would print "Epoch 3/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
 def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
     """The Lightning trainer: with checkpoints and logger for training; bare for evaluation."""
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
@@ -184,6 +195,8 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
     ]
     if cfg.trainer.get("enable_model_summary", True) is not False:
         callbacks.append(ParamSummary())
+    if cfg.trainer.get("enable_progress_bar", True) is not False:
+        callbacks.append(StepProgressBar())
     logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
     return instantiate(
         cfg.trainer,

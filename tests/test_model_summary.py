@@ -1,5 +1,6 @@
 """The training log's module table: parameters as Lightning counts them, no FLOPs column or
-"Total FLOPs: 0" line (Lightning counts FLOPs only through an example_input_array)."""
+"Total FLOPs: 0" line (Lightning counts FLOPs only through an example_input_array); the
+progress bar of a step-limited run without Lightning's "Epoch 0/-2"."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -43,9 +44,10 @@ def test_the_trainer_takes_it_unless_summaries_are_off(tmp_path):
     base = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "trainer" / "default.yaml"))
     base |= {"default_root_dir": str(tmp_path), "accumulate_grad_batches": 1}
     for enabled in (True, False):
+        flags = {"enable_model_summary": enabled, "enable_progress_bar": enabled}
         cfg = OmegaConf.create(
             {
-                "trainer": {**base, "enable_model_summary": enabled},
+                "trainer": {**base, **flags},
                 "strategy": {"name": "auto"},
                 "checkpointing": {"save_dir": str(tmp_path), "every_n_train_steps": None},
                 "logger": None,
@@ -55,3 +57,16 @@ def test_the_trainer_takes_it_unless_summaries_are_off(tmp_path):
         mine = [cb for cb in trainer.callbacks if isinstance(cb, build.ParamSummary)]
         others = [cb for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
         assert len(mine) == int(enabled) and len(others) == len(mine)
+        bars = [cb for cb in trainer.callbacks if isinstance(cb, build.StepProgressBar)]
+        assert len(bars) == int(enabled) and trainer.progress_bar_callback is (bars or [None])[0]
+
+
+def test_a_step_limited_run_reads_epoch_n_not_n_over_minus_two():
+    trainer = SimpleNamespace(max_epochs=-1)
+    ours, theirs = build.StepProgressBar(), RichProgressBar()
+    for bar in (ours, theirs):
+        bar._trainer = trainer
+    assert ours._get_train_description(3).strip() == "Epoch 3"
+    assert theirs._get_train_description(3).strip() == "Epoch 3/-2"  # Lightning's own
+    trainer.max_epochs = 4
+    assert ours._get_train_description(3).strip() == "Epoch 3/3"

@@ -30,7 +30,8 @@ MDLM_DATA: dict[str, tuple[list[str], str]] = {
     "lm1b-streaming": (["data=lm1b", "data.streaming=true"], "bert-base-uncased"),
     "lm1b-wrap": (["data=lm1b_wrap"], "bert-base-uncased"),
     "lm1b-gpt2": (["data=lm1b_wrap", "data.tokenizer=gpt2"], "gpt2"),
-    "text8": (["data=text8"], "text8"),
+    # MDLM cuts text8 into pieces of its model.length, whatever that is
+    "text8": (["data=text8", "data.source.chunk_chars=${model.length}"], "text8"),
     "wikitext2": (["data=wikitext2"], "gpt2"),
     "wikitext103": (["data=wikitext103"], "gpt2"),
     "ptb": (["data=ptb"], "gpt2"),
@@ -56,7 +57,7 @@ MDLM_TRAIN_NAMES = {
 }
 REFUSED_DATA = {
     "text8-crop": "random-crop training of text8 is not implemented: use data=text8 "
-    "(contiguous 256-character rows, D3PM's split)",
+    "(MDLM's rows of its model.length characters, D3PM's split)",
     "openwebtext": "MDLM's data=openwebtext validates on wikitext103; use data=openwebtext-split "
     "(held-out OWT, as in MDLM's paper) and eval.datasets=[wikitext103] for that table",
 }

@@ -201,6 +201,9 @@ def test_mdlm_model_and_data_names():
         cfg = composed(translate(["sampling.steps=10", mdlm])[0])
         assert cfg.data.name == name
         assert tok is None or cfg.data.tokenizer == tok
+    for length in (256, 512):  # MDLM cuts text8 into pieces of its model.length
+        cfg = composed(translate(["sampling.steps=10", "data=text8", f"model.length={length}"])[0])
+        assert cfg.data.source.chunk_chars == length == cfg.model.length
     cfg = composed(
         translate(
             [

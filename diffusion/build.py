@@ -157,7 +157,13 @@ class ParamSummary(ModelSummary):
 
 class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar, reading "Epoch 3" where a step-limited run
-    (max_epochs = -1) would print "Epoch 3/-2"."""
+    (max_epochs = -1) would print "Epoch 3/-2", and without Lightning's "v_num: 0.000" (the
+    logger's version number shown as a float metric)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs = self.trainer.max_epochs

@@ -70,3 +70,11 @@ def test_a_step_limited_run_reads_epoch_n_not_n_over_minus_two():
     assert theirs._get_train_description(3).strip() == "Epoch 3/-2"  # Lightning's own
     trainer.max_epochs = 4
     assert ours._get_train_description(3).strip() == "Epoch 3/3"
+
+
+def test_the_bar_shows_the_logged_metrics_without_v_num():
+    logger = SimpleNamespace(version=0)
+    trainer = SimpleNamespace(progress_bar_metrics={"train/loss": 7.5}, loggers=[logger])
+    ours = build.StepProgressBar().get_metrics(trainer, None)
+    theirs = RichProgressBar().get_metrics(trainer, None)
+    assert ours == {"train/loss": 7.5} and theirs == {"train/loss": 7.5, "v_num": 0}

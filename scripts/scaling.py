@@ -22,7 +22,8 @@ The fits (SMDM's forms, Chinchilla's IsoFLOP approach):
     neighbours gives N_opt(C) and L_opt(C); a best size at the edge of the grid is used as it
     is (flagged "clamped"), and a budget whose least-squares parabola over all sizes is concave
     (the sweep brackets no minimum) is flagged "concave";
-  * across budgets: L_opt = A C^alpha and N_opt = B C^b (least squares in log-log) over the
+  * across budgets: L_opt = A C^alpha and N_opt = B C^b (least squares in log-log, C what the
+    runs spent: the geometric mean of their train_flops, the budget where unrecorded) over the
     budgets with a bracketed optimum (clamped and concave ones are left out, and counted in
     the output; --include-clamped fits them too);
   * two parameterizations: the compute multiplier k with L_x(k C) = L_ref(C), from a joint fit
@@ -366,9 +367,14 @@ def frontier(rows: list[dict[str, Any]], include_clamped: bool = False) -> dict[
             i = int(np.argmin(loss))
             x, l_opt, clamped, parabola, residuals = float(log_n[i]), float(loss[i]), True, None, []
             concave = False
+        spent = [p.get("train_flops") for p in pts]
+        flops = (  # what the runs spent (each <= the budget by under one step), when recorded
+            math.exp(float(np.mean(np.log(spent)))) if all(f and f > 0 for f in spent) else budget
+        )
         optima.append(
             {
                 "budget": budget,
+                "flops": flops,
                 "n_opt": math.exp(x),
                 "loss_opt": l_opt,
                 "clamped": clamped,
@@ -381,7 +387,7 @@ def frontier(rows: list[dict[str, Any]], include_clamped: bool = False) -> dict[
     used = [o for o in optima if o["in_fit"]]
     out: dict[str, Any] = {"optima": optima, "excluded": len(optima) - len(used)}
     if len(used) >= 2:
-        log_c = np.log([o["budget"] for o in used])
+        log_c = np.log([o.get("flops", o["budget"]) for o in used])
         out["loss_law"] = power_law(log_c, np.log([o["loss_opt"] for o in used]))
         out["size_law"] = power_law(log_c, np.log([o["n_opt"] for o in used]))
     return out
@@ -401,8 +407,8 @@ def multiplier(fa: dict, fb: dict, c_ref: float) -> dict[str, float]:
     the power laws use (in_fit)."""
     oa = [o for o in fa["optima"] if o.get("in_fit", True)]
     ob = [o for o in fb["optima"] if o.get("in_fit", True)]
-    ga = (np.log([o["budget"] for o in oa]), np.log([o["loss_opt"] for o in oa]))
-    gb = (np.log([o["budget"] for o in ob]), np.log([o["loss_opt"] for o in ob]))
+    ga = (np.log([o.get("flops", o["budget"]) for o in oa]), np.log([o["loss_opt"] for o in oa]))
+    gb = (np.log([o.get("flops", o["budget"]) for o in ob]), np.log([o["loss_opt"] for o in ob]))
     e, pref = shared_exponent({"a": ga, "b": gb})
     shared = _exp((pref["b"] - pref["a"]) / e)
     (la, ea), (lb, eb) = fa["loss_law"], fb["loss_law"]
@@ -421,7 +427,7 @@ def fit_all(
     result: dict[str, Any] = {"fits": fits}
     if compare and all("loss_law" in fits[lab] for lab in compare):
         a, b = compare
-        budgets = sorted({o["budget"] for o in fits[b]["optima"] if o["in_fit"]})
+        budgets = sorted({o["flops"] for o in fits[b]["optima"] if o["in_fit"]})
         c_ref = math.exp(float(np.mean(np.log(budgets))))
         result["compare"] = {"a": a, "b": b, "c_ref": c_ref, **multiplier(fits[a], fits[b], c_ref)}
     return result
@@ -624,10 +630,10 @@ def plot(rows: list[dict], result: dict, path: Path) -> None:
                 axes[0].plot(opt["n_opt"], opt["loss_opt"], "*", color=color[b], ms=12, mec="k")
         for o in f["optima"]:  # optima left out of the power laws: hollow
             fill = {} if o.get("in_fit", True) else {"mfc": "none"}
-            axes[1].plot(o["budget"], o["loss_opt"], marker, color=f"C{j}", **fill)
-            axes[2].plot(o["budget"], o["n_opt"], marker, color=f"C{j}", **fill)
+            axes[1].plot(o.get("flops", o["budget"]), o["loss_opt"], marker, color=f"C{j}", **fill)
+            axes[2].plot(o.get("flops", o["budget"]), o["n_opt"], marker, color=f"C{j}", **fill)
         if "loss_law" in f:
-            c = np.asarray([o["budget"] for o in f["optima"]])
+            c = np.asarray([o.get("flops", o["budget"]) for o in f["optima"]])
             grid = np.geomspace(c.min() / 2, c.max() * 4, 50)
             (la, alpha), (lb, bexp) = f["loss_law"], f["size_law"]
             axes[1].plot(

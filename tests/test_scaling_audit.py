@@ -191,3 +191,20 @@ def test_clamped_optimum_is_left_out_of_the_power_laws_by_default():
     boot = scaling.bootstrap(noisy, None, n=200, seed=0)
     lo, _, hi = scaling.interval(boot["draws"]["ar.size_b"])
     assert 0.4 < lo <= b <= hi < 0.6
+
+
+def test_the_power_laws_use_the_flops_the_runs_spent():
+    """Each run spends floor(budget / per-step) steps, up to one step under its budget: the laws
+    are fitted at the recorded train_flops (geometric mean per budget), the budget without it."""
+    scaling = load_scaling()
+    rows = law_rows([1e15, 3e15, 1e16])
+    nominal = scaling.frontier(rows)
+    for r in rows:
+        r["train_flops"] = r["budget"] * 0.5
+    spent = scaling.frontier(rows)
+    assert [o["flops"] for o in spent["optima"]] == pytest.approx([5e14, 1.5e15, 5e15])
+    (la0, alpha0), (la, alpha) = nominal["loss_law"], spent["loss_law"]
+    assert alpha == pytest.approx(alpha0, abs=1e-12)  # a constant factor moves only A
+    assert la == pytest.approx(la0 - alpha0 * math.log(0.5), abs=1e-9)
+    rows[0]["train_flops"] = None  # one run of the first budget unrecorded: its budget stands in
+    assert scaling.frontier(rows)["optima"][0]["flops"] == 1e15

@@ -607,7 +607,8 @@ def test_a_text8_checkpoint_gets_mdlms_own_character_ids(tmp_path, monkeypatch):
     ckpt = load_checkpoint(str(write_lightning(tmp_path / "text8.ckpt", raw, shadow, cfg)))
     assert ckpt["unmask_format"]["mask_id"] == 4
     assert ckpt["unmask_config"]["data"]["name"] == "text8"
-    assert ckpt["unmask_config"]["data"]["source"]["chunk_chars"] == LEN  # its model.length, resolved
+    data = ckpt["unmask_config"]["data"]
+    assert data["source"]["chunk_chars"] == LEN  # its model.length, resolved
     tok = from_spec(ckpt["unmask_config"]["data"]["tokenizer"]).build(None, str(tmp_path), "t8")
     specials = ["[CLS]", "[SEP]", "[BOS]", "[EOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]
     mdlm_ids = {t: i for i, t in enumerate([*specials, *"abcdefghijklmnopqrstuvwxyz "])}

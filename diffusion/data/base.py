@@ -106,14 +106,17 @@ class Layout(abc.ABC):
     kind: ClassVar[str] = "layout"
     name: ClassVar[str]  # in cache file names
     supports_streaming: ClassVar[bool] = False
+    min_length: ClassVar[int] = 1  # the shortest model.length its rows can have
 
     def prepare(self, tokenizer: Any) -> Any:
         """Adjust the tokenizer before any id is handed out (SFT adds its chat tokens)."""
         return tokenizer
 
     def check(self, source: Source, length: int) -> None:
-        """Refuse a source or length this layout cannot use (default: anything goes)."""
-        return None
+        """Refuse a source or length this layout cannot use (default: a length under
+        `min_length`)."""
+        if length < self.min_length:
+            raise ConfigError(f"model.length={length} is too short for the {self.name} layout")
 
     @abc.abstractmethod
     def rows(

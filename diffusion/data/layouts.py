@@ -164,25 +164,31 @@ class Wrap(Layout):
 
     name: ClassVar[str] = "wrap"
     supports_streaming: ClassVar[bool] = True
-
-    def check(self, source: Source, length: int) -> None:
-        if length < 2:
-            raise ConfigError(f"model.length={length} is too short for the wrap layout")
+    min_length: ClassVar[int] = 2
+    bookends: ClassVar[bool] = False  # MDLMWrap: every row [BOS] piece [EOS]
 
     def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
         flat, lengths, where = _documents(source, split, tokenizer, num_proc)
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        ids = wrap_documents(flat, lengths, bos, eos, length)
-        if len(ids) == 0:  # count what was cut: the tokens plus each document's separators
-            total = len(flat) + len(lengths) * (1 if bos == eos else 2) + (bos == eos)
-            raise ConfigError(
-                f"{where} has {total} tokens with separators, fewer than "
-                f"length={length}: use a shorter model.length or more data"
-            )
+        ids = self.cut(flat, lengths, bos, eos, length)
+        if len(ids) == 0:
+            raise ConfigError(self.too_little(where, flat, lengths, bos, eos, length))
         return stack_rows(ids, np.ones_like(ids, dtype=np.int8))
 
+    def cut(self, flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, length: int):
+        """(N, length) rows of the split's documents (`flat`, split by `lengths`)."""
+        return wrap_documents(flat, lengths, bos, eos, length)
+
+    def too_little(self, where: str, flat, lengths, bos: int, eos: int, length: int) -> str:
+        """Why `cut` gave no row: the tokens with each document's separators, counted."""
+        total = len(flat) + len(lengths) * (1 if bos == eos else 2) + (bos == eos)
+        return (
+            f"{where} has {total} tokens with separators, fewer than "
+            f"length={length}: use a shorter model.length or more data"
+        )
+
     def stream(self, stream: Any, tokenizer: Any, length: int) -> Any:
-        return StreamingRows(stream, tokenizer, length, wrap=True)
+        return StreamingRows(stream, tokenizer, length, wrap=True, bookends=self.bookends)
 
 
 class MDLMWrap(Wrap):
@@ -191,6 +197,8 @@ class MDLMWrap(Wrap):
     position 0. Its two bookend tokens per row are scored, as MDLM scores them."""
 
     name: ClassVar[str] = "mdlm_wrap"
+    min_length: ClassVar[int] = 3
+    bookends: ClassVar[bool] = True
 
     def __init__(self, group_size: int | None = 1000) -> None:
         """`group_size`: documents concatenated before cutting (MDLM: its map batch, 1000,
@@ -199,24 +207,15 @@ class MDLMWrap(Wrap):
             raise ConfigError(f"data.layout.group_size={group_size} must be >= 1 (or null)")
         self.group_size = None if group_size is None else int(group_size)
 
-    def check(self, source: Source, length: int) -> None:
-        if length < 3:
-            raise ConfigError(f"model.length={length} is too short for the mdlm_wrap layout")
+    def cut(self, flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, length: int):
+        return mdlm_wrap_documents(flat, lengths, bos, eos, length, self.group_size)
 
-    def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
-        flat, lengths, where = _documents(source, split, tokenizer, num_proc)
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        ids = mdlm_wrap_documents(flat, lengths, bos, eos, length, self.group_size)
-        if len(ids) == 0:
-            raise ConfigError(
-                f"{where} has no group of {self.group_size or 'all'} documents with "
-                f"{length - 2} tokens (EOS after each included): use a shorter model.length, "
-                "more data or data.layout.group_size=null"
-            )
-        return stack_rows(ids, np.ones_like(ids, dtype=np.int8))
-
-    def stream(self, stream: Any, tokenizer: Any, length: int) -> Any:
-        return StreamingRows(stream, tokenizer, length, wrap=True, bookends=True)
+    def too_little(self, where: str, flat, lengths, bos: int, eos: int, length: int) -> str:
+        return (
+            f"{where} has no group of {self.group_size or 'all'} documents with "
+            f"{length - 2} tokens (EOS after each included): use a shorter model.length, "
+            "more data or data.layout.group_size=null"
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {"layout": self.name, "group_size": self.group_size}
@@ -227,10 +226,7 @@ class Pad(Layout):
 
     name: ClassVar[str] = "pad"
     supports_streaming: ClassVar[bool] = True
-
-    def check(self, source: Source, length: int) -> None:
-        if length < 3:
-            raise ConfigError(f"model.length={length} is too short for the pad layout")
+    min_length: ClassVar[int] = 3
 
     def rows(self, source, split, tokenizer, length, num_proc) -> dict[str, torch.Tensor]:
         flat, lengths, _ = _documents(source, split, tokenizer, num_proc)

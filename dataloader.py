@@ -25,6 +25,7 @@ from diffusion.data.base import ConfigError, Layout, Source, atomic_write, build
 from diffusion.data.from_checkpoint import upgrade
 from diffusion.data.layouts import MDLMWrap, Pad, Wrap
 from diffusion.data.loading import (
+    CroppedRows,
     EpochStreamLoader,
     ResumableDataLoader,
     ResumableSampler,
@@ -68,6 +69,11 @@ class TextDataModule(L.LightningDataModule):
     `batch_size`, `eval_batch_size`, `num_workers`, `seed`. `setup_tokenizer()` gives
     `tokenizer`, `mask_id` and `vocab_size` without reading any split; `setup()` builds the
     splits too (both idempotent).
+
+    `crop_train` (MDLM's text8-crop): train rows are cached at 2 x length and each epoch
+    serves a random window of `length` from each, its first token set to BOS where the layout
+    writes bookends (MDLM's wrap); validation and test rows stay at `length`. MDLM draws one
+    offset per batch, this one per row (the same distribution of windows, less correlated).
     """
 
     def __init__(
@@ -83,25 +89,28 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         streaming: bool = False,
+        crop_train: bool = False,
         num_proc: int | None = None,
         cache_dir: str = "~/.cache/unmask",
     ) -> None:
         super().__init__()
-        self.name, self.length = name, int(length)
+        self.name, self.length, self.crop_train = name, int(length), bool(crop_train)
         self.source: Source = _part(source, "source", Source)
         self.tokenizer_spec = from_spec(tokenizer)
         self.layout: Layout = _part(layout, "layout", Layout)
-        self.layout.check(self.source, self.length)
-        chunk = getattr(self.source, "chunk_chars", None)
-        if chunk is not None and chunk != self.length:
-            log.warning(
-                "data.source.chunk_chars=%d differs from model.length=%d: MDLM cuts text8 into "
-                "pieces of its model.length (set both to match its rows)", chunk, self.length
-            )  # fmt: skip
+        for split in ("train", "validation"):
+            self.layout.check(self.source, self.row_length(split))
         if streaming and not self.layout.supports_streaming:
             raise ConfigError(
                 f"data.streaming=true is not supported by the {self.layout.name} layout"
             )
+        if self.crop_train and (streaming or not isinstance(self.layout, Wrap)):
+            raise ConfigError(
+                f"data.crop_train=true crops cached wrap rows: data {name!r} has the "
+                f"{self.layout.name} layout{' and data.streaming=true' * bool(streaming)}; "
+                "use data.layout=mdlm_wrap (or wrap) with data.streaming=false"
+            )
+        self._warn_chunk_chars()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed, self.streaming, self.num_proc = (
             num_workers,
@@ -115,6 +124,28 @@ class TextDataModule(L.LightningDataModule):
         self._tokenizer_hash: str | None = None
         self._data: dict[str, TokenDataset] = {}
         self._train_loader: torch.utils.data.DataLoader | None = None
+
+    def row_length(self, split: str) -> int:
+        """Tokens per cached row of `split`: `length`, twice that for a cropped train split."""
+        return 2 * self.length if self.crop_train and split == "train" else self.length
+
+    def _warn_chunk_chars(self) -> None:
+        """MDLM cuts text8 into pieces of model.length (text8-crop's train: of 4 x model.length,
+        twice its rows): one warning naming the splits where `data.source.chunk_chars` differs."""
+        chunk_for = getattr(self.source, "chunk_for", None)
+        if chunk_for is None:
+            return
+        off = []
+        for split in self.source.split_names():
+            want = 4 * self.length if self.crop_train and split == "train" else self.length
+            if (chunk := chunk_for(split)) is not None and chunk != want:
+                off.append(f"{split} {chunk} (MDLM: {want})")
+        if off:
+            log.warning(
+                "data.source.chunk_chars differs from MDLM's pieces for model.length=%d: %s; MDLM "
+                "cuts text8 into pieces of model.length (text8-crop's train: 4 x model.length)",
+                self.length, ", ".join(off),
+            )  # fmt: skip
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any], **runtime: Any) -> TextDataModule:
@@ -165,7 +196,8 @@ class TextDataModule(L.LightningDataModule):
         """{"tokenizer": hash of the built tokenizer, "data": hash of the source's splits (local
         files by content) and the layout}: what a checkpoint records and an eval compares."""
         splits = {s: self.source.fingerprint(s) for s in self.split_names()}
-        data = digest([type(self.source).__name__, splits, self.layout.fingerprint()])
+        parts = [type(self.source).__name__, splits, self.layout.fingerprint()]
+        data = digest(parts + [{"crop_train": True}] * self.crop_train)  # old keys unchanged
         return {"tokenizer": self.tokenizer_hash(), "data": data}
 
     def adopt_tokenizer(self, other: TextDataModule) -> None:
@@ -195,24 +227,24 @@ class TextDataModule(L.LightningDataModule):
     # -- rows --------------------------------------------------------------------------------
 
     def _cache_path(self, split: str) -> str:
-        parts = [self.source.fingerprint(split), self.tokenizer_hash(), self.length]
+        n = self.row_length(split)
+        parts = [self.source.fingerprint(split), self.tokenizer_hash(), n]
         key = digest([*parts, self.layout.fingerprint()])
         mode = self.layout.name
-        return os.path.join(self.cache_dir, self.name, f"{split}-L{self.length}-{mode}-{key}.pt")
+        return os.path.join(self.cache_dir, self.name, f"{split}-L{n}-{mode}-{key}.pt")
 
     def _build_split(self, split: str) -> TokenDataset:
         path = self._cache_path(split)
         if not os.path.exists(path):
             tok = self.setup_tokenizer()
             try:
-                tensors = self.layout.rows(self.source, split, tok, self.length, self.num_proc)
+                n = self.row_length(split)
+                tensors = self.layout.rows(self.source, split, tok, n, self.num_proc)
             except ConfigError as e:
                 raise ConfigError(f"data {self.name!r}: {e}") from e.__cause__
             atomic_write(path, lambda tmp: torch.save(tensors, tmp))
             rows = len(tensors["input_ids"])
-            log.info(
-                "cached %s/%s: %d rows x %d tokens at %s", self.name, split, rows, self.length, path
-            )
+            log.info("cached %s/%s: %d rows x %d tokens at %s", self.name, split, rows, n, path)
         t = torch.load(path, weights_only=True, mmap=True)
         return TokenDataset(t["input_ids"], t["attention_mask"], t.get("loss_mask"))
 
@@ -260,7 +292,20 @@ class TextDataModule(L.LightningDataModule):
             return self._streaming_loader(batch_size or self.batch_size)
         data = self.dataset(split)
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
-        sampler = ResumableSampler(len(data), shuffle=shuffle, seed=self.seed, drop_last=train)
+        crop = self.crop_train and split == "train"
+        if crop and not train:
+            raise ConfigError(
+                f"data {self.name!r} has data.crop_train=true: its train rows are "
+                f"{self.row_length(split)} tokens, windows of {self.length} drawn at random each "
+                "epoch, so they have no fixed rows to evaluate; evaluate validation or test"
+            )
+        sampler = ResumableSampler(
+            len(data), shuffle=shuffle, seed=self.seed, drop_last=train,
+            crop_span=self.length if crop else None,
+        )  # fmt: skip
+        if crop:
+            bos = self.setup_tokenizer().bos_token_id if self.layout.bookends else None
+            data = CroppedRows(data, self.length, bos)
         if train and len(sampler) < bs:
             raise ConfigError(
                 f"split 'train' of data {self.name!r} has {len(sampler)} rows per rank, fewer "

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from diffusion.compat import ConfigError, is_mdlm_command, translate
 
@@ -174,7 +175,6 @@ def test_our_own_commands_pass_through():
         ("sampling.predictor=euler", "ddpm_cache"),
         ("backbone=dimamba", "backbone=dit"),
         ("model=tiny-dimamba", "small"),
-        ("data=text8-crop", "data=text8"),
         ("noise=polynomial", "noise=loglinear"),
         ("training.importance_sampling=True", "training.antithetic"),
         ("optim.beta1=0.9", "optim.betas"),
@@ -204,6 +204,13 @@ def test_mdlm_model_and_data_names():
     for length in (256, 512):  # MDLM cuts text8 into pieces of its model.length
         cfg = composed(translate(["sampling.steps=10", "data=text8", f"model.length={length}"])[0])
         assert cfg.data.source.chunk_chars == length == cfg.model.length
+    for length in (256, 100):  # text8-crop: train pieces of 4 x model.length, eval of 1 x
+        cfg = composed(
+            translate(["sampling.steps=10", "data=text8-crop", f"model.length={length}"])[0]
+        )
+        chunks = OmegaConf.to_container(cfg.data.source.chunk_chars, resolve=True)
+        assert chunks == {"train": 4 * length, "validation": length, "test": length}
+        assert cfg.data.crop_train and cfg.data.name == "text8_crop"
     cfg = composed(
         translate(
             [

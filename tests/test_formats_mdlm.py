@@ -619,6 +619,12 @@ def test_a_text8_checkpoint_gets_mdlms_own_character_ids(tmp_path, monkeypatch):
     assert ids == [mdlm_ids.get(c, 7) for c in text.lower()]
     x = torch.randint(0, 35, (2, LEN), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(converted_logits(ckpt, x), reference_logits(shadow, x), **TOL)
+    # a text8-crop checkpoint: train pieces of 4 x its model.length, train rows cropped
+    cfg.data = {**cfg.data, "train": "text8-crop"}
+    crop = load_checkpoint(str(write_lightning(tmp_path / "crop.ckpt", raw, shadow, cfg)))
+    data = crop["unmask_config"]["data"]
+    assert data["name"] == "text8_crop" and data["crop_train"] is True
+    assert data["source"]["chunk_chars"] == {"train": 4 * LEN, "validation": LEN, "test": LEN}
     # a text8 checkpoint whose embedding is not MDLM's 35 rows is refused, naming the file
     monkeypatch.setitem(globals(), "V", 36)
     bad = write_lightning(tmp_path / "bad.ckpt", mdlm_params(seed=1), mdlm_params(seed=2), cfg)

@@ -95,7 +95,10 @@ def test_chunk_chars_other_than_the_length_warns_and_bad_values_are_named(tmp_pa
     text = "".join(random.Random(1).choice(ALPHABET) for _ in range(300))
     with caplog.at_level(logging.WARNING):
         text8_dm(tmp_path, text, 16, 12)
-    assert "data.source.chunk_chars=16 differs from model.length=12" in caplog.text
+    assert (
+        "chunk_chars differs from MDLM's pieces for model.length=12: train 16 (MDLM: 12)"
+        in caplog.text
+    )
     with pytest.raises(ConfigError, match=r"data.source.chunk_chars=0"):
         HFDataset(path="text", chunk_chars=0)
 

@@ -29,6 +29,11 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     Lightning calls `set_epoch`; `start` skips rows of this rank's shard (set by the loader on
     resume). With `drop_last` every rank gets the same count, which DDP needs for training.
+
+    `crop_span` (random-crop training, `data.crop_train`): every row comes with an offset in
+    [0, crop_span), yielded as `(row, offset)` for `CroppedRows`. The offsets are one draw per
+    row and epoch from (seed, epoch), so they do not depend on the order, the rank count or
+    where a resumed run starts: a resumed run crops every row as the uninterrupted one did.
     """
 
     def __init__(
@@ -40,8 +45,10 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         drop_last: bool,
         rank: int | None = None,
         world_size: int | None = None,
+        crop_span: int | None = None,
     ) -> None:
         self.num_rows, self.shuffle, self.seed, self.drop_last = num_rows, shuffle, seed, drop_last
+        self.crop_span = crop_span
         self._rank, self._world_size = rank, world_size
         self.epoch = 0
         self.start = 0
@@ -76,9 +83,19 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
             order = order[: self.num_rows - self.num_rows % self.world_size]
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def offsets(self) -> torch.Tensor:
+        """(num_rows,) crop offsets of the current epoch, indexed by row (`crop_span` set)."""
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, 1]).generate_state(1)[0])
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.crop_span, (self.num_rows,), generator=gen)
+
+    def __iter__(self) -> Iterator[Any]:
         start, self.start = self.start, 0
-        yield from self.indices()[start:].tolist()
+        rows = self.indices()[start:]
+        if self.crop_span is None:
+            yield from rows.tolist()
+        else:
+            yield from zip(rows.tolist(), self.offsets()[rows].tolist(), strict=True)
 
 
 class ResumableDataLoader(torch.utils.data.DataLoader):
@@ -240,3 +257,27 @@ class TokenDataset(torch.utils.data.Dataset):
         """(N, L) bool: the tokens a loss counts (real tokens; for SFT only the answers)."""
         mask = self.attention_mask.bool()
         return mask if self.loss_mask is None else mask & self.loss_mask.bool()
+
+
+class CroppedRows(torch.utils.data.Dataset):
+    """Random-crop training (MDLM's text8-crop): rows of 2L cached tokens served as L-token
+    windows, the window of key `(row, offset)` being tokens [offset, offset + L) with its first
+    token set to `bos` (MDLM: every row then starts as a validation row does). The offsets come
+    from the sampler (`ResumableSampler(crop_span=...)`), one per row and epoch.
+    """
+
+    def __init__(self, rows: TokenDataset, length: int, bos: int | None) -> None:
+        if rows.loss_mask is not None:
+            raise ValueError("CroppedRows: rows with a loss_mask (SFT) are not cropped")
+        self.rows, self.length, self.bos = rows, int(length), bos
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        row, offset = key
+        window = slice(offset, offset + self.length)
+        ids = self.rows.input_ids[row, window].to(torch.long, copy=True)  # never the cache
+        if self.bos is not None:
+            ids[0] = self.bos
+        return {"input_ids": ids, "attention_mask": self.rows.attention_mask[row, window].long()}

@@ -53,6 +53,28 @@ class TextSource(Source):
         return {"detok": self.detokenizer, "max_docs": self.max_docs, "v": CACHE_VERSION}
 
 
+def _chunk_chars(value: Any) -> int | dict[str, int] | None:
+    """`data.source.chunk_chars` checked: null, a size >= 1, or {split: size >= 1}."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(SPLITS))
+        if unknown:
+            raise ConfigError(
+                f"data.source.chunk_chars: {unknown} are not splits (expected keys of {SPLITS})"
+            )
+        return {str(k): _chunk_size(v, f"data.source.chunk_chars.{k}") for k, v in value.items()}
+    return _chunk_size(value, "data.source.chunk_chars")
+
+
+def _chunk_size(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not str(value).isdigit():
+        raise ConfigError(f"{key}={value!r} must be a whole number of characters >= 1")
+    if int(value) < 1:
+        raise ConfigError(f"{key}={value} must be >= 1 (or null)")
+    return int(value)
+
+
 class HFDataset(TextSource):
     """`datasets.load_dataset(path, name, revision=..., split=splits[split], data_files=...)`.
 
@@ -62,7 +84,8 @@ class HFDataset(TextSource):
     names the text column; `char_ranges` cuts splits from one character stream (text8);
     `chunk_chars` then cuts every document into documents of that many characters, a shorter
     last piece dropped (MDLM's and D3PM's text8: pieces of model.length = 256 characters, each
-    of which MDLM's wrap follows with an EOS).
+    of which MDLM's wrap follows with an EOS); a mapping {split: n} sets it per split (MDLM's
+    text8-crop cuts train into pieces of 4 x model.length), a split it omits is not cut.
     Local files are fingerprinted by content; a bad file is named with its line.
     """
 
@@ -76,7 +99,7 @@ class HFDataset(TextSource):
         splits: Mapping[str, Any] | None = None,
         text_key: str = "text",
         char_ranges: Mapping[str, Sequence[int | None]] | None = None,
-        chunk_chars: int | None = None,
+        chunk_chars: int | Mapping[str, int] | None = None,
         detokenizer: str | None = None,
         max_docs: int | None = None,
     ) -> None:
@@ -88,12 +111,16 @@ class HFDataset(TextSource):
         self.load_kwargs = dict(plain(load_kwargs) or {})
         self.splits = dict(plain(splits) or {})
         self.text_key, self.char_ranges = text_key, dict(plain(char_ranges) or {})
-        if chunk_chars is not None and int(chunk_chars) < 1:
-            raise ConfigError(f"data.source.chunk_chars={chunk_chars} must be >= 1 (or null)")
-        self.chunk_chars = None if chunk_chars is None else int(chunk_chars)
+        self.chunk_chars = _chunk_chars(plain(chunk_chars))
 
     def split_names(self) -> list[str]:
         return [s for s in SPLITS if s in self.splits]
+
+    def chunk_for(self, split: str) -> int | None:
+        """The piece size `chunk_chars` sets for `split` (None: the split is not cut)."""
+        if isinstance(self.chunk_chars, dict):
+            return self.chunk_chars.get(split)
+        return self.chunk_chars
 
     def split_spec(self, split: str) -> Any:
         if split not in self.splits:
@@ -140,8 +167,8 @@ class HFDataset(TextSource):
         fp = super().fingerprint(split) | {"split": self.split_spec(split), "key": self.text_key}
         fp |= {"hf": [self.path, self.name, self.revision], "load": self.load_kwargs}
         fp |= {"chars": self.char_ranges.get(split), "source": "hf"}
-        if self.chunk_chars is not None:  # absent otherwise: earlier cache keys stay valid
-            fp["chunk_chars"] = self.chunk_chars
+        if self.chunk_for(split) is not None:  # absent otherwise: earlier cache keys stay valid
+            fp["chunk_chars"] = self.chunk_for(split)
         if self.data_files:
             fp["files"] = local_files.fingerprint(self.files(split)[1])
         return fp
@@ -216,10 +243,9 @@ class HFDataset(TextSource):
         if split in self.char_ranges:  # text8: one character stream cut at fixed offsets
             start, end = self.char_ranges[split]
             ds = datasets.Dataset.from_dict({"text": ["".join(ds["text"])[start:end]]})
-        if self.chunk_chars is not None:
+        if (n := self.chunk_for(split)) is not None:
             if streaming:
                 raise ConfigError("data.source.chunk_chars needs data.streaming=false")
-            n = self.chunk_chars
             pieces = [t[i : i + n] for t in ds["text"] for i in range(0, len(t) - n + 1, n)]
             ds = datasets.Dataset.from_dict({"text": pieces})
         return self.clean(self.limit(ds, streaming), streaming, num_proc)

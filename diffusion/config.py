@@ -131,6 +131,20 @@ FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool]] = {
     "trainer.gradient_clip_val": (0.0, True, None, True),
     "generate.live_delay": (0.0, True, None, False),
 }
+# switches: true or false, never a string Python would read as true ("maybe", "no")
+BOOL_SETTINGS = (
+    "time_conditioning",
+    "training.antithetic",
+    "eval.disable_ema",
+    "eval.compute_generative_perplexity",
+    "eval.gen_ppl_until_eos",
+    "eval.trajectory_gif",
+    "generate.chat_template",
+    "generate.live",
+    "checkpointing.resume_from_ckpt",
+    "data.streaming",
+    "data.crop_train",
+)
 _UNSET = object()
 
 
@@ -150,10 +164,11 @@ def _derived(cfg: DictConfig, key: str) -> bool:
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Every integer and real setting has its type and range (INT_SETTINGS, FLOAT_SETTINGS),
-    checked on the raw keys before anything derived from them (the per-device batch divides
-    the global one) is read: `loader.global_batch_size=0`, `trainer.max_steps=abc` or
-    `sampler.top_p=0` fail here, naming the key, in the first second of any mode."""
+    """Every integer, switch and real setting has its type and range (INT_SETTINGS,
+    BOOL_SETTINGS, FLOAT_SETTINGS), checked on the raw keys before anything derived from them
+    (the per-device batch divides the global one) is read: `loader.global_batch_size=0`,
+    `trainer.max_steps=abc`, `data.streaming=maybe` or `sampler.top_p=0` fail here, naming the
+    key, in the first second of any mode."""
     ints = sorted(INT_SETTINGS.items(), key=lambda item: _derived(cfg, item[0]))
     for key, (low, nullable) in ints:  # the keys a user sets before those derived from them
         value = _setting(cfg, key)
@@ -163,6 +178,10 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be an integer" + (" or null" * nullable))
         if low is not None and value < low:
             raise ConfigError(f"{key}={value} must be at least {low}")
+    for key in BOOL_SETTINGS:
+        value = _setting(cfg, key)
+        if value is not _UNSET and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
     for key, (low, low_in, high, nullable) in FLOAT_SETTINGS.items():
         value = _setting(cfg, key)
         if value is _UNSET or (value is None and nullable):

@@ -77,6 +77,9 @@ SETTINGS_PROBES = [
     (["sampler=semi_ar", "sampler.stride_length=0"], "sampler.stride_length=0"),
     (["sampler=block", "sampler.block_size=0"], "sampler.block_size=0"),
     (["trainer.devices=auto"], "trainer.devices='auto' must be an integer"),
+    (["data.streaming=maybe"], "data.streaming='maybe' must be true or false"),  # bool("maybe")
+    (["eval.disable_ema=no_thanks"], "eval.disable_ema='no_thanks' must be true or false"),
+    (["data=text8_crop", "data.crop_train=1"], "data.crop_train=1 must be true or false"),
 ]
 
 
@@ -98,6 +101,7 @@ def test_bad_setting_is_refused_by_name(overrides, message):
 def test_valid_sampler_edges_pass():
     """The range ends that are valid: greedy (temperature 0), top_p 1, top_k 0 (off)."""
     validate_config(compose_cfg(["sampler.temperature=0", "sampler.top_p=1", "sampler.top_k=0"]))
+    validate_config(compose_cfg(["data.streaming=True", "eval.disable_ema=false"]))
 
 
 def test_bad_setting_fails_train_before_any_work(tmp_path):

@@ -124,3 +124,45 @@ def test_the_hub_corpora_take_mdlms_rows_and_the_others_keep_theirs():
         sft = compose(config_name="config", overrides=["data=sft_local"]).data.layout
         assert sft._target_.endswith("SFTRows") and "group_size" not in sft
     assert issubclass(MDLMWrap, Wrap)
+
+
+def datasets_map_rows(docs: list[list[int]], bos: int, eos: int, length: int, group: int,
+                      num_proc: int) -> list[list[int]]:  # fmt: skip
+    """MDLM's grouping as MDLM runs it: `datasets.map(batched=True, num_proc=...)` of a
+    `_group_texts` written here (EOS appended per document, pieces of L - 2, bookends)."""
+    import datasets
+
+    def group_texts(batch: dict[str, list]) -> dict[str, list]:
+        stream = [t for ids in batch["input_ids"] for t in ids]
+        body = length - 2
+        cut = len(stream) // body * body
+        return {"rows": [[bos, *stream[i : i + body], eos] for i in range(0, cut, body)]}
+
+    data = datasets.Dataset.from_dict({"input_ids": [[*d, eos] for d in docs]})
+    out = data.map(group_texts, batched=True, batch_size=group, num_proc=num_proc,
+                   remove_columns=["input_ids"], keep_in_memory=True)  # fmt: skip
+    return out["rows"]
+
+
+@pytest.mark.parametrize("num_proc", [2, 3])
+def test_shards_equal_datasets_map_with_num_proc(num_proc):
+    """`data.layout.shards=N` gives the rows MDLM caches on an N-CPU machine: `datasets` cuts
+    the documents into N contiguous shards and batches each from its own start."""
+    rng = np.random.default_rng(num_proc)
+    docs = [rng.integers(5, 50, int(rng.integers(1, 9))).tolist() for _ in range(47)]
+    flat, lengths = flatten(docs)
+    want = datasets_map_rows(docs, 1, 2, 6, 5, num_proc)
+    got = layouts.mdlm_wrap_documents(flat, lengths, 1, 2, 6, group_size=5, shards=num_proc)
+    assert got.tolist() == want
+    one = layouts.mdlm_wrap_documents(flat, lengths, 1, 2, 6, group_size=5)
+    assert one.tolist() != want  # the negative twin: one process groups across the shards
+    assert one.tolist() == datasets_map_rows(docs, 1, 2, 6, 5, 1)
+
+
+def test_shard_bounds_and_the_layout_key():
+    assert layouts.shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert layouts.shard_bounds(2, 5) == [(0, 1), (1, 2)]  # datasets: num_proc <= rows
+    assert MDLMWrap().fingerprint() == {"layout": "mdlm_wrap", "group_size": 1000}
+    assert MDLMWrap(shards=8).fingerprint()["shards"] == 8
+    with pytest.raises(ConfigError, match=r"data.layout.shards=0"):
+        MDLMWrap(shards=0)

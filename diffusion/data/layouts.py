@@ -55,11 +55,17 @@ def mdlm_wrap_documents(
     eos: int,
     length: int,
     group_size: int | None = 1000,
+    shards: int = 1,
 ) -> np.ndarray:
     """MDLM's wrap (its `_group_texts`): every document followed by EOS, concatenated over each
     group of `group_size` documents (MDLM runs it as a batched `datasets.map`, 1000 documents a
     batch; None: the whole split as one group), cut into pieces of `length - 2` with each
-    group's tail dropped, and every row `[BOS] piece [EOS]`. Returns (N, length) int32."""
+    group's tail dropped, and every row `[BOS] piece [EOS]`. Returns (N, length) int32.
+
+    `shards`: the map's `num_proc`. `datasets` then cuts the documents into that many
+    contiguous shards (the first `n % shards` one document longer) and batches each from its
+    own start, so groups never cross a shard boundary; more shards than documents are reduced
+    to one per document, as `datasets` does."""
     body = length - 2
     lengths = lengths.astype(np.int64)
     stream = np.empty(int(lengths.sum()) + len(lengths), dtype=np.int32)
@@ -68,17 +74,27 @@ def mdlm_wrap_documents(
     doc = np.repeat(np.arange(len(lengths)), lengths)
     within = np.arange(len(flat)) - (np.cumsum(lengths) - lengths)[doc]
     stream[(ends - lengths - 1)[doc] + within] = flat
-    size = len(lengths) if not group_size else int(group_size)
+    size = max(len(lengths) if not group_size else int(group_size), 1)
     pieces = []
-    for first in range(0, len(lengths), max(size, 1)):
-        lo = int(ends[first - 1]) if first else 0
-        hi = int(ends[min(first + size, len(lengths)) - 1])
-        n = (hi - lo) // body
-        pieces.append(stream[lo : lo + n * body].reshape(n, body))
+    for start, stop in shard_bounds(len(lengths), shards):
+        for first in range(start, stop, size):
+            lo = int(ends[first - 1]) if first else 0
+            hi = int(ends[min(first + size, stop) - 1])
+            n = (hi - lo) // body
+            pieces.append(stream[lo : lo + n * body].reshape(n, body))
     rows = np.concatenate(pieces) if pieces else np.zeros((0, body), np.int32)
     out = np.empty((len(rows), length), dtype=np.int32)
     out[:, 0], out[:, -1], out[:, 1:-1] = bos, eos, rows
     return out
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """[start, stop) of `datasets`' contiguous shards of n rows (`Dataset.shard(contiguous=True)`
+    as `map(num_proc=shards)` cuts them: the first n % shards one longer)."""
+    shards = max(1, min(int(shards), n))
+    div, mod = divmod(n, shards)
+    starts = [div * i + min(i, mod) for i in range(shards)]
+    return [(a, a + div + (i < mod)) for i, a in enumerate(starts)]
 
 
 def pad_documents(flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, pad: int, length: int):
@@ -200,15 +216,21 @@ class MDLMWrap(Wrap):
     min_length: ClassVar[int] = 3
     bookends: ClassVar[bool] = True
 
-    def __init__(self, group_size: int | None = 1000) -> None:
-        """`group_size`: documents concatenated before cutting (MDLM: its map batch, 1000,
-        with one process; null: the whole split)."""
+    def __init__(self, group_size: int | None = 1000, shards: int = 1) -> None:
+        """`group_size`: documents concatenated before cutting (MDLM: its map batch, 1000;
+        null: the whole split). `shards`: the processes MDLM's map ran with (its `num_proc`,
+        the CPU count of the machine that cached the rows): each contiguous shard of the
+        documents is grouped from its own start, so MDLM's rows cut on N CPUs are
+        `shards: N` (1: one process)."""
         if group_size is not None and int(group_size) < 1:
             raise ConfigError(f"data.layout.group_size={group_size} must be >= 1 (or null)")
+        if isinstance(shards, bool) or not str(shards).isdigit() or int(shards) < 1:
+            raise ConfigError(f"data.layout.shards={shards!r} must be a whole number >= 1")
         self.group_size = None if group_size is None else int(group_size)
+        self.shards = int(shards)
 
     def cut(self, flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, length: int):
-        return mdlm_wrap_documents(flat, lengths, bos, eos, length, self.group_size)
+        return mdlm_wrap_documents(flat, lengths, bos, eos, length, self.group_size, self.shards)
 
     def too_little(self, where: str, flat, lengths, bos: int, eos: int, length: int) -> str:
         return (
@@ -218,7 +240,8 @@ class MDLMWrap(Wrap):
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"layout": self.name, "group_size": self.group_size}
+        fp = {"layout": self.name, "group_size": self.group_size}
+        return fp | ({"shards": self.shards} if self.shards != 1 else {})  # old keys unchanged
 
 
 class Pad(Layout):

@@ -11,6 +11,7 @@ it stopped.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -84,6 +85,7 @@ class NLLMeter(nn.Module):
         return {
             "nelbo": nelbo,
             "ppl": float(np.exp(nelbo)),
+            "bpd": nelbo / math.log(2),  # MDLM's bpd: bits per token (per character on text8)
             "tokens": round(tokens),  # a sum of 1/k weights (eval_mc_samples): round, not floor
             "nelbo_excl_bos": nelbo_excl,
             "ppl_excl_bos": float(np.exp(nelbo_excl)),
@@ -268,6 +270,7 @@ class DiffusionModule(L.LightningModule):
         self.log("val/nll", stats["nelbo"], prog_bar=True, sync_dist=False)
         self.log("val/ppl", stats["ppl"], prog_bar=True, sync_dist=False)
         self.log("val/ppl_excl_bos", stats["ppl_excl_bos"], sync_dist=False)
+        self.log("val/bpd", stats["bpd"], sync_dist=False)
         self._last_step_time = None  # do not count validation time as training time
 
     def on_train_start(self) -> None:

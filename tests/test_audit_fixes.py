@@ -107,6 +107,7 @@ def test_ppl_excl_bos_leaves_out_bos_and_the_first_position():
     meter.update(nll, torch.ones(1, 6), x0, offset=0)  # diffusion: column i is position i
     stats = meter.compute()
     assert stats["tokens"] == 6 and stats["nelbo"] == pytest.approx(18.5 / 6)
+    assert stats["bpd"] == pytest.approx(math.log2(math.exp(18.5 / 6)))  # MDLM's bits/token
     assert stats["tokens_excl_bos"] == 4  # positions 1, 2, 3, 5
     assert stats["nelbo_excl_bos"] == pytest.approx(10.0 / 4)
     assert stats["ppl_excl_bos"] == pytest.approx(math.exp(10.0 / 4))

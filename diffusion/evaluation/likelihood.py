@@ -44,12 +44,13 @@ def evaluate_ppl(
     base = stats["unigram_ppl"]  # None: not asked for, or train streamed (nothing counted)
     baseline = f"  unigram ppl {base:.2f}" if base is not None else ""
     log.info(
-        "%s %s: nelbo/token %.4f  ppl %.2f (%s), ppl_excl_bos %.2f%s  (%d tokens)",
+        "%s %s: nelbo/token %.4f  ppl %.2f (%s), bpd %.4f, ppl_excl_bos %.2f%s  (%d tokens)",
         dm.name,
         split,
         stats["nelbo"],
         stats["ppl"],
         kind,
+        stats["bpd"],
         stats["ppl_excl_bos"],
         baseline,
         stats["tokens"],

@@ -31,10 +31,28 @@ from diffusion.module import DiffusionModule
 from diffusion.objectives.base import Objective
 
 
+def built(key: str, node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate(node, **kwargs)` with a constructor's own complaint raised as a ConfigError
+    naming the group (`trainer: Precision '16-mix' is invalid...`), not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from err
+        if isinstance(cause, ValueError | TypeError | MisconfigurationException):
+            raise ConfigError(f"{key}: {cause}") from err
+        raise
+
+
 def build_datamodule(cfg: DictConfig, splits: Sequence[str] | None = None) -> L.LightningDataModule:
     """The configured data module, set up: every split (training), or only `splits` (an
     evaluation builds what it scores; `()`: the tokenizer alone)."""
-    dm = instantiate(
+    dm = built(
+        "data",
         cfg.data,
         length=cfg.model.length,
         batch_size=cfg.loader.batch_size,
@@ -174,10 +192,11 @@ class StepProgressBar(RichProgressBar):
 
 def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
     """The Lightning trainer: with checkpoints and logger for training; bare for evaluation."""
-    strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
+    strategy = built("strategy", cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
     if for_eval:
         limit = cfg.eval.max_batches if cfg.eval.max_batches else 1.0
-        return instantiate(
+        return built(
+            "trainer",
             cfg.trainer,
             strategy=strategy,
             logger=False,
@@ -203,8 +222,9 @@ def build_trainer(cfg: DictConfig, for_eval: bool = False) -> L.Trainer:
         callbacks.append(ParamSummary())
     if cfg.trainer.get("enable_progress_bar", True) is not False:
         callbacks.append(StepProgressBar())
-    logger = instantiate(cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
-    return instantiate(
+    logger = built("logger", cfg.logger) if cfg.logger and cfg.logger.get("_target_") else False
+    return built(
+        "trainer",
         cfg.trainer,
         strategy=strategy,
         logger=logger,

@@ -12,11 +12,14 @@ sampler, objective or backbone is one class + one yaml; nothing here names one.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class, instantiate
+import torch
+from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from samplers.base import CapabilityError, model_capabilities
@@ -92,6 +95,12 @@ def validate_settings(cfg: DictConfig) -> None:
         )
     if cfg.eval.mc_samples < 1:
         raise ConfigError(f"eval.mc_samples={cfg.eval.mc_samples} must be at least 1")
+    width, heads = (_setting(cfg, f"backbone.{k}") for k in ("hidden_size", "n_heads"))
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise ConfigError(
+            f"backbone.hidden_size={width} (model.hidden_size) must be divisible by "
+            f"backbone.n_heads={heads} (model.n_heads)"
+        )
 
 
 # key: (minimum, None allowed); integers. Keys a config does not have are skipped.
@@ -122,6 +131,12 @@ INT_SETTINGS: dict[str, tuple[int | None, bool]] = {
     "sampler.stride_length": (1, True),
     "sampler.num_strides": (0, True),
     "sampler.max_length": (1, True),
+    "model.hidden_size": (1, False),
+    "model.n_blocks": (1, False),
+    "model.n_heads": (1, False),
+    "model.cond_dim": (1, False),
+    "lr_scheduler.num_warmup_steps": (0, False),
+    "data.source.max_docs": (1, True),
 }
 # key: (low, low inclusive, high, None allowed); real numbers.
 FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool]] = {
@@ -130,6 +145,17 @@ FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool]] = {
     "sampler.cfg_scale": (0.0, True, None, False),
     "trainer.gradient_clip_val": (0.0, True, None, True),
     "generate.live_delay": (0.0, True, None, False),
+    "trainer.limit_val_batches": (0.0, True, None, True),
+    "training.random_length_fraction": (0.0, True, 1.0, False),
+    "optim.lr": (0.0, False, None, False),
+    "optim.weight_decay": (0.0, True, None, False),
+}
+# key: (low, high): real numbers in [low, high), the end excluded (EMA decay 1 never moves)
+HALF_OPEN_SETTINGS: dict[str, tuple[float, float]] = {
+    "training.ema": (0.0, 1.0),
+    "training.sampling_eps": (0.0, 1.0),
+    "noise.eps": (0.0, 1.0),
+    "model.dropout": (0.0, 1.0),
 }
 # switches: true or false, never a string Python would read as true ("maybe", "no")
 BOOL_SETTINGS = (
@@ -144,6 +170,7 @@ BOOL_SETTINGS = (
     "checkpointing.resume_from_ckpt",
     "data.streaming",
     "data.crop_train",
+    "logger.offline",  # WandbLogger's hints cannot be read (check_part_types skips it)
 )
 _UNSET = object()
 
@@ -193,6 +220,113 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"{key}={value} must be {lower}" + (f" and <= {high}" if high is not None else "")
             )
+    for key, (low, high) in HALF_OPEN_SETTINGS.items():
+        value = _setting(cfg, key)
+        if value is _UNSET:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if not low <= value < high:
+            raise ConfigError(f"{key}={value} must be >= {low} and < {high}")
+    betas = _setting(cfg, "optim.betas")
+    if betas is not _UNSET and not (
+        OmegaConf.is_list(betas)
+        and len(betas) == 2
+        and all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        )
+    ):
+        raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    check_part_types(cfg)
+
+
+def as_names(value: Any, key: str) -> list[str]:
+    """A list-of-names setting (`eval.datasets`, `checkpointing.allow_changed`) as a list: a
+    bare name (`eval.datasets=ptb`) or a quoted "a,b" counts as its names, never as letters."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if OmegaConf.is_list(value) or isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    raise ConfigError(f"{key}={value!r} must be a list of names, e.g. {key}=[a,b]")
+
+
+# ---- part arguments against the constructor's type hints ----------------------------------------
+PART_GROUPS = (
+    "parameterization",
+    "sampler",
+    "noise",
+    "backbone",
+    "optim",
+    "lr_scheduler",
+    "logger",
+)
+_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _hint_kinds(hint: Any) -> tuple[set[type], bool] | None:
+    """({bool} | {int} | {float, ...}, None allowed) for a hint made of bool/int/float (a
+    tensor alternative ignored: a config cannot give one); None where any other type is
+    allowed (str, mappings, ...), so the constructor's own checks apply."""
+    args = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    kinds, nullable = set(), False
+    for arg in args:
+        if arg is type(None):
+            nullable = True
+        elif arg in _KINDS:
+            kinds.add(arg)
+        elif arg is not torch.Tensor:
+            return None
+    return (kinds, nullable) if kinds else None
+
+
+def _hints(target: Any) -> dict[str, Any]:
+    """The type hints of a class's constructor or a function ({} where they cannot be read)."""
+    try:
+        return typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except Exception:  # forward references a library never resolves: no checks, no failure
+        return {}
+
+
+def check_part_types(cfg: DictConfig) -> None:
+    """Every key of a part (`sampler.noise_removal`, `optim.lr`, `backbone.n_blocks`, ...)
+    whose constructor hint is bool, int or float (optionally None) holds one: `sampler.cache=no`
+    or `backbone.causal=maybe` would otherwise be read as true (`bool` of a string) or fail
+    deep inside torch. A key set by interpolation names its source (`${model.n_blocks}`)."""
+    for group in PART_GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            target = get_object(str(node._target_))
+        except Exception:  # an unimportable target is check_parts' error, with its own message
+            continue
+        for key, hint in _hints(target).items():
+            spec = _hint_kinds(hint)
+            if spec is None or key not in node:
+                continue
+            kinds, nullable = spec
+            value = _setting(cfg, f"{group}.{key}")
+            if value is _UNSET or (value is None and nullable):
+                continue
+            if bool in kinds:
+                ok = isinstance(value, bool)
+            elif float in kinds:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok:
+                want = _KINDS[bool] if bool in kinds else _KINDS[float if float in kinds else int]
+                raw = node._get_node(key)._value()
+                source = f" (set by {raw})" if isinstance(raw, str) and "${" in raw else ""
+                raise ConfigError(
+                    f"{group}.{key}={value!r}{source} must be {want}" + " or null" * nullable
+                )
 
 
 def part_class(target: str, key: str) -> type:
@@ -218,6 +352,9 @@ def option(cfg: DictConfig, group: str, cls: type) -> str:
     return cls.__name__.lower()
 
 
+SPECIAL_IDS = ("bos_id", "eos_id")  # what build_sampler gives every sampler from the tokenizer
+
+
 def check_parts(cfg: DictConfig) -> None:
     """Resolve the objective, sampler and backbone classes; let the cheap parts check their
     own settings (the objective and the sampler are built once with placeholder sizes, so
@@ -228,7 +365,8 @@ def check_parts(cfg: DictConfig) -> None:
     backbone_cls = part_class(cfg.backbone._target_, "backbone._target_")
     try:
         instantiate(cfg.parameterization, noise=instantiate(cfg.noise), mask_id=1, vocab_size=2)
-        instantiate(cfg.sampler)
+        special = {k: 0 if cfg.sampler.get(k) is None else cfg.sampler[k] for k in SPECIAL_IDS}
+        instantiate(cfg.sampler, **special)  # placeholder ids, as build_sampler gives real ones
     except ValueError as err:  # the part's own message names its keys
         raise ConfigError(str(err)) from err
     except Exception as err:  # Hydra wraps constructor errors in InstantiationException

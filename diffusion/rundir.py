@@ -40,6 +40,7 @@ from diffusion.checkpoint import (
     find_resume,
     read_checkpoint,
 )
+from diffusion.config import as_names
 
 log = logging.getLogger("unmask")
 LOCK_NAME = ".unmask.lock"
@@ -264,7 +265,7 @@ def prepare_fit(cfg: Any, trainer: L.Trainer, dm: Any, module: Any, run_dir: str
     `checkpointing.allow_changed`), and attach RunRecord and GracefulStop. Returns the
     `ckpt_path` for fit (None: a fresh run)."""
     checkpointing = cfg.checkpointing
-    allow = [str(k) for k in (checkpointing.get("allow_changed") or [])]
+    allow = as_names(checkpointing.get("allow_changed"), "checkpointing.allow_changed")
     path = find_resume(checkpointing, run_dir)
     changes: dict[str, Any] = {}
     history: list[Any] = []

@@ -80,6 +80,23 @@ SETTINGS_PROBES = [
     (["data.streaming=maybe"], "data.streaming='maybe' must be true or false"),  # bool("maybe")
     (["eval.disable_ema=no_thanks"], "eval.disable_ema='no_thanks' must be true or false"),
     (["data=text8_crop", "data.crop_train=1"], "data.crop_train=1 must be true or false"),
+    # a part's keys against its constructor's hints: bool("no") is True, "abc" fails in torch
+    (["sampler=ddpm", "sampler.noise_removal=no"], "sampler.noise_removal='no' must be true or"),
+    (["sampler=remdm", "sampler.cache=off"], "sampler.cache='off' must be true or false"),
+    (["backbone.causal=maybe"], "backbone.causal='maybe' must be true or false"),
+    (["model.n_blocks=abc"], "model.n_blocks='abc' must be an integer"),
+    (
+        ["sampler=confidence", "sampler.threshold=abc"],
+        "sampler.threshold='abc' must be a number or null",
+    ),
+    (["logger=wandb", "logger.offline=no"], "logger.offline='no' must be true or false"),
+    (["training.ema=1.0"], "training.ema=1.0 must be >= 0.0 and < 1.0"),  # never moves
+    (["noise.eps=1.0"], "noise.eps=1.0 must be >= 0.0 and < 1.0"),  # nothing masked
+    (["optim.lr=-1"], "optim.lr=-1 must be > 0.0"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)"),
+    (["lr_scheduler.num_warmup_steps=-5"], "lr_scheduler.num_warmup_steps=-5 must be at least 0"),
+    (["model.hidden_size=33"], "backbone.hidden_size=33 (model.hidden_size) must be divisible"),
+    (["model.dropout=1.5"], "model.dropout=1.5 must be >= 0.0 and < 1.0"),
 ]
 
 
@@ -102,6 +119,25 @@ def test_valid_sampler_edges_pass():
     """The range ends that are valid: greedy (temperature 0), top_p 1, top_k 0 (off)."""
     validate_config(compose_cfg(["sampler.temperature=0", "sampler.top_p=1", "sampler.top_k=0"]))
     validate_config(compose_cfg(["data.streaming=True", "eval.disable_ema=false"]))
+    validate_config(compose_cfg(["sampler=confidence", "sampler.stop_at_eos=true"]))  # eos at build
+    validate_config(compose_cfg(["sampler=confidence", "sampler.cache=prefix", "training.ema=0"]))
+
+
+def test_names_settings_take_a_bare_name_and_constructor_errors_name_their_group():
+    from diffusion.build import build_trainer
+    from diffusion.config import as_names
+
+    assert as_names("ptb", "eval.datasets") == ["ptb"]  # not ['p', 't', 'b']
+    assert as_names("optim.lr, T", "checkpointing.allow_changed") == ["optim.lr", "T"]
+    assert as_names(compose_cfg(["eval.datasets=[ptb,lambada]"]).eval.datasets, "k") == [
+        "ptb",
+        "lambada",
+    ]
+    with pytest.raises(ConfigError, match=r"eval.datasets=3 must be a list of names"):
+        as_names(3, "eval.datasets")
+    cfg = compose_cfg(["trainer.precision=16-mixd"])
+    with pytest.raises(ConfigError, match=r"^trainer: .*16-mixd"):
+        build_trainer(cfg, for_eval=True)
 
 
 def test_bad_setting_fails_train_before_any_work(tmp_path):

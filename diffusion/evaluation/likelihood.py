@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.build import build_trainer
 from diffusion.checkpoint import load_weights
-from diffusion.config import ConfigError
+from diffusion.config import ConfigError, as_names
 from diffusion.evaluation.output import run_dir, write_json
 from diffusion.module import DiffusionModule
 
@@ -103,8 +103,8 @@ def zero_shot(
     `eval.datasets`, each detokenized as its config says and tokenized as the model was;
     `record` (evaluated and trained model.length) goes into ppl_eval.json."""
     rows = []
-    for name in cfg.eval.datasets:
-        target = zero_shot_datamodule(cfg, dm, str(name))
+    for name in as_names(cfg.eval.datasets, "eval.datasets"):
+        target = zero_shot_datamodule(cfg, dm, name)
         stats = evaluate_ppl(cfg, target, module, cfg.eval.split, unigram=False)
         stats["dataset"] = str(name)
         rows.append(stats)

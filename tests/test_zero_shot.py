@@ -44,3 +44,11 @@ def test_zero_shot_table_over_corpora(tiny_lm, tmp_path):
 def test_zero_shot_unknown_dataset_is_a_clear_error(tiny_lm, tmp_path):
     with pytest.raises(ConfigError, match="eval.datasets: 'no_such_corpus' is not a data option"):
         tiny_lm.evaluate(tmp_path, "ppl_eval", "eval.datasets=[no_such_corpus]")
+
+
+def test_zero_shot_overrides_of_a_corpus_not_scored_are_refused(tiny_lm, tmp_path):
+    """A misspelt corpus in eval.dataset_overrides was ignored: the table scored without it."""
+    with pytest.raises(ConfigError, match=r"eval.dataset_overrides names \['ptbb'\]"):
+        tiny_lm.evaluate(
+            tmp_path, "ppl_eval", "eval.datasets=ptb", "++eval.dataset_overrides.ptbb.name=x"
+        )

@@ -72,6 +72,24 @@ def ppl_eval(cfg: DictConfig, dm: Any, module: DiffusionModule) -> None:
     write_json("ppl_eval.json", stats)
 
 
+def check_dataset_overrides(overrides: Any, names: list[str]) -> None:
+    """`eval.dataset_overrides` is {corpus in eval.datasets: data keys}: a misspelt or absent
+    corpus would otherwise be ignored, and the table scored without the keys asked for."""
+    if overrides is None:
+        return
+    if not OmegaConf.is_dict(overrides) and not isinstance(overrides, dict):
+        raise ConfigError(
+            f"eval.dataset_overrides={overrides!r} must map a corpus of eval.datasets to data "
+            "keys, e.g. eval.dataset_overrides.ptb.cache_dir=..."
+        )
+    stray = sorted(str(k) for k in overrides if str(k) not in names)
+    if stray:
+        raise ConfigError(
+            f"eval.dataset_overrides names {stray}, not in eval.datasets={names}: add them there "
+            "or fix the name"
+        )
+
+
 def zero_shot_datamodule(cfg: DictConfig, dm: Any, name: str) -> Any:
     """The data option `name` (configs/data/<name>.yaml, plus `eval.dataset_overrides.<name>`)
     tokenized with the model's own tokenizer; only `eval.split` is built."""
@@ -102,8 +120,10 @@ def zero_shot(
     """MDLM's zero-shot table: the checkpoint's perplexity (bound) on every corpus in
     `eval.datasets`, each detokenized as its config says and tokenized as the model was;
     `record` (evaluated and trained model.length) goes into ppl_eval.json."""
+    names = as_names(cfg.eval.datasets, "eval.datasets")
+    check_dataset_overrides(cfg.eval.get("dataset_overrides"), names)
     rows = []
-    for name in as_names(cfg.eval.datasets, "eval.datasets"):
+    for name in names:
         target = zero_shot_datamodule(cfg, dm, name)
         stats = evaluate_ppl(cfg, target, module, cfg.eval.split, unigram=False)
         stats["dataset"] = str(name)

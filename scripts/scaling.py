@@ -514,12 +514,13 @@ def interval(x: np.ndarray, log: bool = False) -> tuple[float, float, float]:
 # ---- reporting ----------------------------------------------------------------------------------
 def report(rows: list[dict], result: dict, boot: dict | None) -> str:
     lines = [
-        "| param | budget C | size | N (non-emb.) | steps | val NELBO |",
-        "|---|---|---|---|---|---|",
+        "| param | budget C | spent | size | N (non-emb.) | steps | val NELBO |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["label"], r["budget"], r["params"])):
+        spent = f"{r['train_flops']:.3g}" if r.get("train_flops") else "-"
         lines.append(
-            f"| {r['label']} | {r['budget']:.3g} | {r['size']} | {r['params']:,} | "
+            f"| {r['label']} | {r['budget']:.3g} | {spent} | {r['size']} | {r['params']:,} | "
             f"{r['steps']} | {r['loss']:.4f} |"
         )
     lines.append("")
@@ -539,8 +540,15 @@ def report(rows: list[dict], result: dict, boot: dict | None) -> str:
             if not o.get("in_fit", True):
                 flags.append("left out of the power laws")
             flag = f" ({'; '.join(flags)})" if flags else ""
+            spent = o.get("flops", o["budget"])  # what the laws are fitted at
+            at = (
+                f" (spent {spent:.3g})"
+                if not math.isclose(spent, o["budget"], rel_tol=1e-3)
+                else ""
+            )
             lines.append(
-                f"{lab}: C={o['budget']:.3g}  N_opt={o['n_opt']:,.0f}  L_opt={o['loss_opt']:.4f}{flag}"
+                f"{lab}: C={o['budget']:.3g}{at}  N_opt={o['n_opt']:,.0f}  "
+                f"L_opt={o['loss_opt']:.4f}{flag}"
             )
         flagged = sum(o["clamped"] or o.get("concave", False) for o in f["optima"])
         if f.get("excluded"):

@@ -208,3 +208,7 @@ def test_the_power_laws_use_the_flops_the_runs_spent():
     assert la == pytest.approx(la0 - alpha0 * math.log(0.5), abs=1e-9)
     rows[0]["train_flops"] = None  # one run of the first budget unrecorded: its budget stands in
     assert scaling.frontier(rows)["optima"][0]["flops"] == 1e15
+    for r in rows:  # the table's other columns
+        r.update(size=r.get("size", "s"), steps=r.get("steps", 1), params=int(r["params"]))
+    text = scaling.report(rows, scaling.fit_all(rows, None), None)  # names C and the spend
+    assert "C=3e+15 (spent 1.5e+15)" in text and "| ar | 3e+15 | 1.5e+15 |" in text

@@ -302,6 +302,8 @@ def check_part_types(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
+        if node._target_ is None:  # logger=none
+            continue
         try:
             target = get_object(str(node._target_))
         except Exception:  # an unimportable target is check_parts' error, with its own message
@@ -366,7 +368,8 @@ def check_parts(cfg: DictConfig) -> None:
     try:
         instantiate(cfg.parameterization, noise=instantiate(cfg.noise), mask_id=1, vocab_size=2)
         special = {k: 0 if cfg.sampler.get(k) is None else cfg.sampler[k] for k in SPECIAL_IDS}
-        instantiate(cfg.sampler, **special)  # placeholder ids, as build_sampler gives real ones
+        sampler = instantiate(cfg.sampler, **special)  # placeholder ids (build_sampler: real)
+        sampler.canvas_length(int(cfg.model.length))  # semi_ar: the stride fits the window
     except ValueError as err:  # the part's own message names its keys
         raise ConfigError(str(err)) from err
     except Exception as err:  # Hydra wraps constructor errors in InstantiationException

@@ -483,7 +483,7 @@ class Sampler:
         self.validate(denoiser)
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
-        length = self._canvas_length(length)
+        length = self.canvas_length(length)
         x, cond_mask = self._canvas(
             denoiser.mask_id,
             num_samples,
@@ -513,7 +513,7 @@ class Sampler:
             rows_evaluated=model.rows_evaluated,
         )
 
-    def _canvas_length(self, length: int) -> int:
+    def canvas_length(self, length: int) -> int:
         """Length of the sequences produced from a model window of `length` (semi_ar: longer)."""
         return length
 

@@ -59,7 +59,7 @@ class BlockSampler(Sampler):
     def requirements(cls, settings: Mapping[str, Any]) -> frozenset[str]:
         return cls.requires
 
-    def _canvas_length(self, length: int) -> int:
+    def canvas_length(self, length: int) -> int:
         return int(self.max_length or length)
 
     def _model_block_size(self, model: GuidedDenoiser) -> int:

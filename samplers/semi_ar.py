@@ -50,7 +50,7 @@ class SemiARSampler(DDPMSampler):
         """With `cache` (the default) outputs are reused, exact only when t is unused."""
         return cls.requires | ({"time_agnostic"} if settings.get("cache", True) else set())
 
-    def _canvas_length(self, length: int) -> int:
+    def canvas_length(self, length: int) -> int:
         if self.stride_length > length:
             raise ValueError(
                 f"sampler={self.name}: stride_length={self.stride_length} exceeds the window "

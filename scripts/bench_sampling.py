@@ -189,8 +189,15 @@ def score(result: dict[str, Any], tokenizer: Any, judge: ModelJudge) -> dict[str
 
 
 def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
-    _, dm, module = module_from_checkpoint(args.ckpt, "--ckpt")
+    saved, dm, module = module_from_checkpoint(args.ckpt, "--ckpt")
     saved_ar, ar_dm, ar_module = module_from_checkpoint(args.ar, "--ar")
+    if args.length is None:  # the diffusion checkpoint's own model.length
+        args.length = int(saved.model.length)
+    if args.length > int(saved_ar.model.length):  # its KV cache holds model.length positions
+        raise SystemExit(
+            f"--length {args.length} exceeds the AR checkpoint's model.length="
+            f"{saved_ar.model.length} ({args.ar}): pass --length <= {saved_ar.model.length}"
+        )
     judge = ModelJudge(
         ar_module.eval_backbone, ar_module.objective, ar_dm.tokenizer, int(saved_ar.model.length)
     )
@@ -218,6 +225,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "steps": overrides.get("steps", "-"),
                 "batch": batch,
                 "num_samples": n,
+                "length": args.length,
                 "prompt_length": args.prompt_length,
                 **{k: v for k, v in result.items() if k != "tokens"},
                 **score(result, dm.tokenizer, judge),
@@ -361,7 +369,9 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True, help="diffusion checkpoint (.ckpt of ours)")
     parser.add_argument("--ar", required=True, help="AR checkpoint: judge and reference row")
     parser.add_argument("--out", type=Path, default=Path("bench_sampling"))
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument(
+        "--length", type=int, default=None, help="sample length (default: --ckpt's model.length)"
+    )
     parser.add_argument(
         "--steps", type=lambda s: [int(v) for v in s.split(",")], default=[64, 1000]
     )

@@ -97,6 +97,7 @@ SETTINGS_PROBES = [
     (["lr_scheduler.num_warmup_steps=-5"], "lr_scheduler.num_warmup_steps=-5 must be at least 0"),
     (["model.hidden_size=33"], "backbone.hidden_size=33 (model.hidden_size) must be divisible"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be >= 0.0 and < 1.0"),
+    (["sampler=semi_ar"], "stride_length=64 exceeds the window length=32"),  # was at sampling
 ]
 
 

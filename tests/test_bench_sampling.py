@@ -101,3 +101,23 @@ def test_block_top2_by_hand():
     # row 0: block [1, 3) -> 0.9, 0.6 (not the later 0.95, 0.99); row 1: block [1, 3) holds one
     # mask (left out); row 2: block [3, 5) -> 0.7, 0.4
     assert torch.allclose(top, torch.tensor([[0.9, 0.6], [0.7, 0.4]]))
+
+
+def test_the_length_defaults_to_the_checkpoints_and_must_fit_the_ar_cache(
+    tiny_lm, tiny_ar, tmp_path, monkeypatch
+):
+    """--length was 128 whatever the checkpoints' length: at L = 32 the AR row ended in
+    "KV cache full"; now it defaults to --ckpt's model.length and a longer one is refused."""
+    bench = load_script("bench_sampling")
+    base = ["bench_sampling.py", "--ckpt", str(tiny_lm.ckpt), "--ar", str(tiny_ar)]
+    base += ["--out", str(tmp_path / "b"), "--steps", "4", "--batch-sizes", "2"]
+    base += ["--num-samples", "2", "--only", "ar", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", [*base, "--length", "64"])
+    with pytest.raises(
+        SystemExit, match=r"--length 64 exceeds the AR checkpoint's model.length=32"
+    ):
+        bench.main()
+    monkeypatch.setattr(sys, "argv", base)
+    bench.main()
+    rows = [json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()]
+    assert rows and all(r["length"] == 32 for r in rows)

@@ -147,7 +147,7 @@ FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool]] = {
     "generate.live_delay": (0.0, True, None, False),
     "trainer.limit_val_batches": (0.0, True, None, True),
     "training.random_length_fraction": (0.0, True, 1.0, False),
-    "optim.lr": (0.0, False, None, False),
+    "optim.lr": (0.0, True, None, False),  # 0: frozen weights (tests, probes), as torch allows
     "optim.weight_decay": (0.0, True, None, False),
 }
 # key: (low, high): real numbers in [low, high), the end excluded (EMA decay 1 never moves)

@@ -92,7 +92,7 @@ SETTINGS_PROBES = [
     (["logger=wandb", "logger.offline=no"], "logger.offline='no' must be true or false"),
     (["training.ema=1.0"], "training.ema=1.0 must be >= 0.0 and < 1.0"),  # never moves
     (["noise.eps=1.0"], "noise.eps=1.0 must be >= 0.0 and < 1.0"),  # nothing masked
-    (["optim.lr=-1"], "optim.lr=-1 must be > 0.0"),
+    (["optim.lr=-1"], "optim.lr=-1 must be >= 0.0"),
     (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)"),
     (["lr_scheduler.num_warmup_steps=-5"], "lr_scheduler.num_warmup_steps=-5 must be at least 0"),
     (["model.hidden_size=33"], "backbone.hidden_size=33 (model.hidden_size) must be divisible"),

@@ -138,24 +138,22 @@ INT_SETTINGS: dict[str, tuple[int | None, bool]] = {
     "lr_scheduler.num_warmup_steps": (0, False),
     "data.source.max_docs": (1, True),
 }
-# key: (low, low inclusive, high, None allowed); real numbers.
-FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool]] = {
-    "sampler.temperature": (0.0, True, None, False),
-    "sampler.top_p": (0.0, False, 1.0, True),
-    "sampler.cfg_scale": (0.0, True, None, False),
-    "trainer.gradient_clip_val": (0.0, True, None, True),
-    "generate.live_delay": (0.0, True, None, False),
-    "trainer.limit_val_batches": (0.0, True, None, True),
-    "training.random_length_fraction": (0.0, True, 1.0, False),
-    "optim.lr": (0.0, True, None, False),  # 0: frozen weights (tests, probes), as torch allows
-    "optim.weight_decay": (0.0, True, None, False),
-}
-# key: (low, high): real numbers in [low, high), the end excluded (EMA decay 1 never moves)
-HALF_OPEN_SETTINGS: dict[str, tuple[float, float]] = {
-    "training.ema": (0.0, 1.0),
-    "training.sampling_eps": (0.0, 1.0),
-    "noise.eps": (0.0, 1.0),
-    "model.dropout": (0.0, 1.0),
+# key: (low, low inclusive, high, high inclusive, None allowed); real numbers. An excluded
+# high end: EMA decay 1 never moves, noise.eps 1 masks nothing.
+FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool, bool]] = {
+    "sampler.temperature": (0.0, True, None, True, False),
+    "sampler.top_p": (0.0, False, 1.0, True, True),
+    "sampler.cfg_scale": (0.0, True, None, True, False),
+    "trainer.gradient_clip_val": (0.0, True, None, True, True),
+    "generate.live_delay": (0.0, True, None, True, False),
+    "trainer.limit_val_batches": (0.0, True, None, True, True),
+    "training.random_length_fraction": (0.0, True, 1.0, True, False),
+    "optim.lr": (0.0, True, None, True, False),  # 0: frozen weights (tests, probes), as torch
+    "optim.weight_decay": (0.0, True, None, True, False),
+    "training.ema": (0.0, True, 1.0, False, False),
+    "training.sampling_eps": (0.0, True, 1.0, False, False),
+    "noise.eps": (0.0, True, 1.0, False, False),
+    "model.dropout": (0.0, True, 1.0, False, False),
 }
 # switches: true or false, never a string Python would read as true ("maybe", "no")
 BOOL_SETTINGS = (
@@ -181,6 +179,11 @@ def _setting(cfg: DictConfig, key: str) -> Any:
         return OmegaConf.select(cfg, key, default=_UNSET)
     except Exception as err:  # an interpolation that cannot resolve
         raise ConfigError(f"{key} cannot be resolved: {err}") from None
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, never a bool (a bool is an int to isinstance)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _derived(cfg: DictConfig, key: str) -> bool:
@@ -209,32 +212,23 @@ def check_values(cfg: DictConfig) -> None:
         value = _setting(cfg, key)
         if value is not _UNSET and not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be true or false")
-    for key, (low, low_in, high, nullable) in FLOAT_SETTINGS.items():
+    for key, (low, low_in, high, high_in, nullable) in FLOAT_SETTINGS.items():
         value = _setting(cfg, key)
         if value is _UNSET or (value is None and nullable):
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not _is_number(value):
             raise ConfigError(f"{key}={value!r} must be a number" + (" or null" * nullable))
-        if value < low or (value == low and not low_in) or (high is not None and value > high):
+        below = value < low or (value == low and not low_in)
+        above = high is not None and (value > high or (value == high and not high_in))
+        if below or above:
             lower = f"{'>=' if low_in else '>'} {low}"
-            raise ConfigError(
-                f"{key}={value} must be {lower}" + (f" and <= {high}" if high is not None else "")
-            )
-    for key, (low, high) in HALF_OPEN_SETTINGS.items():
-        value = _setting(cfg, key)
-        if value is _UNSET:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        if not low <= value < high:
-            raise ConfigError(f"{key}={value} must be >= {low} and < {high}")
+            upper = f" and {'<=' if high_in else '<'} {high}" if high is not None else ""
+            raise ConfigError(f"{key}={value} must be {lower}{upper}")
     betas = _setting(cfg, "optim.betas")
     if betas is not _UNSET and not (
         OmegaConf.is_list(betas)
         and len(betas) == 2
-        and all(
-            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
-        )
+        and all(_is_number(b) and 0 <= b < 1 for b in betas)
     ):
         raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     check_part_types(cfg)
@@ -319,7 +313,7 @@ def check_part_types(cfg: DictConfig) -> None:
             if bool in kinds:
                 ok = isinstance(value, bool)
             elif float in kinds:
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                ok = _is_number(value)
             else:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             if not ok:

@@ -124,6 +124,59 @@ class Span:
     write: bool
 
 
+def block_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding: Tensor | None,
+    causal: bool,
+    kv: tuple[Tensor, Tensor, Span] | None = None,
+    attn_mask=None,
+) -> Tensor:
+    """The attention of one block, whatever it is asked to see (every DiT's blocks call it):
+    the span KV cache (`kv = (keys, values, span)`, see `span_attention`), a custom pattern
+    (`attn_mask`, BD3-LM's block-causal x_t + x_0, used instead of `causal`), or plain
+    (causal) attention over the unpadded keys."""
+    if kv is not None:
+        return span_attention(q, k, v, kv[0], kv[1], kv[2], causal)
+    if attn_mask is not None:
+        return masked_attention(q, k, v, attn_mask, key_padding)
+    return attention(q, k, v, key_padding, causal)
+
+
+def check_span(n: int, start: int, cache: KVCache, batch: int, context: str) -> None:
+    """Refuse a `forward_span` call the cache cannot serve, naming what is wrong."""
+    end = start + n
+    if context not in SPAN_CONTEXTS:
+        raise ValueError(f"forward_span context={context!r}; expected one of {SPAN_CONTEXTS}")
+    if start < 0 or start > cache.length:
+        raise ValueError(
+            f"forward_span start={start} must lie in [0, cache.length={cache.length}] "
+            "(positions before the span must be cached)"
+        )
+    if end > cache.capacity:
+        raise ValueError(
+            f"KV cache full: span [{start}, {end}) exceeds max_length={cache.capacity}"
+        )
+    if cache.keys[0].shape[0] != batch:
+        raise ValueError(
+            f"forward_span batch {batch} != the cache's batch {cache.keys[0].shape[0]}"
+        )
+
+
+def empty_cache(
+    n_blocks: int, batch: int, heads: int, head_dim: int, capacity: int, ref: Tensor, device, dtype
+) -> KVCache:
+    """A KVCache of zeroed (batch, heads, capacity, head_dim) buffers, one pair per block
+    (device / dtype default to those of `ref`)."""
+    shape = (batch, heads, capacity, head_dim)
+    kw = dict(device=device or ref.device, dtype=dtype or ref.dtype)
+    return KVCache(
+        keys=[torch.zeros(shape, **kw) for _ in range(n_blocks)],
+        values=[torch.zeros(shape, **kw) for _ in range(n_blocks)],
+    )
+
+
 def span_attention(
     q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, span: Span, causal: bool
 ) -> Tensor:
@@ -413,13 +466,7 @@ class Block(nn.Module):
         h = modulated_norm(self.norm1, x, shift1, scale1)
         qkv = self.qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads)
         q, k, v = rotate_qkv(qkv, *rotary)  # (B, H, L, D)
-        if kv is None:
-            if attn_mask is None:
-                a = attention(q, k, v, key_padding, causal)
-            else:  # a custom pattern (BD3-LM's block-causal x_t + x_0) replaces `causal`
-                a = masked_attention(q, k, v, attn_mask, key_padding)
-        else:
-            a = span_attention(q, k, v, kv[0], kv[1], kv[2], causal)
+        a = block_attention(q, k, v, key_padding, causal, kv, attn_mask)
         a = a.transpose(1, 2).reshape(B, L, C)
         if rows is not None:
             x, a = x.flatten(0, 1).index_select(0, rows), a.flatten(0, 1).index_select(0, rows)
@@ -593,15 +640,12 @@ class DiT(nn.Module):
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
         """Empty keys/values for `batch_size` sequences of up to `max_length` positions."""
-        ref = self.embed.weight
         block = self.blocks[0]
         head_dim = block.qkv.in_features // block.n_heads
-        shape = (batch_size, block.n_heads, self.max_length, head_dim)
-        kw = dict(device=device or ref.device, dtype=dtype or ref.dtype)
-        return KVCache(
-            keys=[torch.zeros(shape, **kw) for _ in self.blocks],
-            values=[torch.zeros(shape, **kw) for _ in self.blocks],
-        )
+        return empty_cache(
+            len(self.blocks), batch_size, block.n_heads, head_dim, self.max_length,
+            self.embed.weight, device, dtype,
+        )  # fmt: skip
 
     def forward_span(
         self,
@@ -624,21 +668,7 @@ class DiT(nn.Module):
         """
         B, n = x_span.shape
         end = start + n
-        if context not in SPAN_CONTEXTS:
-            raise ValueError(f"forward_span context={context!r}; expected one of {SPAN_CONTEXTS}")
-        if start < 0 or start > cache.length:
-            raise ValueError(
-                f"forward_span start={start} must lie in [0, cache.length={cache.length}] "
-                "(positions before the span must be cached)"
-            )
-        if end > cache.capacity:
-            raise ValueError(
-                f"KV cache full: span [{start}, {end}) exceeds max_length={cache.capacity}"
-            )
-        if cache.keys[0].shape[0] != B:
-            raise ValueError(
-                f"forward_span batch {B} != the cache's batch {cache.keys[0].shape[0]}"
-            )
+        check_span(n, start, cache, B, context)
         x = self.embed(x_span)  # (B, n, C)
         cond = self._condition(sigma, B)
         cos, sin = self.rotary(end, x.device)

@@ -18,24 +18,36 @@ parameter names (a checkpoint's `backbone.*` keys load with no renaming):
     output_layer.adaLN_modulation.{weight,bias}  (2C, cond_dim)
 
 Rotary positions rotate q and k by halves (GPT-NeoX style, base 10 000); the rotation, adaLN
-modulation and gated residuals are the DiT's fused helpers (`models.dit`), the same values. MDLM feeds sigma = 0
-when the model is not time-conditioned, so the adaLN terms are learned constants.
+modulation, gated residuals and attention are the DiT's helpers (`models.dit`), the same
+values. MDLM feeds sigma = 0 when the model is not time-conditioned, so the adaLN terms are
+learned constants.
 `causal=True` is MDLM's AR baseline `DDIT`: causal attention, no sigma map and no adaLN,
-and the [MASK] logit pinned to -1000 (`mask_index`) as MDLM's AR does before its softmax;
-it decodes with a KV cache (`init_cache` / `forward_cached`).
+and the [MASK] logit pinned to -1000 (`mask_index`) as MDLM's AR does before its softmax.
+BD3-LM's DiT is this one trained on x_t + x_0 under its block-causal mask: `forward` takes
+the pattern (`attn_mask`) and the rotary `positions`. Every variant has `models.dit`'s span
+KV cache (`init_cache` / `forward_span` / `forward_cached`): AR decoding, block sampling.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.dit import gated_residual, modulate, rotate_qkv
+from models.dit import (
+    KVCache,
+    Rotary,
+    Span,
+    block_attention,
+    check_span,
+    empty_cache,
+    gated_residual,
+    modulate,
+    rotate_qkv,
+)
 
 AR_MASK_LOGIT = -1000.0  # MDLM's AR sets the [MASK] logit to this before log_softmax
 
@@ -84,17 +96,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))  # (B, cond_dim)
 
 
-def rotary_tables(length: int, head_dim: int, device: torch.device, start: int = 0):
-    """cos, sin (n, D/2) in float32 for positions start .. length - 1 (both halves of a head
-    share them: `rotate_qkv`)."""
-    inv_freq = 1.0 / (
-        10_000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    )
-    pos = torch.arange(start, length, dtype=torch.float32, device=device)
-    freqs = torch.outer(pos, inv_freq)  # (n, D/2)
-    return freqs.cos(), freqs.sin()
-
-
 class DDiTBlock(nn.Module):
     """adaLN-zero block (or, `adaln=False`, the AR's plain pre-LN block)."""
 
@@ -121,9 +122,11 @@ class DDiTBlock(nn.Module):
         c: Tensor | None,
         key_padding: Tensor | None,
         causal: bool,
-        kv: tuple[Tensor, Tensor, int] | None = None,
+        kv: tuple[Tensor, Tensor, Span] | None = None,
+        attn_mask=None,
     ) -> Tensor:
-        """x (B, L, C) -> (B, L, C); `kv = (keys, values, start)` decodes causally with a cache."""
+        """x (B, L, C) -> (B, L, C); `kv = (keys, values, span)`: x holds the positions of a
+        span of the KV cache, `attn_mask`: a custom pattern (`models.dit.block_attention`)."""
         B, L, C = x.shape
         gate1 = gate2 = None
         if c is not None:
@@ -133,22 +136,7 @@ class DDiTBlock(nn.Module):
             h = modulate(h, shift1, scale1)
         qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, C // self.n_heads)
         q, k, v = rotate_qkv(qkv, *rotary)  # (B, H, L, D)
-        if kv is not None:
-            keys, values, start = kv
-            keys[:, :, start : start + L] = k
-            values[:, :, start : start + L] = v
-            k, v = keys[:, :, : start + L], values[:, :, : start + L]
-            total = start + L
-            pos = start + torch.arange(L, device=x.device)[:, None]
-            mask = torch.arange(total, device=x.device)[None, :] <= pos  # (L, total)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif key_padding is not None:
-            mask = key_padding[:, None, None, :]  # (B, 1, 1, L)
-            if causal:
-                mask = mask & torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        a = block_attention(q, k, v, key_padding, causal, kv, attn_mask)
         a = self.dropout(self.attn_out(a.transpose(1, 2).reshape(B, L, C)))
         x = gated_residual(x, gate1, a)
         h = self.norm2(x)
@@ -179,24 +167,11 @@ class DDitFinalLayer(nn.Module):
         return self.linear(h)  # (B, L, V)
 
 
-@dataclass
-class MDLMKVCache:
-    """Per-block (B, H, max_length, D) key/value buffers of the causal variant."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-
 class MDLMDiT(nn.Module):
     """MDLM's DIT (and, `causal=True`, its AR `DDIT`) with MDLM's parameter names."""
 
     accepts_sigma: ClassVar[bool] = True  # the diffusion variant embeds sigma (0 if time-agnostic)
-    supports_span_cache: ClassVar[bool] = False
+    supports_span_cache: ClassVar[bool] = True  # init_cache / forward_span (models.dit's cache)
     tokenizer_key: ClassVar[str | None] = None  # sized by the data's tokenizer (GPT-2 + [MASK])
     causal: bool = False  # the instance's setting (backbone.causal: MDLM's AR baseline)
 
@@ -233,6 +208,7 @@ class MDLMDiT(nn.Module):
             DDiTBlock(hidden_size, n_heads, cond_dim, adaln, dropout) for _ in range(n_blocks)
         )
         self.output_layer = DDitFinalLayer(hidden_size, vocab_size, cond_dim, adaln)
+        self.rotary = Rotary(self.head_dim)  # a non-persistent table: no key in the state dict
 
     @property
     def time_conditioned(self) -> bool:
@@ -261,13 +237,21 @@ class MDLMDiT(nn.Module):
         return logits
 
     def forward(
-        self, x_t: Tensor, sigma: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        x_t: Tensor,
+        sigma: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        attn_mask=None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """(B, L) token ids -> (B, L, V) logits."""
+        """(B, L) token ids -> (B, L, V) logits. `attn_mask` (a custom attention pattern, used
+        instead of `causal`) and `positions` (L,) rotary positions serve BD3-LM, whose DiT is
+        this one trained on x_t + x_0 with both halves at positions 0 .. L - 1."""
         B, L = x_t.shape
-        if L > self.max_length:
+        span = L if positions is None else int(positions.max()) + 1
+        if span > self.max_length:
             raise ValueError(
-                f"sequence length {L} exceeds the model's max_length={self.max_length} "
+                f"sequence length {span} exceeds the model's max_length={self.max_length} "
                 "(set model.length <= the checkpoint's length)"
             )
         x = self.vocab_embed(x_t)
@@ -275,39 +259,49 @@ class MDLMDiT(nn.Module):
         key_padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding = attention_mask.bool()
-        rotary = rotary_tables(L, self.head_dim, x.device)
+        rotary = self.rotary(L, x.device, positions)
         for block in self.blocks:
-            x = block(x, rotary, c, key_padding, self.causal)
+            x = block(x, rotary, c, key_padding, self.causal, attn_mask=attn_mask)
         return self._head(x, c)
 
-    # ---- causal decoding with a KV cache (the AR variant) -----------------------------------
+    # ---- the span KV cache (models.dit's: AR decoding, block sampling, Fast-dLLM caches) ----
     def init_cache(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> MDLMKVCache:
-        if not self.causal:
-            raise ValueError("a KV cache needs the causal (AR) variant: backbone.causal=true")
-        ref = self.vocab_embed.embedding
-        n_heads = self.blocks[0].n_heads
-        shape = (batch_size, n_heads, self.max_length, self.head_dim)
-        kw = dict(device=device or ref.device, dtype=dtype or ref.dtype)
-        return MDLMKVCache(
-            keys=[torch.zeros(shape, **kw) for _ in self.blocks],
-            values=[torch.zeros(shape, **kw) for _ in self.blocks],
-        )
+    ) -> KVCache:
+        """Empty keys/values for `batch_size` sequences of up to `max_length` positions."""
+        heads = self.blocks[0].n_heads
+        return empty_cache(
+            len(self.blocks), batch_size, heads, self.head_dim, self.max_length,
+            self.vocab_embed.embedding, device, dtype,
+        )  # fmt: skip
 
-    def forward_cached(
-        self, x_new: Tensor, cache: MDLMKVCache, sigma: Tensor | None = None
+    def forward_span(
+        self,
+        x_span: Tensor,
+        start: int,
+        cache: KVCache,
+        sigma: Tensor | None = None,
+        *,
+        context: str = "prefix",
+        write: bool = True,
     ) -> Tensor:
-        """Logits (B, n, V) of n new tokens continuing the cached ones (= forward(x)[:, -n:])."""
-        B, n = x_new.shape
-        start = cache.length
-        if start + n > cache.capacity:
-            raise ValueError(
-                f"KV cache full: {start} cached + {n} new tokens exceed max_length={cache.capacity}"
-            )
-        x = self.vocab_embed(x_new)
-        rotary = rotary_tables(start + n, self.head_dim, x.device, start=start)
+        """Logits (B, n, V) of x_span (B, n) at positions start .. start + n - 1 against the
+        cached keys/values (`models.dit.DiT.forward_span` says what each context sees)."""
+        B, n = x_span.shape
+        end = start + n
+        check_span(n, start, cache, B, context)
+        x = self.vocab_embed(x_span)
+        c = self._condition(sigma, B, x.device)
+        cos, sin = self.rotary(end, x.device)
+        rotary = (cos[start:], sin[start:])
+        span = Span(start=start, cached=cache.length, context=context, write=write)
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
-            x = block(x, rotary, None, None, True, kv=(keys, values, start))
-        cache.length = start + n
-        return self._head(x, None)
+            x = block(x, rotary, c, None, self.causal, kv=(keys, values, span))
+        if write:
+            cache.length = max(cache.length, end)
+        return self._head(x, c)
+
+    def forward_cached(self, x_new: Tensor, cache: KVCache, sigma: Tensor | None = None) -> Tensor:
+        """AR decoding: logits (B, n, V) of n new tokens continuing the cached ones (equal to
+        `forward(x)[:, -n:]` for the causal variant); the cache grows."""
+        return self.forward_span(x_new, cache.length, cache, sigma, context="prefix", write=True)

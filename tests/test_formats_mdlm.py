@@ -60,8 +60,12 @@ def inv_freq() -> torch.Tensor:
     return 1.0 / (10_000 ** (torch.arange(0, D, 2).float() / D))
 
 
-def reference_logits(p, x, sigma=None, causal=False, time_conditioning=False):
-    """MDLM's forward, written out: (B, L) ids -> (B, L, V) logits (float64 throughout)."""
+def reference_logits(
+    p, x, sigma=None, causal=False, time_conditioning=False, allowed=None, positions=None
+):
+    """MDLM's forward, written out: (B, L) ids -> (B, L, V) logits (float64 throughout).
+    `allowed` (L, L) bool: which keys each query sees (BD3-LM's mask; default all, or the
+    causal triangle); `positions` (L,): rotary positions (default 0 .. L - 1)."""
     p = {k: v.double() for k, v in p.items()}
     B, L = x.shape
     D = C // H
@@ -83,7 +87,8 @@ def reference_logits(p, x, sigma=None, causal=False, time_conditioning=False):
         args = s[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
         c = F.silu(lin(F.silu(lin(emb, "sigma_map.mlp.0")), "sigma_map.mlp.2"))
-    ang = torch.arange(L, dtype=torch.float64)[:, None] * inv_freq().double()[None]  # (L, D/2)
+    pos = torch.arange(L) if positions is None else positions
+    ang = pos.double()[:, None] * inv_freq().double()[None]  # (L, D/2)
     cos, sin = ang.cos(), ang.sin()
 
     def rope(t):  # (B, L, H, D), flash-attn's non-interleaved rotary: halves
@@ -102,8 +107,10 @@ def reference_logits(p, x, sigma=None, causal=False, time_conditioning=False):
         qkv = lin(a, b + "attn_qkv", bias=False).view(B, L, 3, H, D)
         q, k, v = rope(qkv[:, :, 0]), rope(qkv[:, :, 1]), qkv[:, :, 2]
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
-        if causal:
-            scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        if causal and allowed is None:
+            allowed = torch.ones(L, L, dtype=torch.bool).tril()
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
         att = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, L, C)
         out = lin(att, b + "attn_out", bias=False)
         h = h + (g1 * out if c is not None else out)

@@ -16,12 +16,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.formats import diffugpt, dream, llada, mdlm_hf, mdlm_lightning, modernbert_ldm, smdm
+from models.formats import (
+    bd3lm_hf,
+    diffugpt,
+    dream,
+    llada,
+    mdlm_hf,
+    mdlm_lightning,
+    modernbert_ldm,
+    smdm,
+)
 from models.formats.common import FormatError
 
 # format name -> module with detect(path) and load(path, use_ema, overrides)
 FORMATS: dict[str, Any] = {
     mdlm_hf.NAME: mdlm_hf,
+    bd3lm_hf.NAME: bd3lm_hf,
     mdlm_lightning.NAME: mdlm_lightning,
     smdm.NAME: smdm,
     llada.NAME: llada,

@@ -208,10 +208,12 @@ def make_checkpoint(
     raw: Mapping[str, Tensor] | None = None,
     ema_updates: int = 0,
     patch: Mapping[str, Any] | None = None,
+    extra_state: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """One of our .ckpt dicts: `weights` (the EMA or released weights) as the EMA copy the
     evaluation modes use, `raw` (default: the same) as the training weights. `patch` sets
-    dotted keys after composition (values the override grammar cannot carry, e.g. a dict)."""
+    dotted keys after composition (values the override grammar cannot carry, e.g. a dict);
+    `extra_state` adds module state outside the backbone (an objective's buffers)."""
     config = compose_config(config_overrides)
     for dotted, value in (patch or {}).items():
         node = config
@@ -226,6 +228,7 @@ def make_checkpoint(
         state["ema.n_averaged"] = torch.tensor(int(ema_updates), dtype=torch.long)
     else:  # no EMA in the module: its only weights are the ones evaluation uses
         state = {f"backbone.{k}": v for k, v in weights.items()}
+    state.update(extra_state or {})
     return {
         "state_dict": state,
         "unmask_config": config,

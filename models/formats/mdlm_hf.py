@@ -8,6 +8,7 @@ weights sit under `backbone.` in MDLM's DiT layout, which `models.mdlm_dit.MDLMD
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,31 @@ def check_inv_freq(tensor: torch.Tensor, head_dim: int, where: str) -> None:
         )
 
 
+def read_backbone(
+    folder: Path,
+    vocab_size: int,
+    hidden: int,
+    blocks: int,
+    heads: int,
+    cond_dim: int,
+    length: int,
+    extra: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(`backbone.*` weights without the prefix, the `extra` top-level tensors) of a Hugging
+    Face release of MDLM's DiT (MDLM's, BD3-LM's), matched strictly against the layout at
+    these sizes; a saved rotary `inv_freq` must be the standard table."""
+    found = read_safetensors(safetensors_files(folder))
+    inv = found.pop("backbone.rotary_emb.inv_freq", None)
+    if inv is not None:
+        check_inv_freq(inv[0], hidden // heads, inv[1])
+    layout = dit_layout(vocab_size, hidden, blocks, heads, cond_dim, length, False)
+    extra = dict(extra or {})
+    expected = {f"backbone.{k}": s for k, s in layout.items()} | extra
+    tensors = strict_match(expected, found, str(folder))
+    extras = {k: tensors.pop(k) for k in extra}
+    return {k.removeprefix("backbone."): v for k, v in tensors.items()}, extras
+
+
 def data_overrides(vocab_size: int, source: str) -> tuple[list[str], str, int]:
     if vocab_size not in KNOWN_VOCABS:
         raise FormatError(
@@ -65,11 +91,17 @@ def data_overrides(vocab_size: int, source: str) -> tuple[list[str], str, int]:
 
 
 def model_overrides(
-    hidden: int, blocks: int, heads: int, cond_dim: int, length: int, dropout: float
-):
+    hidden: int,
+    blocks: int,
+    heads: int,
+    cond_dim: int,
+    length: int,
+    dropout: float,
+    family: str = "mdlm",
+) -> list[str]:
     return [
         "model=small",
-        f"model.name=mdlm-{hidden}x{blocks}",
+        f"model.name={family}-{hidden}x{blocks}",
         f"model.hidden_size={hidden}",
         f"model.n_blocks={blocks}",
         f"model.n_heads={heads}",
@@ -90,13 +122,7 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     V, C, N, H = (int(cfg[k]) for k in ("vocab_size", "hidden_dim", "n_blocks", "n_heads"))
     cond, length = int(cfg["cond_dim"]), int(cfg["model_length"])
     tc = bool(cfg.get("time_conditioning", False))
-    found = read_safetensors(safetensors_files(folder))
-    inv = found.pop("backbone.rotary_emb.inv_freq", None)
-    if inv is not None:
-        check_inv_freq(inv[0], C // H, inv[1])
-    expected = {f"backbone.{k}": s for k, s in dit_layout(V, C, N, H, cond, length, False).items()}
-    tensors = strict_match(expected, found, str(folder))
-    weights = {k.removeprefix("backbone."): v for k, v in tensors.items()}
+    weights, _ = read_backbone(folder, V, C, N, H, cond, length)
     data, tokenizer, mask_id = data_overrides(V, str(cfg_path))
     config_overrides = [
         "backbone=hf_dit",

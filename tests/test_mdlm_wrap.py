@@ -166,3 +166,48 @@ def test_shard_bounds_and_the_layout_key():
     assert MDLMWrap(shards=8).fingerprint()["shards"] == 8
     with pytest.raises(ConfigError, match=r"data.layout.shards=0"):
         MDLMWrap(shards=0)
+
+
+def slow_bd3lm_rows(docs, bos, eos, length, group, special: bool, doc_eos: bool):
+    """BD3-LM's `_group_texts` with its switches, in plain lists: EOS after each document only
+    with `insert_eos`, pieces of L - 2 with bookends or of L bare (`insert_special_tokens`)."""
+    rows, size = [], group or len(docs)
+    body = length - 2 if special else length
+    for first in range(0, len(docs), size):
+        stream = [t for doc in docs[first : first + size] for t in [*doc, *[eos] * doc_eos]]
+        for i in range(0, len(stream) // body * body, body):
+            piece = stream[i : i + body]
+            rows.append([bos, *piece, eos] if special else piece)
+    return rows
+
+
+@pytest.mark.parametrize("special", [True, False])
+@pytest.mark.parametrize("doc_eos", [True, False])
+def test_bd3lms_switches_equal_its_group_texts(special, doc_eos):
+    """data.layout.special_tokens / doc_eos are BD3-LM's insert_*_special / insert_*_eos."""
+    rng = np.random.default_rng(int(special) * 2 + int(doc_eos))
+    docs = [rng.integers(5, 50, int(rng.integers(0, 12))).tolist() for _ in range(53)]
+    flat, lengths = flatten(docs)
+    got = layouts.mdlm_wrap_documents(
+        flat, lengths, 1, 2, 8, group_size=7, special_tokens=special, doc_eos=doc_eos
+    )
+    assert got.tolist() == slow_bd3lm_rows(docs, 1, 2, 8, 7, special, doc_eos)
+    if not (special and doc_eos):  # a switch changes the rows (the negative twin)
+        assert got.tolist() != slow_bd3lm_rows(docs, 1, 2, 8, 7, True, True)
+
+
+def test_bd3lms_switches_by_hand_and_their_keys():
+    flat, lengths = flatten([[10, 11, 12], [20], [30, 31]])
+    bare = layouts.mdlm_wrap_documents(flat, lengths, 1, 2, 3, special_tokens=False)
+    assert bare.tolist() == [[10, 11, 12], [2, 20, 2], [30, 31, 2]]
+    no_eos = layouts.mdlm_wrap_documents(flat, lengths, 1, 2, 3, special_tokens=False,
+                                         doc_eos=False)  # fmt: skip
+    assert no_eos.tolist() == [[10, 11, 12], [20, 30, 31]]
+    assert MDLMWrap(special_tokens=False, doc_eos=False).fingerprint() == {
+        "layout": "mdlm_wrap", "group_size": 1000, "special_tokens": False, "doc_eos": False,
+    }  # fmt: skip
+    bare_layout = MDLMWrap(special_tokens=False)
+    assert not bare_layout.bookends and bare_layout.min_length == 1
+    assert not bare_layout.supports_streaming and MDLMWrap().supports_streaming
+    with pytest.raises(ConfigError, match=r"data.layout.doc_eos='no' must be true or false"):
+        MDLMWrap(doc_eos="no")

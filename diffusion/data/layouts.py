@@ -56,6 +56,8 @@ def mdlm_wrap_documents(
     length: int,
     group_size: int | None = 1000,
     shards: int = 1,
+    special_tokens: bool = True,
+    doc_eos: bool = True,
 ) -> np.ndarray:
     """MDLM's wrap (its `_group_texts`): every document followed by EOS, concatenated over each
     group of `group_size` documents (MDLM runs it as a batched `datasets.map`, 1000 documents a
@@ -65,15 +67,19 @@ def mdlm_wrap_documents(
     `shards`: the map's `num_proc`. `datasets` then cuts the documents into that many
     contiguous shards (the first `n % shards` one document longer) and batches each from its
     own start, so groups never cross a shard boundary; more shards than documents are reduced
-    to one per document, as `datasets` does."""
-    body = length - 2
+    to one per document, as `datasets` does. BD3-LM's switches: `special_tokens=False` (its
+    `insert_*_special=False`) makes each row a bare piece of `length` tokens, `doc_eos=False`
+    (`insert_*_eos=False`) leaves the EOS after each document out."""
+    body = length - 2 if special_tokens else length
+    sep = 1 if doc_eos else 0
     lengths = lengths.astype(np.int64)
-    stream = np.empty(int(lengths.sum()) + len(lengths), dtype=np.int32)
-    ends = np.cumsum(lengths + 1)  # exclusive end of each `doc [EOS]` in the stream
-    stream[ends - 1] = eos
+    stream = np.empty(int(lengths.sum()) + sep * len(lengths), dtype=np.int32)
+    ends = np.cumsum(lengths + sep)  # exclusive end of each `doc [EOS]` in the stream
+    if doc_eos:
+        stream[ends - 1] = eos
     doc = np.repeat(np.arange(len(lengths)), lengths)
     within = np.arange(len(flat)) - (np.cumsum(lengths) - lengths)[doc]
-    stream[(ends - lengths - 1)[doc] + within] = flat
+    stream[(ends - lengths - sep)[doc] + within] = flat
     size = max(len(lengths) if not group_size else int(group_size), 1)
     pieces = []
     for start, stop in shard_bounds(len(lengths), shards):
@@ -83,6 +89,8 @@ def mdlm_wrap_documents(
             n = (hi - lo) // body
             pieces.append(stream[lo : lo + n * body].reshape(n, body))
     rows = np.concatenate(pieces) if pieces else np.zeros((0, body), np.int32)
+    if not special_tokens:
+        return rows
     out = np.empty((len(rows), length), dtype=np.int32)
     out[:, 0], out[:, -1], out[:, 1:-1] = bos, eos, rows
     return out
@@ -213,35 +221,55 @@ class MDLMWrap(Wrap):
     position 0. Its two bookend tokens per row are scored, as MDLM scores them."""
 
     name: ClassVar[str] = "mdlm_wrap"
-    min_length: ClassVar[int] = 3
-    bookends: ClassVar[bool] = True
 
-    def __init__(self, group_size: int | None = 1000, shards: int = 1) -> None:
+    def __init__(
+        self,
+        group_size: int | None = 1000,
+        shards: int = 1,
+        special_tokens: bool = True,
+        doc_eos: bool = True,
+    ) -> None:
         """`group_size`: documents concatenated before cutting (MDLM: its map batch, 1000;
         null: the whole split). `shards`: the processes MDLM's map ran with (its `num_proc`,
         the CPU count of the machine that cached the rows): each contiguous shard of the
         documents is grouped from its own start, so MDLM's rows cut on N CPUs are
-        `shards: N` (1: one process)."""
+        `shards: N` (1: one process). `special_tokens=false`: rows without the [BOS] / [EOS]
+        bookends, `doc_eos=false`: no EOS after each document (BD3-LM's
+        `data.insert_*_special` / `data.insert_*_eos`; its OWT models train and validate
+        without bookends)."""
         if group_size is not None and int(group_size) < 1:
             raise ConfigError(f"data.layout.group_size={group_size} must be >= 1 (or null)")
         if isinstance(shards, bool) or not str(shards).isdigit() or int(shards) < 1:
             raise ConfigError(f"data.layout.shards={shards!r} must be a whole number >= 1")
+        for key, value in (("special_tokens", special_tokens), ("doc_eos", doc_eos)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"data.layout.{key}={value!r} must be true or false")
         self.group_size = None if group_size is None else int(group_size)
         self.shards = int(shards)
+        self.bookends = special_tokens  # the instance's: every row [BOS] piece [EOS]
+        self.doc_eos = doc_eos
+        self.min_length = 3 if special_tokens else 1
+        self.supports_streaming = special_tokens and doc_eos  # the streamed cut is MDLM's only
 
     def cut(self, flat: np.ndarray, lengths: np.ndarray, bos: int, eos: int, length: int):
-        return mdlm_wrap_documents(flat, lengths, bos, eos, length, self.group_size, self.shards)
+        return mdlm_wrap_documents(
+            flat, lengths, bos, eos, length, self.group_size, self.shards,
+            special_tokens=self.bookends, doc_eos=self.doc_eos,
+        )  # fmt: skip
 
     def too_little(self, where: str, flat, lengths, bos: int, eos: int, length: int) -> str:
+        body = length - 2 if self.bookends else length
         return (
             f"{where} has no group of {self.group_size or 'all'} documents with "
-            f"{length - 2} tokens (EOS after each included): use a shorter model.length, "
-            "more data or data.layout.group_size=null"
+            f"{body} tokens{' (EOS after each included)' * self.doc_eos}: use a shorter "
+            "model.length, more data or data.layout.group_size=null"
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        fp = {"layout": self.name, "group_size": self.group_size}
-        return fp | ({"shards": self.shards} if self.shards != 1 else {})  # old keys unchanged
+        fp = {"layout": self.name, "group_size": self.group_size}  # old keys unchanged:
+        fp |= {"shards": self.shards} if self.shards != 1 else {}  # each setting enters only
+        fp |= {} if self.bookends else {"special_tokens": False}  # when it is not the default
+        return fp | ({} if self.doc_eos else {"doc_eos": False})
 
 
 class Pad(Layout):

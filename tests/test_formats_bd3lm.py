@@ -149,6 +149,8 @@ def test_bd3lm_hf_logit_parity_and_negative_twins(tmp_path):
     assert cfg["parameterization"]["_target_"] == "diffusion.objectives.bd3lm.BD3LM"
     assert cfg["parameterization"]["block_size"] == BLOCK and cfg["model"]["length"] == LEN
     assert cfg["data"]["tokenizer"] == "gpt2" and ckpt["unmask_format"]["mask_id"] == MASK
+    layout = cfg["data"]["layout"]  # BD3-LM's OWT rows: no bookends, EOS after each document
+    assert layout["_target_"].endswith("MDLMWrap") and layout["special_tokens"] is False
     x_t, x0 = draws()
     want = reference_bd3lm(p, x_t, x0, BLOCK)
     torch.testing.assert_close(training_logits(ckpt, x_t, x0), want, **TOL)
@@ -271,3 +273,30 @@ def test_convert_script_and_format_name(tmp_path):
     write_hf(mdlm, mdlm_params())
     assert detect_format(mdlm) == "mdlm_hf"  # the two releases are told apart by model_type
     _expect(mdlm, r"model_type='mdlm', expected 'bd3lm'")
+
+
+def test_eval_config_takes_a_release_folder(tmp_path, monkeypatch):
+    """eval.checkpoint_path=<BD3-LM release folder>: the evaluation is the release's block model
+    on hf_dit with BD3-LM's rows, and sampler=block validates against it (ddpm is refused)."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.build import eval_config
+    from diffusion.config import ConfigError, register_resolvers, validate_config
+
+    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "cache"))
+    folder = write_release(tmp_path / "bd3lm-owt-block_size4", mdlm_params())
+    register_resolvers()
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    fixed = ["checkpointing.save_dir=x", "trainer.default_root_dir=x", "logger=none"]
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        base = compose("config", overrides=fixed)
+        run = [*fixed, "mode=sample_eval", f"eval.checkpoint_path={folder}"]
+        block = compose("config", overrides=[*run, "sampler=block"])
+        ddpm = compose("config", overrides=[*run, "sampler=ddpm"])
+    out = eval_config(block, base)
+    assert out.parameterization._target_.endswith("BD3LM") and out.parameterization.block_size == 4
+    assert out.backbone._target_ == "models.mdlm_dit.MDLMDiT" and out.model.length == LEN
+    assert out.data.layout.special_tokens is False
+    validate_config(out)
+    with pytest.raises(ConfigError, match=r"whole_canvas|sampler=block"):
+        validate_config(eval_config(ddpm, base))

@@ -13,7 +13,10 @@ the EMA weights (BD3-LM's push_to_hf.py copies the EMA shadow into the model bef
 The release is rebuilt as `parameterization=bd3lm` at its block size on `backbone=hf_dit`:
 ppl_eval scores its NELBO over the full schedule (as BD3-LM's validation does), sampler=block
 decodes it with the exact KV cache. `attn_backend` is a run setting (flex on CUDA, else
-SDPA), not a property of the weights; `parameterization.attn_backend` chooses ours.
+SDPA), not a property of the weights; `parameterization.attn_backend` chooses ours. The data
+rows are BD3-LM's for OpenWebText: its train_owt_bd3lm.sh and ppl_owt_bd3lm.sh cut them with
+`data.insert_*_special=False`, i.e. without MDLM's [BOS]/[EOS] bookends
+(`data.layout.special_tokens=false`), EOS still after each document.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
         "training.ema=0.9999",
         *model_overrides(C, N, H, cond, length, float(cfg.get("dropout", 0.1)), f"bd3lm{block}"),
         *data,
+        "++data.layout.special_tokens=false",  # BD3-LM's OWT rows: no [BOS]/[EOS] bookends
         *overrides,
     ]
     info = {

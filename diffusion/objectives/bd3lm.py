@@ -198,7 +198,7 @@ class BD3LM(AbsorbingDiffusion):
         if "attn_mask" not in params or "positions" not in params:
             raise ValueError(
                 f"parameterization=bd3lm needs a backbone that takes attn_mask and positions "
-                f"(backbone=dit); {type(backbone).__name__} does not"
+                f"(backbone=dit or hf_dit); {type(backbone).__name__} does not"
             )
         B, L = x0.shape
         padded = not bool(attention_mask.all())

@@ -319,3 +319,59 @@ def test_bd3lm_on_mdlms_dit_trains_evaluates_and_samples(tmp_path):
              "sampler=block", "sampler.steps=4", "sampler.max_length=40")  # fmt: skip
     report = json.loads((tmp_path / "sample" / "sample_eval.json").read_text())
     assert report["num_samples"] == 2 and report["entropy"] > 0 and 4 <= report["length"] <= 40
+
+
+# ---- BD3-LM's own Lightning checkpoints (its repository's main.py, MDLM's layout + algo.*) ---
+def bd3lm_lightning_config(block: int = BLOCK, name: str = "bd3lm", **data_flags):
+    """BD3-LM's composed config as its main.py pickles it: the model under `algo`, block_size
+    at the top, its rows' switches in `data`."""
+    from tests.test_formats_mdlm import mdlm_config
+
+    cfg = OmegaConf.to_container(mdlm_config("subs", "dit", False))
+    for key in ("backbone", "parameterization", "time_conditioning", "T", "subs_masking"):
+        del cfg[key]
+    cfg["algo"] = {
+        "name": name, "backbone": "dit", "parameterization": "subs", "time_conditioning": False,
+        "T": 0, "causal_attention": False, "cross_attn": name == "bd3lm",
+        "var_min": name == "bd3lm", "sampler": "semi_ar",
+    }  # fmt: skip
+    cfg["block_size"] = block
+    cfg["data"] |= data_flags
+    cfg["training"] |= {"sampling_eps_min": 1e-3, "sampling_eps_max": 1.0}
+    return OmegaConf.create(cfg)
+
+
+def test_bd3lm_lightning_checkpoint_parity_ema_raw_and_rows(tmp_path):
+    from tests.test_formats_mdlm import write_lightning
+
+    raw, shadow = mdlm_params(seed=5), mdlm_params(seed=6)
+    clip = {"sampling_eps_min": torch.tensor(0.25), "sampling_eps_max": torch.tensor(0.75)}
+    cfg = bd3lm_lightning_config(insert_train_special=False, insert_valid_special=False)
+    path = write_lightning(tmp_path / "bd3lm.ckpt", raw, shadow, cfg, extra_state=clip)
+    assert detect_format(path) == "mdlm_ckpt"
+    ckpt = load_checkpoint(str(path))
+    conf = ckpt["unmask_config"]
+    assert conf["parameterization"]["_target_"].endswith("BD3LM")
+    assert conf["parameterization"]["block_size"] == BLOCK and conf["sampler"]["_target_"]
+    assert conf["data"]["layout"]["special_tokens"] is False
+    assert "doc_eos" not in conf["data"]["layout"]  # insert_train_eos: BD3-LM's default True
+    assert (conf["noise"]["beta"], conf["noise"]["omega"]) == pytest.approx((0.25, 0.75))
+    x_t, x0 = draws(4)
+    torch.testing.assert_close(
+        training_logits(ckpt, x_t, x0), reference_bd3lm(shadow, x_t, x0, BLOCK), **TOL
+    )
+    plain = load_checkpoint(str(path), use_ema=False)
+    torch.testing.assert_close(
+        training_logits(plain, x_t, x0), reference_bd3lm(raw, x_t, x0, BLOCK), **TOL
+    )
+    twin = write_lightning(tmp_path / "twin.ckpt", raw, swap_blocks(shadow), cfg, extra_state=clip)
+    bad = training_logits(load_checkpoint(str(twin)), x_t, x0)
+    assert not torch.allclose(bad, reference_bd3lm(shadow, x_t, x0, BLOCK), **TOL)
+    # its MDLM baseline (algo=mdlm) loads as SUBS; an algorithm we do not have is named
+    mdlm = write_lightning(tmp_path / "mdlm.ckpt", raw, shadow, bd3lm_lightning_config(LEN, "mdlm"))
+    assert load_checkpoint(str(mdlm))["unmask_config"]["parameterization"]["_target_"].endswith(
+        "SUBS"
+    )
+    duo = write_lightning(tmp_path / "duo.ckpt", raw, shadow, bd3lm_lightning_config(name="duo"))
+    with pytest.raises(FormatError, match=r"duo\.ckpt: algo\.name='duo'"):
+        load_checkpoint(str(duo))

@@ -308,11 +308,12 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
 
 
-def write_lightning(path: Path, raw, shadow, config, extra_hp=None) -> Path:
+def write_lightning(path: Path, raw, shadow, config, extra_hp=None, extra_state=None) -> Path:
     state = {f"backbone.{k}": v for k, v in raw.items()}
     items = list(state.items())
     # MDLM's Rotary registers inv_freq after the embedding (module order): a buffer in between
     state = dict(items[:1] + [("backbone.rotary_emb.inv_freq", inv_freq())] + items[1:])
+    state |= extra_state or {}  # buffers registered after the backbone (BD3-LM's clipping)
     ckpt = {
         "epoch": 3,
         "global_step": 1000,

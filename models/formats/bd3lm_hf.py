@@ -51,6 +51,34 @@ UNCLIPPED = (1e-3, 1.0)  # BD3-LM's full interval: its NELBO, no clipping
 RELEASE_SWITCHES = {"adaln": True, "cross_attn": True, "causal": False, "time_conditioning": False}
 
 
+def objective_overrides(block: int, var_min: bool) -> list[str]:
+    """BD3-LM at `block` on our side: the objective, its sampler, continuous time, no
+    conditioning (what every BD3-LM checkpoint is)."""
+    return [
+        "parameterization=bd3lm",
+        f"parameterization.block_size={block}",
+        f"parameterization.var_min={str(var_min).lower()}",
+        "sampler=block",
+        "T=0",
+        "time_conditioning=false",
+    ]
+
+
+def clip_setup(clip: tuple[float, float], source: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """(noise overrides, module state) for BD3-LM's learned interval of training mask rates:
+    `noise=clipped` at [min, max] and the objective's `clip` buffer as ours saves it, or the
+    loglinear schedule and [0, 0] (unclipped) for BD3-LM's full interval (1e-3, 1)."""
+    if not 0.0 <= clip[0] < clip[1] <= 1.0:
+        raise FormatError(
+            f"{source}: sampling_eps_min={clip[0]}, sampling_eps_max={clip[1]} are not an "
+            "interval of mask rates in [0, 1]"
+        )
+    clipped = abs(clip[0] - UNCLIPPED[0]) > 1e-9 or abs(clip[1] - UNCLIPPED[1]) > 1e-9
+    noise = ["noise=clipped", f"noise.beta={clip[0]}", f"noise.omega={clip[1]}"]
+    buffer = torch.tensor(clip if clipped else (0.0, 0.0), dtype=torch.float64)
+    return (noise if clipped else ["noise=loglinear"]), {"objective.clip": buffer}
+
+
 def detect(folder: Path) -> bool:
     cfg = folder / "config.json"
     return cfg.is_file() and read_json(cfg).get("model_type") == "bd3lm"
@@ -77,23 +105,12 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
     extra = {key: () for key in CLIP_KEYS} if var_min else {}
     weights, scalars = read_backbone(folder, V, C, N, H, cond, length, extra)
     clip = tuple(float(scalars[k]) for k in CLIP_KEYS) if var_min else UNCLIPPED
-    if not 0.0 <= clip[0] < clip[1] <= 1.0:
-        raise FormatError(
-            f"{folder}: sampling_eps_min={clip[0]}, sampling_eps_max={clip[1]} are not an "
-            "interval of mask rates in [0, 1]"
-        )
-    clipped = abs(clip[0] - UNCLIPPED[0]) > 1e-9 or abs(clip[1] - UNCLIPPED[1]) > 1e-9
-    noise = ["noise=clipped", f"noise.beta={clip[0]}", f"noise.omega={clip[1]}"]
+    noise, state = clip_setup(clip, str(folder))
     data, tokenizer, mask_id = data_overrides(V, str(cfg_path))
     config_overrides = [
         "backbone=hf_dit",
-        "parameterization=bd3lm",
-        f"parameterization.block_size={block}",
-        f"parameterization.var_min={str(var_min).lower()}",
-        *(noise if clipped else ["noise=loglinear"]),
-        "sampler=block",
-        "T=0",
-        "time_conditioning=false",
+        *objective_overrides(block, var_min),
+        *noise,
         "training.ema=0.9999",
         *model_overrides(C, N, H, cond, length, float(cfg.get("dropout", 0.1)), f"bd3lm{block}"),
         *data,
@@ -112,6 +129,4 @@ def load(folder: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) ->
         "clip": list(clip),
         "ema": "released weights (EMA)",
     }
-    # the objective's training interval of mask rates ([0, 0]: unclipped), as ours saves it
-    state = {"objective.clip": torch.tensor(clip if clipped else (0.0, 0.0), dtype=torch.float64)}
     return make_checkpoint(config_overrides, weights, info, extra_state=state)

@@ -1,4 +1,4 @@
-"""MDLM's own Lightning checkpoints (mdlm.ckpt, sedd.ckpt, ar.ckpt; DUO writes the same).
+"""MDLM's own Lightning checkpoints (mdlm.ckpt, sedd.ckpt, ar.ckpt), and BD3-LM's.
 
 Layout, as MDLM's `Diffusion` module saves it:
 - `state_dict`: `backbone.*` in MDLM's DiT layout (the AR baseline: `DDIT`, causal, no
@@ -9,6 +9,12 @@ Layout, as MDLM's `Diffusion` module saves it:
   read with the restricted unpickler (stand-ins, no code runs).
 The EMA weights are loaded by default (what MDLM evaluates), the raw ones with use_ema=False
 (`eval.disable_ema=true`).
+
+BD3-LM's repository (a fork of MDLM's) saves the same layout with its model described under
+`algo` (`algo.name: bd3lm | mdlm`, `algo.backbone`, `algo.time_conditioning`, `algo.T`,
+`algo.var_min`), the block size at the top (`block_size`), its rows' switches in `data`
+(`insert_train_special`, `insert_train_eos`) and, with var_min, the learned clipping as two
+scalar buffers `sampling_eps_min` / `sampling_eps_max` beside `backbone.*`.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import torch
 
 from diffusion.data.base import MASK
 from diffusion.data.tokenizers import MDLM_CHAR_SPECIALS, MDLMChar
+from models.formats.bd3lm_hf import CLIP_KEYS, UNCLIPPED, clip_setup, objective_overrides
 from models.formats.common import FormatError, make_checkpoint, strict_match
 from models.formats.mdlm_hf import check_inv_freq, dit_layout, model_overrides
 from models.formats.safe_pickle import load_restricted, plain
 
 NAME = "mdlm_ckpt"
 PARAMETERIZATIONS = {"subs": "subs", "sedd": "sedd", "d3pm": "d3pm", "ar": "ar"}
+BD3LM_ALGOS = {"bd3lm": "bd3lm", "mdlm": "subs"}  # BD3-LM's algo.name -> the parameterization
 INV_FREQ = "backbone.rotary_emb.inv_freq"
 
 
@@ -98,6 +106,7 @@ class Architecture:
     length: int
     time_conditioning: bool
     T: int
+    block_size: int | None = None  # BD3-LM's checkpoints (param "bd3lm")
 
     @property
     def causal(self) -> bool:
@@ -118,6 +127,8 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def architecture(cfg: dict[str, Any], source: str) -> Architecture:
     """The model MDLM's config describes; a backbone, parameterization or schedule we have
     not ported is refused."""
+    if isinstance(cfg.get("algo"), dict):
+        return bd3lm_architecture(cfg, source)
     kind = str(get(cfg, "backbone", source))
     if kind not in ("dit", "ar"):
         raise FormatError(f"{source}: backbone={kind!r}; only MDLM's dit and ar load")
@@ -138,12 +149,40 @@ def architecture(cfg: dict[str, Any], source: str) -> Architecture:
     return Architecture(kind, param, C, N, H, cond, length, tc, T)
 
 
+def bd3lm_architecture(cfg: dict[str, Any], source: str) -> Architecture:
+    """The model of a BD3-LM config (`algo.*`): its bd3lm or mdlm algorithm on MDLM's DiT."""
+    name = str(get(cfg, "algo.name", source))
+    if name not in BD3LM_ALGOS:
+        raise FormatError(
+            f"{source}: algo.name={name!r}; of BD3-LM's (and DUO's) algorithms only "
+            f"{sorted(BD3LM_ALGOS)} load"
+        )
+    kind = str(get(cfg, "algo.backbone", source))
+    if kind not in ("dit", "hf_dit"):
+        raise FormatError(f"{source}: algo.backbone={kind!r}; only BD3-LM's dit loads")
+    noise = str(get(cfg, "noise.type", source, "loglinear"))
+    if noise != "loglinear":
+        raise FormatError(f"{source}: noise.type={noise!r}; only the loglinear schedule is ported")
+    if bool(get(cfg, "algo.time_conditioning", source, False)):
+        raise FormatError(f"{source}: algo.time_conditioning=True; BD3-LM's models are not")
+    C, N, H = (int(get(cfg, f"model.{k}", source)) for k in ("hidden_size", "n_blocks", "n_heads"))
+    cond, length = int(get(cfg, "model.cond_dim", source)), int(get(cfg, "model.length", source))
+    block = int(get(cfg, "block_size", source, length))
+    if name == "bd3lm" and (block < 1 or length % block):
+        raise FormatError(f"{source}: block_size={block} must divide model.length={length}")
+    T = int(get(cfg, "algo.T", source, 0))
+    if name == "bd3lm" and T != 0:
+        raise FormatError(f"{source}: algo.T={T}; ours trains BD3-LM in continuous time only")
+    param = BD3LM_ALGOS[name]
+    return Architecture("dit", param, C, N, H, cond, length, False, T, block)
+
+
 def backbone_weights(
     ckpt: dict[str, Any], arch: Architecture, use_ema: bool, source: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, int]:
     """(raw weights, the weights to load, EMA updates, vocabulary size V): `backbone.*` matched
     strictly against MDLM's DiT layout, the EMA shadow in its place when use_ema."""
-    sd = ckpt["state_dict"]
+    sd = {k: v for k, v in ckpt["state_dict"].items() if k not in CLIP_KEYS}
     others = [k for k in sd if not str(k).startswith("backbone.")]
     if others:
         raise FormatError(f"{source}: unexpected tensor {others[0]!r} outside backbone.*")
@@ -185,21 +224,32 @@ def config_overrides(
 ) -> list[str]:
     """Our overrides that rebuild the model MDLM's config describes."""
     dropout = float(get(cfg, "model.dropout", source, 0.1))
+    if arch.param == "bd3lm":
+        var_min = bool(get(cfg, "algo.var_min", source, True))
+        model = [*objective_overrides(int(arch.block_size or arch.length), var_min)]
+    else:
+        model = [
+            f"parameterization={PARAMETERIZATIONS[arch.param]}",
+            "noise=loglinear",
+            f"T={arch.T}",
+            f"time_conditioning={str(arch.time_conditioning).lower()}",
+        ]
     out = [
         "backbone=hf_dit",
-        f"parameterization={PARAMETERIZATIONS[arch.param]}",
-        "noise=loglinear",
-        f"T={arch.T}",
-        f"time_conditioning={str(arch.time_conditioning).lower()}",
+        *model,
         f"training.ema={float(get(cfg, 'training.ema', source, 0.9999))}",
         *model_overrides(arch.C, arch.N, arch.H, arch.cond, arch.length, dropout),
         *data,
     ]
-    if arch.param in (
-        "subs",
-        "d3pm",
-    ):  # MDLM embeds sigma = 0 (or sigma(t)), never a mask statistic
+    if arch.param in ("subs", "d3pm"):  # MDLM embeds sigma = 0 (or sigma(t)), no mask statistic
         out.append("parameterization.mask_conditioning=false")
+    if "algo" in cfg:  # BD3-LM's switches of its training rows (ours: one layout for all splits)
+        for theirs, ours in (
+            ("insert_train_special", "special_tokens"),
+            ("insert_train_eos", "doc_eos"),
+        ):
+            flag = bool(get(cfg, f"data.{theirs}", source, True))
+            out += [] if flag else [f"++data.layout.{ours}=false"]
     if arch.causal:
         out += ["backbone.causal=true", f"backbone.mask_index={mask_id}"]
     return out
@@ -224,7 +274,12 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
                 f"{source}: a text8 checkpoint with {V} embedding rows; MDLM's text8 tokenizer "
                 f"has {len(MDLM_CHAR_SPECIALS) + 27}"
             )
-    ov = config_overrides(cfg, arch, data, mask_id, source) + list(overrides)
+    ov = config_overrides(cfg, arch, data, mask_id, source)
+    state: dict[str, torch.Tensor] = {}
+    if arch.param == "bd3lm":
+        noise, state = clip_setup(bd3lm_clip(ckpt, cfg, source), source)
+        ov += noise
+    ov += list(overrides)
     info = {
         "format": NAME,
         "source": source,
@@ -238,4 +293,16 @@ def load(path: Path, use_ema: bool = True, overrides: tuple[str, ...] = ()) -> d
         "ema": f"EMA ({updates} updates)" if use_ema else "raw (EMA disabled)",
         "global_step": ckpt.get("global_step"),
     }
-    return make_checkpoint(ov, weights, info, raw=raw, ema_updates=updates)
+    return make_checkpoint(ov, weights, info, raw=raw, ema_updates=updates, extra_state=state)
+
+
+def bd3lm_clip(ckpt: dict[str, Any], cfg: dict[str, Any], source: str) -> tuple[float, float]:
+    """BD3-LM's learned interval of training mask rates: the two saved scalars (var_min), else
+    its training.sampling_eps_min / max, else the full interval."""
+    sd = ckpt["state_dict"]
+    if all(k in sd for k in CLIP_KEYS):
+        return float(sd[CLIP_KEYS[0]]), float(sd[CLIP_KEYS[1]])
+    if any(k in sd for k in CLIP_KEYS):
+        raise FormatError(f"{source}: only one of {list(CLIP_KEYS)} in the state_dict")
+    lo = float(get(cfg, "training.sampling_eps_min", source, UNCLIPPED[0]))
+    return lo, float(get(cfg, "training.sampling_eps_max", source, UNCLIPPED[1]))

@@ -261,7 +261,13 @@ def module_from_checkpoint(
 # what a checkpoint defines: an evaluation takes these from it, and the command line may not
 # contradict them (except the keys below, which an evaluation may change)
 RUN_DEFINING = ("model", "backbone", "parameterization", "noise", "data", "T", "time_conditioning")
-EVAL_MAY_CHANGE = ("model.length", "data.cache_dir", "data.num_proc", "data.streaming")
+EVAL_MAY_CHANGE = (
+    "model.length",
+    "data.cache_dir",
+    "data.num_proc",
+    "data.streaming",
+    "parameterization.attn_backend",  # how BD3-LM's mask is computed (flex / sdpa): same values
+)
 # where this machine keeps its caches and how many processes it tokenizes with: always the
 # evaluating machine's own (the checkpoint's name a folder on the machine it was trained on)
 MACHINE_LOCAL = ("data.cache_dir", "data.num_proc")

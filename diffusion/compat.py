@@ -95,6 +95,21 @@ MDLM_ONLY_NAMES = {
     "model.tie_word_embeddings",
     "model.type",
 }
+# BD3-LM's main.py (kuleshov-group/bd3lms) is MDLM's with these names added: its commands
+# are translated by the same rules, the model named by `algo` (BD3-LM's default, bd3lm, is
+# not assumed: a command without `algo=` is MDLM's)
+BD3LM_ALGOS: dict[str, tuple[list[str], str | None]] = {  # algo -> (ours, its sampler)
+    "bd3lm": (["parameterization=bd3lm"], "block"),
+    "mdlm": (["parameterization=subs"], None),  # MDLM's sampling.predictor decides
+    "ar": (["parameterization=ar", "backbone=hf_dit", "backbone.causal=true"], "ar"),
+    "sedd": (["parameterization=sedd", "time_conditioning=true"], "analytic"),
+}
+BD3LM_ONLY_PREFIXES = ("algo.", "data.insert_")
+BD3LM_ONLY_NAMES = {"algo", "block_size", "model.attn_backend", "training.resample",
+                    "training.from_pretrained", "wandb"}  # fmt: skip
+BD3LM_SAMPLING = ("sampling.nucleus_p", "sampling.kv_cache", "sampling.logdir",
+                  "sampling.var_length", "sampling.first_hitting")  # fmt: skip
+INSERT_FLAGS = {"special": "special_tokens", "eos": "doc_eos"}  # data.insert_<split>_<flag>
 MDLM_ONLY_VALUES = {
     "data": set(MDLM_DATA) - {"lm1b", "text8", "wikitext2", "wikitext103", "ptb", "ag_news",
                               "lambada", "scientific_papers_arxiv", "scientific_papers_pubmed"},
@@ -131,6 +146,8 @@ def is_mdlm_command(overrides: list[str]) -> bool:
     for o in overrides:
         _, key, value = _split(o)
         if key.startswith(MDLM_ONLY_PREFIXES) or key in MDLM_ONLY_NAMES:
+            return True
+        if key.startswith(BD3LM_ONLY_PREFIXES) or key in BD3LM_ONLY_NAMES:
             return True
         if value in MDLM_ONLY_VALUES.get(key, ()):
             return True
@@ -239,7 +256,7 @@ def _translate(overrides: list[str]) -> tuple[list[str], list[str]]:
 # ---- the sampler: predictor / semi-AR / steps / number of samples, composed together -------
 SAMPLING_NAMES = (
     "sampling.predictor", "sampling.steps", "sampling.num_sample_batches", "sampling.semi_ar",
-    "sampling.stride_length", "sampling.num_strides", "sampling.noise_removal",
+    "sampling.stride_length", "sampling.num_strides", "sampling.noise_removal", *BD3LM_SAMPLING,
 )  # fmt: skip
 
 
@@ -250,11 +267,50 @@ def _sampler_overrides(t: _Translation) -> list[str]:
     ov += _sample_count(t)
     ov += _semi_ar_strides(t)
     ov += _noise_removal(t)
+    ov += _bd3lm_sampling(t)
+    return ov
+
+
+def _bd3lm_sampling(t: _Translation) -> list[str]:
+    """BD3-LM's sampling.* names: nucleus_p -> sampler.top_p, var_length -> stop_at_eos (its
+    default false: samples run to their full length); the KV cache, the log folder and
+    first-hitting need nothing (said in one line each)."""
+    ov = []
+    g = t.given
+    if "sampling.nucleus_p" in g:
+        p = float(g["sampling.nucleus_p"])
+        if p < 1.0:
+            ov.append(f"sampler.top_p={p}")
+        t.say("sampling.nucleus_p", "sampler.top_p" if p < 1.0 else "(nothing: 1.0 keeps all)")
+    if t.sampler == "block":
+        stop = _truthy(g.get("sampling.var_length", "false"), "sampling.var_length")
+        ov.append(f"sampler.stop_at_eos={str(stop).lower()}")
+        if "sampling.var_length" in g:
+            t.say("sampling.var_length", "sampler.stop_at_eos")
+        else:
+            t.lines.append("MDLM default sampling.var_length=False -> sampler.stop_at_eos=false")
+    elif "sampling.var_length" in g and _truthy(g["sampling.var_length"], "sampling.var_length"):
+        raise ConfigError("BD3-LM name sampling.var_length=True needs algo=bd3lm (sampler=block)")
+    notes = {
+        "sampling.kv_cache": "sampler=block always decodes with its exact KV cache",
+        "sampling.logdir": "samples.jsonl is written into the run directory (hydra.run.dir)",
+        "sampling.first_hitting": "ours takes sampler.steps ancestral steps per block; "
+        "first-hitting's draws are their many-step limit, and the cached network runs only "
+        "when a block changed",
+    }
+    for key, note in notes.items():
+        if key in g:
+            t.say(key, f"(nothing: {note})")
     return ov
 
 
 def _sampler_choice(t: _Translation) -> list[str]:
     """sampling.predictor (+ sampling.semi_ar) -> sampler=<option> (+ sampler.cache)."""
+    algo_sampler = BD3LM_ALGOS.get(t.given.get("algo", ""), ([], None))[1]
+    if algo_sampler is not None and "sampling.predictor" not in t.given:
+        t.sampler = algo_sampler
+        t.lines.append(f"BD3-LM algo={t.given['algo']} samples with sampler={algo_sampler}")
+        return [f"sampler={algo_sampler}"]
     predictor = t.given.get("sampling.predictor", "ddpm_cache")
     if predictor not in SAMPLERS:
         raise ConfigError(
@@ -282,11 +338,20 @@ def _sampler_choice(t: _Translation) -> list[str]:
 
 def _sampler_steps(t: _Translation) -> list[str]:
     """sampling.steps (MDLM's default 128) -> sampler.steps."""
+    if "algo.T" in t.given and "sampling.steps" not in t.given and _mode(t) == "sample_eval":
+        t.say("algo.T (sample_eval: BD3-LM's steps per block)", "sampler.steps")
+        return [f"sampler.steps={_int(t.given['algo.T'], 'algo.T')}"]
+    if t.sampler == "ar":
+        return []  # one network call per token: no steps
     steps = t.given.get("sampling.steps", "128")
     ov = [f"sampler.steps={_int(steps, 'sampling.steps')}"]
     if "sampling.steps" in t.given:
         t.say("sampling.steps", "sampler.steps")
     return ov
+
+
+def _mode(t: _Translation) -> str:
+    return t.given.get("mode", "train")
 
 
 def _world_size(given: dict[str, str]) -> str:
@@ -301,7 +366,10 @@ def _world_size(given: dict[str, str]) -> str:
 
 def _sample_count(t: _Translation) -> list[str]:
     """sampling.num_sample_batches -> sampler.num_samples = batches x eval batch x world."""
-    batches = _int(t.given.get("sampling.num_sample_batches", "2"), "sampling.num_sample_batches")
+    default = "1" if "algo" in t.given else "2"  # BD3-LM's default / MDLM's
+    batches = _int(
+        t.given.get("sampling.num_sample_batches", default), "sampling.num_sample_batches"
+    )
     eval_bs = t.given.get("loader.eval_batch_size")
     world = _world_size(t.given)
     if eval_bs is not None and world.isdigit():
@@ -312,7 +380,7 @@ def _sample_count(t: _Translation) -> list[str]:
     if "sampling.num_sample_batches" in t.given:
         t.say(f"sampling.num_sample_batches={batches}", what)
     else:
-        t.lines.append(f"MDLM default sampling.num_sample_batches=2 -> {what}")
+        t.lines.append(f"MDLM default sampling.num_sample_batches={default} -> {what}")
     return [f"sampler.num_samples={num}", "sampler.batch_size='${loader.eval_batch_size}'"]
 
 
@@ -481,6 +549,115 @@ def _callbacks(t: _Translation, prefix: str, key: str, value: str) -> None:
     t.say(key, "checkpointing.every_n_train_steps")
 
 
+def _algo(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if value not in BD3LM_ALGOS:
+        raise ConfigError(
+            f"BD3-LM name algo={value}: ours ports {sorted(BD3LM_ALGOS)} (DUO's algorithms: "
+            "our parameterization=duo / duo_distill)"
+        )
+    ours = BD3LM_ALGOS[value][0]
+    t.backbone_set = t.backbone_set or any(o.startswith("backbone") for o in ours)
+    t.out += ours
+    t.say(f"algo={value}", ours)
+
+
+def _algo_backbone(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if value not in ("dit", "hf_dit"):
+        raise ConfigError(f"BD3-LM name algo.backbone={value}: only its DiT is ported (dit)")
+    if not t.backbone_set:  # algo=ar named MDLM's causal DiT already
+        t.out.append("backbone=hf_dit")
+    t.backbone_set = True
+    t.say(f"algo.backbone={value}", "backbone=hf_dit (MDLM's DiT, BD3-LM's layout)")
+
+
+def _algo_t(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if _mode(t) != "sample_eval":  # sample_eval: the sampler's steps (read already)
+        t.out.append(f"T={_int(value, key)}")
+        t.say(key, "T")
+
+
+ALGO_KEYS = {  # BD3-LM algo.<key> -> ours (the value passed as it is)
+    "algo.clip_search_widths": "parameterization.clip_search_widths",
+    "algo.clip_search_delta": "parameterization.clip_search_delta",
+    "algo.var_min": "parameterization.var_min",
+}
+ALGO_DROPPED = {
+    "algo.ignore_bos": "ours reports ppl_excl_bos beside ppl (without BOS tokens and each "
+    "row's first position)",
+    "algo.cross_attn": "the x_t + x_0 pass is part of parameterization=bd3lm",
+}
+
+
+def _algo_key(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if key in ALGO_KEYS:
+        t.out.append(f"{ALGO_KEYS[key]}={value}")
+        t.say(key, ALGO_KEYS[key])
+    elif key in ALGO_DROPPED:
+        t.say(key, f"(nothing: {ALGO_DROPPED[key]})")
+    else:
+        raise ConfigError(
+            f"BD3-LM name {key} is not ported (ours: {sorted(ALGO_KEYS)}, algo.backbone, algo.T)"
+        )
+
+
+def _block_size(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if t.given.get("algo", "bd3lm") != "bd3lm":
+        t.say(f"block_size={value}", f"(nothing: algo={t.given['algo']} has no blocks)")
+        return
+    t.out.append(f"parameterization.block_size={_int(value, key)}")
+    t.say("block_size", "parameterization.block_size")
+
+
+def _attn_backend(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if t.given.get("algo", "bd3lm") != "bd3lm":
+        t.say(key, "(nothing: only bd3lm's block-causal mask has a backend choice)")
+        return
+    t.out.append(f"parameterization.attn_backend={value}")
+    t.say(key, "parameterization.attn_backend")
+
+
+def _insert(t: _Translation, prefix: str, key: str, value: str) -> None:
+    """data.insert_{train,valid}_{special,eos}: the rows' bookends / EOS after documents. Ours
+    has one layout for every split: the training split's switches in mode=train, else the
+    validation split's."""
+    parts = key.removeprefix("data.insert_").split("_")
+    if len(parts) != 2 or parts[0] not in ("train", "valid") or parts[1] not in INSERT_FLAGS:
+        raise ConfigError(
+            f"BD3-LM name {key} is not one of its data.insert_<train|valid>_<special|eos>"
+        )
+    split, flag = parts
+    if split != ("train" if _mode(t) == "train" else "valid"):
+        other = "training" if split == "valid" else "evaluated"
+        t.say(key, f"(nothing: ours cuts every split like the {other} one)")
+        return
+    ours = f"data.layout.{INSERT_FLAGS[flag]}"
+    if not _truthy(value, key):
+        t.out.append(f"++{ours}=false")
+    t.say(key, ours)
+
+
+def _resample(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if _truthy(value, key):
+        raise ConfigError(
+            "BD3-LM name training.resample=True (redraw masks until each block's masked "
+            "fraction lies in the clipping interval) is not implemented: ours draws the mask "
+            "rate from [noise.beta, noise.omega] (noise=clipped) and masks with it once"
+        )
+    t.say(f"{key}=False", "(nothing: the default)")
+
+
+def _from_pretrained(t: _Translation, prefix: str, key: str, value: str) -> None:
+    t.out.append(f"training.init_from_ckpt={value}")
+    t.say(key, "training.init_from_ckpt")
+
+
+def _wandb_off(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if value.strip().lower() not in ("null", "none", "~"):
+        raise ConfigError(f"BD3-LM name wandb={value}: ours takes logger=wandb logger.<kwarg>")
+    t.out.append("logger=none")
+    t.say("wandb=null", "logger=none")
+
+
 HANDLERS: dict[str, Handler] = {
     "backbone": _backbone,
     "model": _model,
@@ -496,8 +673,21 @@ HANDLERS: dict[str, Handler] = {
     "optim.beta2": _betas,
     **dict.fromkeys(FALSE_ONLY, _false_only),
     **dict.fromkeys(DROPPED, _dropped),
+    "algo": _algo,
+    "algo.backbone": _algo_backbone,
+    "algo.T": _algo_t,
+    "block_size": _block_size,
+    "model.attn_backend": _attn_backend,
+    "training.resample": _resample,
+    "training.from_pretrained": _from_pretrained,
+    "wandb": _wandb_off,
 }
-PREFIX_HANDLERS: dict[str, Handler] = {"wandb.": _wandb, "callbacks.": _callbacks}
+PREFIX_HANDLERS: dict[str, Handler] = {
+    "wandb.": _wandb,
+    "callbacks.": _callbacks,
+    "algo.": _algo_key,
+    "data.insert_": _insert,
+}
 
 
 def _handler(key: str) -> Handler | None:
@@ -542,7 +732,8 @@ def _sampler_accepts(sampler: str, arg: str) -> bool:
     import inspect
 
     module = {"ddpm": "samplers.ddpm", "ddpm_cache": "samplers.ddpm_cache",
-              "analytic": "samplers.analytic", "semi_ar": "samplers.semi_ar"}[sampler]  # fmt: skip
+              "analytic": "samplers.analytic", "semi_ar": "samplers.semi_ar",
+              "block": "samplers.block", "ar": "samplers.ar"}[sampler]  # fmt: skip
     mod = importlib.import_module(module)
     classes = [c for c in vars(mod).values() if inspect.isclass(c) and c.__module__ == module]
     return any(arg in inspect.signature(c.__init__).parameters for c in classes)

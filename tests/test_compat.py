@@ -298,3 +298,92 @@ def test_noise_removal_fills_the_last_masks_greedily(cls_name):
         "sampler.noise_removal=true" in ours
         and "MDLM name sampling.noise_removal -> sampler.noise_removal" in lines
     )
+
+
+# ---- BD3-LM's command lines (kuleshov-group/bd3lms README.md and scripts/, `srun python -u
+# main.py` dropped, its shell variables filled in) -------------------------------------------
+BD3LM_README_SAMPLE = """loader.eval_batch_size=1 model=small algo=bd3lm algo.T=5000
+algo.backbone=hf_dit data=openwebtext-split model.length=1024 block_size=4 wandb=null
+mode=sample_eval eval.checkpoint_path=kuleshov-group/bd3lm-owt-block_size4
+model.attn_backend=sdpa sampling.nucleus_p=0.9 sampling.kv_cache=true
+sampling.logdir=/tmp/sample_logs/samples_genlen_bd3lm_blocksize4"""
+BD3LM_GENPPL = BD3LM_README_SAMPLE.replace(
+    "sampling.logdir", "seed=3 sampling.num_sample_batches=25 sampling.logdir"
+)
+BD3LM_VARLEN = BD3LM_README_SAMPLE + " sampling.var_length=true"
+BD3LM_PPL_OWT = """loader.eval_batch_size=16 model=small algo=bd3lm algo.backbone=hf_dit
+data=openwebtext-split data.insert_valid_special=False model.length=1024 model.attn_backend=flex
+block_size=4 eval.checkpoint_path=kuleshov-group/bd3lm-owt-block_size4 wandb=null mode=ppl_eval"""
+BD3LM_PPL_LM1B = """loader.eval_batch_size=128 model=small algo=bd3lm data=lm1b-wrap
+model.length=128 block_size=4 eval.checkpoint_path=/ckpts/last-v1.ckpt wandb=null
+mode=ppl_eval model.attn_backend=flex"""
+BD3LM_GENPPL_MDLM = """mode=sample_eval loader.eval_batch_size=1 data=openwebtext-split
+algo=mdlm algo.T=5000 block_size=1024 model.length=1024
+eval.checkpoint_path=/ckpts/mdlm_owt_noeos.ckpt wandb=null seed=1
+sampling.num_sample_batches=25 sampling.nucleus_p=0.9 sampling.logdir=/tmp/samples_mdlm"""
+BD3LM_TRAIN = """loader.global_batch_size=512 loader.eval_global_batch_size=512
+loader.batch_size=16 loader.eval_batch_size=16 model=small algo=bd3lm
+algo.clip_search_widths=[0.5,0.6,0.7,0.8,0.9] data=openwebtext-split
+data.insert_train_special=False data.insert_valid_special=False data.insert_valid_eos=False
+model.length=1024 block_size=16 wandb.name=bd3lm-owt-block_size16 mode=train
+model.attn_backend=flex training.resample=True
+training.from_pretrained=kuleshov-group/bd3lm-owt-block_size1024-pretrain"""
+
+# command, sampler, steps, num_samples, top_p, stop_at_eos, parameterization, block size
+BD3LM_CASES = [
+    ("readme_sample", BD3LM_README_SAMPLE, "BlockSampler", 5000, 1, 0.9, False, "BD3LM", 4),
+    ("genppl", BD3LM_GENPPL, "BlockSampler", 5000, 25, 0.9, False, "BD3LM", 4),
+    ("varlen", BD3LM_VARLEN, "BlockSampler", 5000, 1, 0.9, True, "BD3LM", 4),
+    ("ppl_owt", BD3LM_PPL_OWT, "BlockSampler", 128, 16, None, False, "BD3LM", 4),
+    ("ppl_lm1b", BD3LM_PPL_LM1B, "BlockSampler", 128, 128, None, False, "BD3LM", 4),
+    ("genppl_mdlm", BD3LM_GENPPL_MDLM, "DDPMCacheSampler", 5000, 25, 0.9, None, "SUBS", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command,sampler,steps,num_samples,top_p,stop,param,block",
+    [c[1:] for c in BD3LM_CASES],
+    ids=[c[0] for c in BD3LM_CASES],
+)
+def test_bd3lm_command_composes(command, sampler, steps, num_samples, top_p, stop, param, block):
+    theirs = command.split()
+    assert is_mdlm_command(theirs)
+    ours, lines = translate(theirs)
+    cfg = composed(ours)
+    assert cfg.sampler._target_.rsplit(".", 1)[-1] == sampler
+    assert int(cfg.sampler.steps) == steps and int(cfg.sampler.num_samples) == num_samples
+    assert cfg.sampler.get("top_p") == top_p
+    if stop is not None:
+        assert cfg.sampler.stop_at_eos is stop
+    assert cfg.parameterization._target_.rsplit(".", 1)[-1] == param
+    if block is not None:
+        assert cfg.parameterization.block_size == block
+    if "algo.backbone" in command:
+        assert cfg.backbone._target_ == "models.mdlm_dit.MDLMDiT"
+    assert "logger=none" in ours and int(cfg.T) == 0
+    if "insert_valid_special=False" in command:
+        assert cfg.data.layout.special_tokens is False  # evaluated: the validation switch
+    if "attn_backend" in command and param == "BD3LM":
+        assert cfg.parameterization.attn_backend in ("sdpa", "flex")
+    assert any("sampling.logdir" in line for line in lines) == ("logdir" in command)
+
+
+def test_bd3lm_training_switches_and_unported_names():
+    theirs = BD3LM_TRAIN.split()
+    with pytest.raises(ConfigError, match=r"training.resample=True .* not implemented"):
+        translate(theirs)
+    ours, lines = translate([o for o in theirs if not o.startswith("training.resample")])
+    cfg = composed(ours)
+    assert cfg.data.layout.special_tokens is False  # the training split's switch
+    assert "doc_eos" not in cfg.data.layout  # insert_train_eos: BD3-LM's default True
+    assert any("insert_valid_eos" in line and "training one" in line for line in lines)
+    assert list(cfg.parameterization.clip_search_widths) == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert cfg.training.init_from_ckpt == "kuleshov-group/bd3lm-owt-block_size1024-pretrain"
+    assert cfg.parameterization.block_size == 16 and cfg.logger._target_.endswith("WandbLogger")
+    for bad, hint in [
+        ("algo=duo", r"algo=duo: ours ports"),
+        ("algo.fix_clipping=True", r"algo.fix_clipping is not ported"),
+        ("data.insert_test_eos=False", r"data.insert_<train\|valid>"),
+    ]:
+        with pytest.raises(ConfigError, match=hint):
+            translate(["algo=bd3lm", bad])

@@ -319,6 +319,15 @@ def test_bd3lm_on_mdlms_dit_trains_evaluates_and_samples(tmp_path):
              "sampler=block", "sampler.steps=4", "sampler.max_length=40")  # fmt: skip
     report = json.loads((tmp_path / "sample" / "sample_eval.json").read_text())
     assert report["num_samples"] == 2 and report["entropy"] > 0 and 4 <= report["length"] <= 40
+    # BD3-LM's own sampling command (README / genppl_bd3lm.sh names) on the same checkpoint
+    run_main(tmp_path / "theirs", "mode=sample_eval", f"eval.checkpoint_path={ckpt}",
+             "algo=bd3lm", "algo.T=50", "algo.backbone=hf_dit", "block_size=4", "wandb=null",
+             "model.attn_backend=sdpa", "sampling.nucleus_p=0.9", "sampling.kv_cache=true",
+             "loader.eval_batch_size=2", "sampling.logdir=unused")  # fmt: skip
+    theirs = json.loads((tmp_path / "theirs" / "sample_eval.json").read_text())
+    assert theirs["sampler"] == "BlockSampler" and theirs["steps"] == 50
+    blocks = theirs["length"] // 4  # 8 blocks: at most 2 rows x 4 changes + 1 write each
+    assert theirs["length"] == 32 and theirs["nfe"] <= blocks * (2 * 4 + 1) < blocks * 50
 
 
 # ---- BD3-LM's own Lightning checkpoints (its repository's main.py, MDLM's layout + algo.*) ---

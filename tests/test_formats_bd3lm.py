@@ -30,6 +30,7 @@ from tests.test_formats_mdlm import (
     H,
     N,
     V,
+    converted_module,
     inv_freq,
     mdlm_params,
     reference_logits,
@@ -113,20 +114,8 @@ def write_release(
     return folder
 
 
-def build(ckpt):
-    """The module rebuilt from the converted dict (strict load), as evaluation rebuilds it."""
-    from diffusion.build import build_module
-
-    class Vocab:  # what the data module reports for GPT-2 + [MASK]
-        vocab_size, mask_id = V, MASK
-
-    module = build_module(OmegaConf.create(ckpt["unmask_config"]), Vocab())
-    module.load_state_dict(ckpt["state_dict"], strict=True)
-    return module.eval()
-
-
 def training_logits(ckpt, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    module = build(ckpt)
+    module = converted_module(ckpt)
     with torch.no_grad():
         ones = torch.ones_like(x_t)
         return module.objective.backbone_logits(module.eval_backbone, x_t, x0, ones).double()
@@ -168,7 +157,7 @@ def test_cached_block_decoding_equals_the_training_pass(tmp_path):
     """BD3-LM decodes a block against the keys/values of the clean blocks before it: our span
     KV cache on the converted MDLM-layout DiT gives the training pass's logits of that block."""
     p = mdlm_params(seed=3)
-    module = build(load_checkpoint(str(write_release(tmp_path / "rel", p))))
+    module = converted_module(load_checkpoint(str(write_release(tmp_path / "rel", p))))
     backbone = module.eval_backbone
     x_t, x0 = draws(1)
     want = reference_bd3lm(p, x_t, x0, BLOCK)
@@ -188,7 +177,9 @@ def test_block_sampler_draws_from_the_converted_release(tmp_path):
     from samplers.block import BlockSampler
     from tests.test_bd3lm import recording
 
-    module = build(load_checkpoint(str(write_release(tmp_path / "rel", mdlm_params(seed=4)))))
+    module = converted_module(
+        load_checkpoint(str(write_release(tmp_path / "rel", mdlm_params(seed=4))))
+    )
     denoiser = module.denoiser()
     calls = recording(denoiser)
     g = torch.Generator().manual_seed(0)
@@ -211,11 +202,11 @@ def test_the_learned_clipping_is_kept_and_the_full_interval_is_unclipped(tmp_pat
     assert noise["_target_"] == "diffusion.noise.Clipped"
     assert (noise["beta"], noise["omega"]) == pytest.approx((0.45, 0.95))
     torch.testing.assert_close(
-        build(ckpt).objective.clip, torch.tensor([0.45, 0.95], dtype=torch.float64)
+        converted_module(ckpt).objective.clip, torch.tensor([0.45, 0.95], dtype=torch.float64)
     )
     full = load_checkpoint(str(write_release(tmp_path / "full", p, clip=(1e-3, 1.0))))
     assert full["unmask_config"]["noise"]["_target_"] == "diffusion.noise.LogLinear"
-    assert build(full).objective.clip.tolist() == [0.0, 0.0]
+    assert converted_module(full).objective.clip.tolist() == [0.0, 0.0]
     plain = load_checkpoint(str(write_release(tmp_path / "plain", p, clip=None)))
     assert plain["unmask_config"]["parameterization"]["var_min"] is False
     assert plain["unmask_config"]["noise"]["_target_"] == "diffusion.noise.LogLinear"

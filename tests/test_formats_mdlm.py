@@ -129,9 +129,9 @@ def reference_logits(
     return logits
 
 
-def converted_logits(ckpt, x, sigma=None):
-    """Rebuild backbone + objective from the converted dict (its saved config, like our own
-    .ckpt) with a strict load of the whole module; the EMA copy's logits, as evaluation uses."""
+def converted_module(ckpt):
+    """Backbone + objective rebuilt from the converted dict (its saved config, like our own
+    .ckpt) with a strict load of the whole module, in eval mode."""
     from diffusion.build import build_module
 
     cfg = OmegaConf.create(ckpt["unmask_config"])
@@ -141,7 +141,12 @@ def converted_logits(ckpt, x, sigma=None):
 
     module = build_module(cfg, Vocab())
     module.load_state_dict(ckpt["state_dict"], strict=True)
-    backbone = module.eval_backbone.eval()
+    return module.eval()
+
+
+def converted_logits(ckpt, x, sigma=None):
+    """The rebuilt module's EMA-copy logits, as evaluation uses them."""
+    backbone = converted_module(ckpt).eval_backbone
     with torch.no_grad():
         return backbone(x, sigma, None).double()
 

@@ -636,6 +636,16 @@ def _insert(t: _Translation, prefix: str, key: str, value: str) -> None:
     t.say(key, ours)
 
 
+def _model_length(t: _Translation, prefix: str, key: str, value: str) -> None:
+    """BD3-LM's sample_eval reads model.length as the number of tokens to generate (past the
+    model's context its window slides): our sampler.max_length; elsewhere it is ours."""
+    if t.given.get("algo") == "bd3lm" and _mode(t) == "sample_eval":
+        t.out.append(f"sampler.max_length={_int(value, key)}")
+        t.say("model.length (BD3-LM sample_eval: tokens to generate)", "sampler.max_length")
+    else:
+        t.out.append(f"{prefix}{key}={value}")
+
+
 def _resample(t: _Translation, prefix: str, key: str, value: str) -> None:
     if _truthy(value, key):
         raise ConfigError(
@@ -678,6 +688,7 @@ HANDLERS: dict[str, Handler] = {
     "algo.T": _algo_t,
     "block_size": _block_size,
     "model.attn_backend": _attn_backend,
+    "model.length": _model_length,
     "training.resample": _resample,
     "training.from_pretrained": _from_pretrained,
     "wandb": _wandb_off,

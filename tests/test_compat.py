@@ -368,6 +368,16 @@ def test_bd3lm_command_composes(command, sampler, steps, num_samples, top_p, sto
     assert any("sampling.logdir" in line for line in lines) == ("logdir" in command)
 
 
+def test_bd3lm_sample_length_is_the_generated_length():
+    """genppl_bd3lm.sh LENGTH=2048: BD3-LM generates 2048 tokens past its 1024 context (a
+    sliding window); ours: sampler.max_length, the checkpoint's model.length untouched."""
+    ours, lines = translate(BD3LM_GENPPL.replace("model.length=1024", "model.length=2048").split())
+    cfg = composed(ours)
+    assert cfg.sampler.max_length == 2048 and not any(o.startswith("model.length") for o in ours)
+    ppl, _ = translate(BD3LM_PPL_OWT.split())
+    assert "model.length=1024" in ppl and composed(ppl).sampler.get("max_length") is None
+
+
 def test_bd3lm_training_switches_and_unported_names():
     theirs = BD3LM_TRAIN.split()
     with pytest.raises(ConfigError, match=r"training.resample=True .* not implemented"):

@@ -226,7 +226,7 @@ def config_overrides(
     dropout = float(get(cfg, "model.dropout", source, 0.1))
     if arch.param == "bd3lm":
         var_min = bool(get(cfg, "algo.var_min", source, True))
-        model = [*objective_overrides(int(arch.block_size or arch.length), var_min)]
+        model = objective_overrides(int(arch.block_size or arch.length), var_min)
     else:
         model = [
             f"parameterization={PARAMETERIZATIONS[arch.param]}",
@@ -244,12 +244,11 @@ def config_overrides(
     if arch.param in ("subs", "d3pm"):  # MDLM embeds sigma = 0 (or sigma(t)), no mask statistic
         out.append("parameterization.mask_conditioning=false")
     if "algo" in cfg:  # BD3-LM's switches of its training rows (ours: one layout for all splits)
-        for theirs, ours in (
-            ("insert_train_special", "special_tokens"),
-            ("insert_train_eos", "doc_eos"),
-        ):
-            flag = bool(get(cfg, f"data.{theirs}", source, True))
-            out += [] if flag else [f"++data.layout.{ours}=false"]
+        from diffusion.compat import INSERT_FLAGS
+
+        for flag, ours in INSERT_FLAGS.items():
+            if not bool(get(cfg, f"data.insert_train_{flag}", source, True)):
+                out.append(f"++data.layout.{ours}=false")
     if arch.causal:
         out += ["backbone.causal=true", f"backbone.mask_index={mask_id}"]
     return out

@@ -42,6 +42,17 @@ def uniform_posterior(
     return post / post.sum(-1, keepdim=True)
 
 
+def states(model: GuidedDenoiser, device: torch.device) -> Tensor:
+    """(V,) bool: the ids a uniform-state denoiser's noise ranges over, from its `states`
+    (DUO's own checkpoints: every id); a denoiser without one: every id but the mask id."""
+    declared = getattr(model.denoiser, "states", None)
+    if declared is not None:
+        return declared(device)
+    real = torch.ones(model.vocab_size, dtype=torch.bool, device=device)
+    real[model.mask_id] = False
+    return real
+
+
 class UniformSampler(Sampler):
     """DUO's ancestral sampler on a uniform grid of `steps` steps (optionally a greedy tail)."""
 
@@ -72,15 +83,14 @@ class UniformSampler(Sampler):
         generator: torch.Generator | None,
         record: Callable[[Tensor], None] | None,
     ) -> Tensor:
-        mask_id, V = model.mask_id, model.vocab_size
+        mask_id = model.mask_id
         batch, length = x.shape
-        real = torch.ones(V, dtype=torch.bool, device=x.device)
-        real[mask_id] = False
+        real = states(model, x.device)  # (V,) the ids the noise ranges over
+        ids = real.nonzero().squeeze(-1)
         free = x == mask_id  # (B, L) positions to generate (the rest is prompt / fixed)
-        # the prior: uniform over the K real tokens (one float64 uniform per position)
+        # the prior: uniform over the K states (one float64 uniform per position)
         u = uniform((batch, length), generator, x.device)
-        prior = (u * (V - 1)).long().clamp_(max=V - 2)
-        prior = prior + (prior >= mask_id).long()
+        prior = ids[(u * len(ids)).long().clamp_(max=len(ids) - 1)]
         x = torch.where(free, prior, x)
         if record is not None:
             record(x.clone())

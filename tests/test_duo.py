@@ -186,6 +186,60 @@ def test_duo_loss_is_the_nelbo_of_what_the_backbone_saw() -> None:
     assert torch.allclose(out.nll, expect + prior, rtol=1e-4, atol=1e-6)
 
 
+def test_states_vocab_draws_and_scores_the_mask_id_as_one_more_state() -> None:
+    """states=vocab (DUO's own checkpoints): K = V, the noise draws the mask id like any
+    other id, a mask id in the data is scored, and the loss is the slow NELBO over all V."""
+    duo = DUO(LogLinear(), MASK_ID, V, states="vocab")
+    assert duo.K == V
+    x0 = torch.full((4000, 16), 5)
+    x_t = duo.q_xt(x0, torch.tensor(0.4), gen(0))
+    drawn = torch.bincount(x_t[x_t != x0], minlength=V).double()
+    assert drawn[MASK_ID] > 0.5 * drawn.sum() / V  # a state as often as the others
+    changed = float((x_t != x0).double().mean())
+    assert changed == pytest.approx(0.6 * (1 - 1 / V), abs=0.01)
+    B, L = 2, 5
+    logits = torch.randn(B, L, V, generator=gen(4))
+    x0 = torch.tensor([[0, 1, MASK_ID, 4, 6]] * B)
+    fake = Recorder(logits)
+    out = duo.loss(fake, x0, torch.ones_like(x0), gen(5))
+    assert bool((out.mask == 1).all())  # the mask id is data like any other token here
+    t = duo.sample_t(B, torch.device("cpu"), gen(5))
+    alpha, beta = LogLinear().alpha(t), LogLinear().dsigma(t)
+    p = logits.log_softmax(-1).exp()
+    expect = torch.tensor(
+        [
+            [
+                usdm_slow(p[b, i].tolist(), int(x0[b, i]), int(fake.seen[b, i]), alpha[b], beta[b])
+                for i in range(L)
+            ]
+            for b in range(B)
+        ]
+    )
+    prior = float(uniform_prior_kl(LogLinear().alpha(torch.ones(1)), V))
+    assert torch.allclose(out.nll, expect + prior, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="parameterization.states='all'"):
+        DUO(LogLinear(), MASK_ID, V, states="all")
+
+
+def test_uniform_posterior_over_every_id_is_duos_formula() -> None:
+    """With every id a state, the posterior equals DUO's closed form of q(x_s | x_t, x_theta)
+    (its `_posterior_from_x0`, written out here): numerator a_t V x [j = x_t] + (a_t|s - a_t)
+    [j = x_t] + (a_s - a_t) x + (1 - a_t|s)(1 - a_s) / V over a_t V x(x_t) + 1 - a_t."""
+    Vd = 5
+    g = gen(6)
+    log_x = torch.randn(3, 4, Vd, generator=g, dtype=torch.float64).log_softmax(-1)
+    x_t = torch.randint(0, Vd, (3, 4), generator=g)
+    a_t, a_s = torch.tensor([0.1, 0.3, 0.6]).double(), torch.tensor([0.2, 0.5, 0.9]).double()
+    post = uniform_posterior(log_x, x_t, a_t, a_s, torch.ones(Vd, dtype=torch.bool))
+    x = log_x.exp()
+    onehot = torch.nn.functional.one_hot(x_t, Vd).double()
+    at, as_ = a_t[:, None, None], a_s[:, None, None]
+    ats = at / as_
+    num = at * Vd * x * onehot + (ats - at) * onehot + (as_ - at) * x + (1 - ats) * (1 - as_) / Vd
+    den = at * Vd * x.gather(-1, x_t[..., None]) + (1 - at)
+    assert torch.allclose(post, num / den, atol=1e-12)
+
+
 def test_curriculum_feeds_soft_tokens_whose_argmax_is_x_t() -> None:
     B, L = 2, 6
     duo = DUO(
@@ -345,6 +399,23 @@ def test_uniform_sampler_greedy_tail_and_prompt() -> None:
     assert bool((held.tokens[:, 0] == 2).all())
     with pytest.raises(ValueError, match="cfg_scale must be 0"):
         UniformSampler(cfg_scale=1.0)
+
+
+def test_uniform_sampler_prior_covers_every_state() -> None:
+    """With states=vocab the prior is uniform over all V ids, the mask id included; with
+    states=real it never draws the mask id."""
+
+    class Flat(torch.nn.Module):
+        def forward(self, x_t, sigma=None, attention_mask=None):
+            return torch.zeros(*x_t.shape, V)
+
+    for states, share in (("vocab", 1 / V), ("real", 0.0)):
+        duo = DUO(LogLinear(), MASK_ID, V, states=states)
+        seen: list[Tensor] = []
+        sampler = UniformSampler(steps=1)
+        sampler.sample(duo.denoiser(Flat()), 2000, 8, generator=gen(7), on_step=seen.append)
+        prior = seen[1]  # seen[0]: the starting canvas (all mask ids)
+        assert float((prior == MASK_ID).double().mean()) == pytest.approx(share, abs=0.01)
 
 
 def test_uniform_sampler_refuses_absorbing_models_and_absorbing_samplers_refuse_duo() -> None:

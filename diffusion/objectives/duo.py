@@ -160,8 +160,15 @@ class DUO(Objective):
         gumbel_tau_log10_end: float = -3.0,
         gamma_min: float = -3.5,
         gamma_max: float = -1.75,
+        states: str = "real",
     ) -> None:
+        """`states`: what the uniform noise ranges over: "real", the K = V - 1 ids other than
+        the mask id (ours), or "vocab", all K = V ids, the mask id one more state, as DUO's own
+        code draws over every id of its tokenizer (its GPT-2 vocabulary of 50 258 counts an
+        added [PAD] where ours holds [MASK]; its BERT one counts [MASK]): its checkpoints."""
         super().__init__()
+        if states not in ("real", "vocab"):
+            raise ValueError(f"parameterization.states={states!r}: expected real or vocab")
         if not time_conditioning:
             raise ValueError(
                 "parameterization=duo needs time_conditioning=true: with uniform noise x_t does "
@@ -180,7 +187,8 @@ class DUO(Objective):
         self.noise = noise
         self.mask_id = mask_id
         self.vocab_size = vocab_size
-        self.K = vocab_size - 1  # the real tokens; the uniform noise never draws the mask
+        self.states = states
+        self.K = vocab_size - (states == "real")  # the states the uniform noise draws
         self.time_conditioned = True
         self.mask_conditioning = False
         self.T = 0
@@ -204,10 +212,10 @@ class DUO(Objective):
 
     # ---- token spaces: full vocabulary (with the mask id) <-> the K real tokens ----------------
     def compact(self, x: Tensor) -> Tensor:
-        return x - (x > self.mask_id).long()
+        return x if self.states == "vocab" else x - (x > self.mask_id).long()
 
     def expand(self, c: Tensor) -> Tensor:
-        return c + (c >= self.mask_id).long()
+        return c if self.states == "vocab" else c + (c >= self.mask_id).long()
 
     def real_tokens(self, x0: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(x0 with every mask-id token replaced by a real one, the (B, L) scored positions).
@@ -215,13 +223,18 @@ class DUO(Objective):
         The uniform process has no state for the mask id: a data token equal to it (a literal
         "[MASK]" in BERT-tokenised text) was compacted onto its neighbour's index and scored as
         that token (or, as the last id, indexed past K). It is not scored, with the warning
-        the absorbing objectives give (`scored_positions`), and noised as a real token."""
+        the absorbing objectives give (`scored_positions`), and noised as a real token. With
+        states=vocab the mask id is a state like any other: kept and scored."""
+        if self.states == "vocab":
+            return x0, attention_mask
         scored = self.scored_positions(x0, attention_mask, None)
         stand_in = 1 if self.mask_id == 0 else 0
         return x0.masked_fill(x0 == self.mask_id, stand_in), scored
 
     def log_x_theta(self, logits: Tensor) -> Tensor:
-        """(B, L, V) logits -> (B, L, K) float32 log x_theta over the real tokens."""
+        """(B, L, V) logits -> (B, L, K) float32 log x_theta over the K states."""
+        if self.states == "vocab":
+            return logits.float().log_softmax(-1)
         keep = torch.cat([logits[..., : self.mask_id], logits[..., self.mask_id + 1 :]], -1)
         return keep.float().log_softmax(-1)
 
@@ -275,6 +288,8 @@ class DUO(Objective):
     def soft_tokens(self, w: Tensor, inv_tau: float) -> Tensor:
         """(B, L, K) latent -> (B, L, V) tempered softmax weights (zero on the mask id)."""
         p = (w * inv_tau).softmax(-1)
+        if self.states == "vocab":
+            return p
         zero = torch.zeros_like(p[..., :1])
         return torch.cat([p[..., : self.mask_id], zero, p[..., self.mask_id :]], -1)
 
@@ -417,8 +432,8 @@ class DUODistill(DUO):
 
 
 class UniformDenoiser:
-    """What the uniform-state samplers call: log x_theta over the vocabulary (mask column
-    -inf) and the discrete schedule; `K` real tokens; `to_real` maps compact ids back."""
+    """What the uniform-state samplers call: log x_theta over the vocabulary (the mask column
+    -inf unless it is a state) and the discrete schedule; `states` the ids the noise draws."""
 
     def __init__(self, backbone: nn.Module, objective: DUO) -> None:
         self.backbone = backbone
@@ -431,13 +446,23 @@ class UniformDenoiser:
     def alpha(self, t: Tensor) -> Tensor:
         return self.objective.noise.alpha(t)
 
+    def states(self, device: torch.device) -> Tensor:
+        """(V,) bool: the ids the uniform noise ranges over (all but the mask id, or all)."""
+        real = torch.ones(self.vocab_size, dtype=torch.bool, device=device)
+        if self.objective.states == "real":
+            real[self.mask_id] = False
+        return real
+
     @torch.no_grad()
     def log_p_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
         """(B, L), (B,) -> (B, L, V) log x_theta (the mean parameterization's clean
-        distribution; -inf-like on the mask id, which uniform noise never produces)."""
+        distribution; -inf-like on the mask id, which uniform noise never produces, unless
+        the mask id is a state)."""
         alpha = self.objective.noise.alpha(t.to(torch.float64))  # as the loss: float64 alpha_t
         logits = self.backbone(x_t, -torch.log(alpha).float(), None)
         log_x = self.objective.log_x_theta(logits)  # (B, L, K)
+        if self.objective.states == "vocab":
+            return log_x
         col = torch.full_like(log_x[..., :1], NEG_INF)
         m = self.mask_id
         return torch.cat([log_x[..., :m], col, log_x[..., m:]], -1)

@@ -268,6 +268,9 @@ EVAL_MAY_CHANGE = (
     "data.streaming",
     "parameterization.attn_backend",  # how BD3-LM's mask is computed (flex / sdpa): same values
 )
+# labels of the run, not properties of its weights: a command's own name is no contradiction
+# (MDLM's and DUO's eval commands say model=small of a release converted as mdlm-768x12)
+RUN_LABELS = ("model.name",)
 # where this machine keeps its caches and how many processes it tokenizes with: always the
 # evaluating machine's own (the checkpoint's name a folder on the machine it was trained on)
 MACHINE_LOCAL = ("data.cache_dir", "data.num_proc")
@@ -328,7 +331,7 @@ def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
     clashes = [
         f"{k}={ours[k]} (the checkpoint has {k}={theirs.get(k)})"
         for k in sorted(run_keys, key=lambda k: (RUN_DEFINING.index(k.split(".")[0]), k))
-        if k not in EVAL_MAY_CHANGE and ours[k] != theirs.get(k)
+        if k not in EVAL_MAY_CHANGE and k not in RUN_LABELS and ours[k] != theirs.get(k)
     ]
     if clashes:
         more = f"; and {len(clashes) - 6} more" if len(clashes) > 6 else ""

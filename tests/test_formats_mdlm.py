@@ -576,6 +576,34 @@ def test_eval_config_takes_a_published_folder(tmp_path, monkeypatch):
     assert read_checkpoint(path)["unmask_format"]["format"] == "mdlm_hf"
 
 
+def test_restating_the_model_option_of_a_release_is_no_contradiction(tmp_path):
+    """MDLM's (and DUO's) eval commands say model=small; a release converted at small's sizes
+    is labelled mdlm-768x12: the label is not the model, the sizes are compared."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.build import eval_config
+    from diffusion.config import ConfigError, register_resolvers
+
+    register_resolvers()
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    fixed = ["checkpointing.save_dir=x", "trainer.default_root_dir=x", "logger=none"]
+    arch = ["backbone=hf_dit", "data=openwebtext"]
+    path = tmp_path / "release.ckpt"
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        base = compose("config", overrides=fixed)
+        saved = compose(
+            "config", overrides=[*fixed, *arch, "model=small", "model.name=mdlm-768x12"]
+        )
+        run = [*fixed, *arch, "mode=ppl_eval", f"eval.checkpoint_path={path}"]
+        small = compose("config", overrides=[*run, "model=small"])
+        medium = compose("config", overrides=[*run, "model=medium"])
+    saved = OmegaConf.to_container(saved, resolve=True)
+    torch.save({"state_dict": {}, "unmask_config": saved}, path)
+    assert eval_config(small, base).model.name == "mdlm-768x12"
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=1024 \(the checkpoint has"):
+        eval_config(medium, base)
+
+
 def test_an_evaluation_uses_this_machines_cache_not_the_checkpoints(tmp_path, monkeypatch):
     """A checkpoint trained elsewhere names that machine's cache folder and worker count: the
     evaluation runs with this machine's (UNMASK_CACHE, its num_proc), unless the command line

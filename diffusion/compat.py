@@ -76,7 +76,13 @@ MDLM_MODELS = {  # MDLM model option -> our model option (+ extra overrides)
     "small-ar": ["model=small"],
     "tiny-ar": ["model=mdlm_tiny"],
 }
-SAMPLERS = {"ddpm": "ddpm", "ddpm_cache": "ddpm_cache", "analytic": "analytic"}
+SAMPLERS = {
+    "ddpm": "ddpm",
+    "ddpm_cache": "ddpm_cache",
+    "analytic": "analytic",
+    "ancestral": "ddpm",
+    "ancestral_cache": "ddpm_cache",
+}  # fmt: skip (+ DUO's names)
 # names that only MDLM has (a command with one of them is MDLM's)
 MDLM_ONLY_PREFIXES = ("sampling.", "wandb.", "callbacks.", "data.tokenizer_name_or_path")
 MDLM_ONLY_NAMES = {
@@ -95,20 +101,47 @@ MDLM_ONLY_NAMES = {
     "model.tie_word_embeddings",
     "model.type",
 }
-# BD3-LM's main.py (kuleshov-group/bd3lms) is MDLM's with these names added: its commands
-# are translated by the same rules, the model named by `algo` (BD3-LM's default, bd3lm, is
-# not assumed: a command without `algo=` is MDLM's)
-BD3LM_ALGOS: dict[str, tuple[list[str], str | None]] = {  # algo -> (ours, its sampler)
+# BD3-LM's and DUO's main.py (kuleshov-group/bd3lms, s-sahoo/duo) are MDLM's with these
+# names added: their commands are translated by the same rules, the model named by `algo`
+# (their defaults, bd3lm / duo_base, are not assumed: a command without `algo=` is MDLM's)
+ALGOS: dict[str, tuple[list[str], str | None]] = {  # algo -> (ours, its sampler)
     "bd3lm": (["parameterization=bd3lm"], "block"),
     "mdlm": (["parameterization=subs"], None),  # MDLM's sampling.predictor decides
     "ar": (["parameterization=ar", "backbone=hf_dit", "backbone.causal=true"], "ar"),
     "sedd": (["parameterization=sedd", "time_conditioning=true"], "analytic"),
+    # DUO's: uniform-state diffusion (over every id of the vocabulary, as DUO's code draws
+    # over len(tokenizer): models/formats/mdlm_lightning.py), its curriculum, distillation
+    "duo_base": (["parameterization=duo", "parameterization.states=vocab"], "uniform"),
+    "duo": (
+        [
+            "parameterization=duo",
+            "parameterization.states=vocab",
+            "parameterization.curriculum=true",
+        ],
+        "uniform",
+    ),
+    "distillation": (["parameterization=duo_distill", "parameterization.states=vocab"], "uniform"),
 }
+DUO_ALGOS = ("duo_base", "duo", "distillation")
+# DUO's defaults where ours differ (its configs/algo/*.yaml), added in mode=train
+DUO_TRAIN_DEFAULTS = {
+    "duo": {
+        "algo.curriculum.start": ("parameterization.curriculum_start", "100000"),
+        "algo.curriculum.end": ("parameterization.curriculum_end", "200000"),
+        "algo.curriculum.gumbel_tau_log10_start": ("parameterization.gumbel_tau_log10_start", "-1.0"),
+        "algo.curriculum.gumbel_tau_log10_end": ("parameterization.gumbel_tau_log10_end", "-2.0"),
+    },
+    "distillation": {"algo.T": ("parameterization.distill_T", "64")},
+}  # fmt: skip
 BD3LM_ONLY_PREFIXES = ("algo.", "data.insert_")
 BD3LM_ONLY_NAMES = {"algo", "block_size", "model.attn_backend", "training.resample",
-                    "training.from_pretrained", "wandb"}  # fmt: skip
+                    "training.from_pretrained", "wandb", "training.finetune_path",
+                    "training.loss_precision", "training.class_dropout_p",
+                    "eval.generated_samples_path"}  # fmt: skip
 BD3LM_SAMPLING = ("sampling.nucleus_p", "sampling.kv_cache", "sampling.logdir",
                   "sampling.var_length", "sampling.first_hitting")  # fmt: skip
+DUO_SAMPLING = ("sampling.p_nucleus", "sampling.use_float64", "sampling.guid_weight")
+DUO_NOISE_REMOVAL = ("ancestral", "greedy", "none")  # DUO's sampling.noise_removal values
 INSERT_FLAGS = {"special": "special_tokens", "eos": "doc_eos"}  # data.insert_<split>_<flag>
 MDLM_ONLY_VALUES = {
     "data": set(MDLM_DATA) - {"lm1b", "text8", "wikitext2", "wikitext103", "ptb", "ag_news",
@@ -124,6 +157,9 @@ DROPPED = {  # accepted MDLM names that change nothing here, and why
     "model.scale_by_sigma": "SEDD's sigma scaling is part of parameterization=sedd",
     "model.type": "the backbone option picks the architecture",
     "diffusion": "absorbing_state is the only diffusion of MDLM's main.py",
+    "training.loss_precision": "ours computes each loss in float32 (DUO's NELBO in float64)",
+    "training.class_dropout_p": "class-conditional training (DUO's CIFAR-10) is not ported",
+    "eval.generated_samples_path": "ours writes samples.jsonl into the run directory",
 }
 FALSE_ONLY = {  # MDLM switches ours has no implementation of: false is accepted, true refused
     "training.importance_sampling": "training.antithetic=true (stratified t) is the variance reduction ours has",
@@ -257,6 +293,7 @@ def _translate(overrides: list[str]) -> tuple[list[str], list[str]]:
 SAMPLING_NAMES = (
     "sampling.predictor", "sampling.steps", "sampling.num_sample_batches", "sampling.semi_ar",
     "sampling.stride_length", "sampling.num_strides", "sampling.noise_removal", *BD3LM_SAMPLING,
+    *DUO_SAMPLING,
 )  # fmt: skip
 
 
@@ -268,7 +305,26 @@ def _sampler_overrides(t: _Translation) -> list[str]:
     ov += _semi_ar_strides(t)
     ov += _noise_removal(t)
     ov += _bd3lm_sampling(t)
+    ov += _duo_sampling(t)
     return ov
+
+
+def _duo_sampling(t: _Translation) -> list[str]:
+    """DUO's sampling.* names: use_float64 needs nothing (our posteriors are float64),
+    guid_weight must be null (no class-conditional models here); p_nucleus is read with
+    BD3-LM's nucleus_p."""
+    g = t.given
+    if "sampling.use_float64" in g:
+        t.say("sampling.use_float64", "(nothing: our samplers compute posteriors in float64)")
+    weight = g.get("sampling.guid_weight", "null").strip().lower()
+    if weight not in ("null", "none", "~"):
+        raise ConfigError(
+            f"DUO name sampling.guid_weight={g['sampling.guid_weight']}: classifier-free "
+            "guidance of class-conditional models (DUO's CIFAR-10) is not ported"
+        )
+    if "sampling.guid_weight" in g:
+        t.say("sampling.guid_weight=null", "(nothing: the default)")
+    return []
 
 
 def _bd3lm_sampling(t: _Translation) -> list[str]:
@@ -277,11 +333,12 @@ def _bd3lm_sampling(t: _Translation) -> list[str]:
     first-hitting need nothing (said in one line each)."""
     ov = []
     g = t.given
-    if "sampling.nucleus_p" in g:
-        p = float(g["sampling.nucleus_p"])
-        if p < 1.0:
-            ov.append(f"sampler.top_p={p}")
-        t.say("sampling.nucleus_p", "sampler.top_p" if p < 1.0 else "(nothing: 1.0 keeps all)")
+    for key in ("sampling.nucleus_p", "sampling.p_nucleus"):  # BD3-LM's name, DUO's
+        if key in g:
+            p = float(g[key])
+            if p < 1.0:
+                ov.append(f"sampler.top_p={p}")
+            t.say(key, "sampler.top_p" if p < 1.0 else "(nothing: 1.0 keeps all)")
     if t.sampler == "block":
         stop = _truthy(g.get("sampling.var_length", "false"), "sampling.var_length")
         ov.append(f"sampler.stop_at_eos={str(stop).lower()}")
@@ -306,12 +363,20 @@ def _bd3lm_sampling(t: _Translation) -> list[str]:
 
 def _sampler_choice(t: _Translation) -> list[str]:
     """sampling.predictor (+ sampling.semi_ar) -> sampler=<option> (+ sampler.cache)."""
-    algo_sampler = BD3LM_ALGOS.get(t.given.get("algo", ""), ([], None))[1]
-    if algo_sampler is not None and "sampling.predictor" not in t.given:
+    algo = t.given.get("algo", "")
+    algo_sampler = ALGOS.get(algo, ([], None))[1]
+    predictor = t.given.get("sampling.predictor")
+    if algo in DUO_ALGOS and predictor not in (None, "ancestral", "ancestral_cache"):
+        raise ConfigError(
+            f"DUO name sampling.predictor={predictor} with algo={algo}: of DUO's samplers "
+            "ours has the ancestral one (sampler=uniform); its analytic and psi samplers "
+            "are not ported"
+        )
+    if algo_sampler is not None and (predictor is None or algo in DUO_ALGOS):
         t.sampler = algo_sampler
-        t.lines.append(f"BD3-LM algo={t.given['algo']} samples with sampler={algo_sampler}")
+        t.lines.append(f"algo={algo} samples with sampler={algo_sampler}")
         return [f"sampler={algo_sampler}"]
-    predictor = t.given.get("sampling.predictor", "ddpm_cache")
+    predictor = predictor or "ddpm_cache"
     if predictor not in SAMPLERS:
         raise ConfigError(
             f"MDLM name sampling.predictor={predictor}: ours has {sorted(SAMPLERS)} "
@@ -338,15 +403,24 @@ def _sampler_choice(t: _Translation) -> list[str]:
 
 def _sampler_steps(t: _Translation) -> list[str]:
     """sampling.steps (MDLM's default 128) -> sampler.steps."""
-    if "algo.T" in t.given and "sampling.steps" not in t.given and _mode(t) == "sample_eval":
+    duo = t.given.get("algo") in DUO_ALGOS
+    if (
+        "algo.T" in t.given
+        and "sampling.steps" not in t.given
+        and _mode(t) == "sample_eval"
+        and not duo
+    ):
         t.say("algo.T (sample_eval: BD3-LM's steps per block)", "sampler.steps")
         return [f"sampler.steps={_int(t.given['algo.T'], 'algo.T')}"]
     if t.sampler == "ar":
         return []  # one network call per token: no steps
-    steps = t.given.get("sampling.steps", "128")
+    steps = t.given.get("sampling.steps", "1000" if duo else "128")  # DUO's default / MDLM's
     ov = [f"sampler.steps={_int(steps, 'sampling.steps')}"]
     if "sampling.steps" in t.given:
-        t.say("sampling.steps", "sampler.steps")
+        note = " (DUO: steps to t = eps, then one noise-removal step; ours: to t = 0)"
+        t.say("sampling.steps" + (note if duo else ""), "sampler.steps")
+    elif duo:
+        t.lines.append(f"MDLM default sampling.steps=1000 (DUO's) -> sampler.steps={steps}")
     return ov
 
 
@@ -366,10 +440,16 @@ def _world_size(given: dict[str, str]) -> str:
 
 def _sample_count(t: _Translation) -> list[str]:
     """sampling.num_sample_batches -> sampler.num_samples = batches x eval batch x world."""
-    default = "1" if "algo" in t.given else "2"  # BD3-LM's default / MDLM's
+    duo = t.given.get("algo") in DUO_ALGOS
+    default = "1" if "algo" in t.given and not duo else "2"  # BD3-LM's default / MDLM's, DUO's
     batches = _int(
         t.given.get("sampling.num_sample_batches", default), "sampling.num_sample_batches"
     )
+    if batches == 0:  # MDLM's / DUO's ppl_eval scripts: no samples
+        if _mode(t) == "sample_eval":
+            raise ConfigError("MDLM name sampling.num_sample_batches=0: sample_eval draws none")
+        t.say("sampling.num_sample_batches=0", "(nothing: this mode draws no samples)")
+        return []
     eval_bs = t.given.get("loader.eval_batch_size")
     world = _world_size(t.given)
     if eval_bs is not None and world.isdigit():
@@ -402,6 +482,9 @@ def _noise_removal(t: _Translation) -> list[str]:
     elsewhere, False dropped."""
     if "sampling.noise_removal" not in t.given:
         return []
+    value = t.given["sampling.noise_removal"].strip().lower()
+    if value in DUO_NOISE_REMOVAL:
+        return _duo_noise_removal(t, value)
     flag = _truthy(t.given["sampling.noise_removal"], "sampling.noise_removal")
     if _sampler_accepts(t.sampler, "noise_removal"):
         t.say("sampling.noise_removal", "sampler.noise_removal")
@@ -416,6 +499,31 @@ def _noise_removal(t: _Translation) -> list[str]:
     return []
 
 
+def _duo_noise_removal(t: _Translation, value: str) -> list[str]:
+    """DUO's sampling.noise_removal: greedy (the last step an argmax of x_theta) ->
+    sampler.greedy_tail / MDLM's noise_removal; ancestral (its default: the last step drawn
+    down to t = 0) -> ours by default; none (stop at t = eps) is refused: ours ends at t = 0."""
+    if value == "none":
+        raise ConfigError(
+            "DUO name sampling.noise_removal=none (stop at t = eps, noisy tokens left) is not "
+            "ported: ours always ends at t = 0; use ancestral (the default) or greedy"
+        )
+    greedy = str(value == "greedy").lower()
+    if _sampler_accepts(t.sampler, "greedy_tail"):
+        t.say(f"sampling.noise_removal={value}", f"sampler.greedy_tail={greedy}")
+        return [f"sampler.greedy_tail={greedy}"]
+    if _sampler_accepts(t.sampler, "noise_removal"):
+        t.say(f"sampling.noise_removal={value}", f"sampler.noise_removal={greedy}")
+        return [f"sampler.noise_removal={greedy}"]
+    if value == "greedy":
+        raise ConfigError(
+            f"DUO name sampling.noise_removal=greedy: sampler={t.sampler} has no final greedy "
+            "step (sampler=uniform, ddpm and ddpm_cache have one)"
+        )
+    t.say("sampling.noise_removal=ancestral", "(nothing: ours ends with an ancestral step)")
+    return []
+
+
 # ---- everything else, name by name ---------------------------------------------------------
 def _translate_one(t: _Translation, override: str) -> None:
     """One override of the command: sampling.* names were read already (unknown ones refused),
@@ -426,6 +534,11 @@ def _translate_one(t: _Translation, override: str) -> None:
     elif key.startswith("sampling."):
         if key in SAMPLING_NAMES:
             return
+        if key.startswith("sampling.psi."):
+            raise ConfigError(
+                f"DUO name {key}: its Psi-samplers are not ported (ours: sampler=uniform, "
+                "DUO's ancestral sampler; sampler=remdm for masked models)"
+            )
         if key not in DROPPED:
             raise ConfigError(f"MDLM name {key} is not one MDLM's main.py reads")
         t.say(key, f"(nothing: {DROPPED[key]})")
@@ -550,12 +663,9 @@ def _callbacks(t: _Translation, prefix: str, key: str, value: str) -> None:
 
 
 def _algo(t: _Translation, prefix: str, key: str, value: str) -> None:
-    if value not in BD3LM_ALGOS:
-        raise ConfigError(
-            f"BD3-LM name algo={value}: ours ports {sorted(BD3LM_ALGOS)} (DUO's algorithms: "
-            "our parameterization=duo / duo_distill)"
-        )
-    ours = BD3LM_ALGOS[value][0]
+    if value not in ALGOS:
+        raise ConfigError(f"BD3-LM / DUO name algo={value}: ours ports {sorted(ALGOS)}")
+    ours = ALGOS[value][0]
     t.backbone_set = t.backbone_set or any(o.startswith("backbone") for o in ours)
     t.out += ours
     t.say(f"algo={value}", ours)
@@ -571,25 +681,77 @@ def _algo_backbone(t: _Translation, prefix: str, key: str, value: str) -> None:
 
 
 def _algo_t(t: _Translation, prefix: str, key: str, value: str) -> None:
-    if _mode(t) != "sample_eval":  # sample_eval: the sampler's steps (read already)
+    if t.given.get("algo") == "distillation":
+        t.out.append(f"parameterization.distill_T={_int(value, key)}")
+        t.say(f"{key} (DUO's distillation grid)", "parameterization.distill_T")
+    elif _mode(t) != "sample_eval" or t.given.get("algo") in DUO_ALGOS:
         t.out.append(f"T={_int(value, key)}")
         t.say(key, "T")
 
 
-ALGO_KEYS = {  # BD3-LM algo.<key> -> ours (the value passed as it is)
+ALGO_KEYS = {  # BD3-LM's / DUO's algo.<key> -> ours (the value passed as it is)
     "algo.clip_search_widths": "parameterization.clip_search_widths",
     "algo.clip_search_delta": "parameterization.clip_search_delta",
     "algo.var_min": "parameterization.var_min",
+    "algo.time_conditioning": "time_conditioning",
+    "algo.curriculum.start": "parameterization.curriculum_start",
+    "algo.curriculum.end": "parameterization.curriculum_end",
+    "algo.curriculum.gumbel_tau_log10_start": "parameterization.gumbel_tau_log10_start",
+    "algo.curriculum.gumbel_tau_log10_end": "parameterization.gumbel_tau_log10_end",
+    "algo.curriculum.gamma_min": "parameterization.gamma_min",
+    "algo.curriculum.gamma_max": "parameterization.gamma_max",
+    "algo.gamma_min": "parameterization.gamma_min",  # distillation's
+    "algo.gamma_max": "parameterization.gamma_max",
+    "algo.update_teacher_every": "parameterization.update_teacher_every",
 }
+NO_CACHE = "ours computes DUO's operator T(gamma) by quadrature (no cache, no fitted series)"
 ALGO_DROPPED = {
     "algo.ignore_bos": "ours reports ppl_excl_bos beside ppl (without BOS tokens and each "
     "row's first position)",
     "algo.cross_attn": "the x_t + x_0 pass is part of parameterization=bd3lm",
+    "algo.parameterization": "the parameterization follows algo",
+    "algo.causal_attention": "algo=ar is the causal one",
+    "algo.curriculum.mode": NO_CACHE + "; DUO++'s poly9 approximates the same operator",
+    "algo.curriculum.integral_cache_path": NO_CACHE,
+    "algo.curriculum.top_k": NO_CACHE,
+    "algo.curriculum.cache_dir": NO_CACHE,
+    "algo.curriculum.n_series_terms": NO_CACHE,
+    "algo.integral_cache_path": NO_CACHE,
+    "algo.curriculum_start": "DUO's distillation runs no curriculum",
+    "algo.curriculum_end": "DUO's distillation runs no curriculum",
+    "algo.gumbel_tau_log10_start": "DUO's distillation runs no curriculum",
+    "algo.gumbel_tau_log10_end": "DUO's distillation runs no curriculum",
+    "algo.linear_growth_min": "used with algo.linear_growth_dt=True only",
+    "algo.linear_growth_max": "used with algo.linear_growth_dt=True only",
 }
+ALGO_FALSE_ONLY = {  # DUO's switches ours has no implementation of
+    "algo.subs_masking": "parameterization=d3pm has subs_masking (DUO's algos do not)",
+    "algo.teacher_ema": "the teacher is a frozen copy of the student, refreshed every round",
+    "algo.linear_growth_dt": "dt doubles every round (DUO's default schedule)",
+}
+# algo.loss_type values: ours (None: the objective's NELBO, nothing to set)
+ALGO_LOSS_TYPES = {"elbo": None, "kl-bwd": "kl-bwd", "kl-fwd": "kl-fwd"}
 
 
 def _algo_key(t: _Translation, prefix: str, key: str, value: str) -> None:
-    if key in ALGO_KEYS:
+    if key in ALGO_FALSE_ONLY:
+        if _truthy(value, key):
+            raise ConfigError(f"DUO name {key}=True is not implemented: {ALGO_FALSE_ONLY[key]}")
+        t.say(f"{key}=False", "(nothing: the default)")
+    elif key == "algo.loss_type":
+        if value not in ALGO_LOSS_TYPES:
+            raise ConfigError(
+                f"DUO name algo.loss_type={value} is not ported (ours: {sorted(ALGO_LOSS_TYPES)})"
+            )
+        ours = ALGO_LOSS_TYPES[value]
+        if ours is not None:
+            t.out.append(f"parameterization.loss_type={ours}")
+        t.say(key, "parameterization.loss_type" if ours else "(nothing: the NELBO)")
+    elif key == "algo.posterior_loss_weight":
+        if float(value) != 0.0:
+            raise ConfigError(f"DUO name {key}={value}: the posterior loss is not ported")
+        t.say(f"{key}=0", "(nothing: the default)")
+    elif key in ALGO_KEYS:
         t.out.append(f"{ALGO_KEYS[key]}={value}")
         t.say(key, ALGO_KEYS[key])
     elif key in ALGO_DROPPED:
@@ -657,6 +819,10 @@ def _resample(t: _Translation, prefix: str, key: str, value: str) -> None:
 
 
 def _from_pretrained(t: _Translation, prefix: str, key: str, value: str) -> None:
+    """BD3-LM's training.from_pretrained, DUO's training.finetune_path ('' : none)."""
+    if value.strip() in ("", "''", '""'):
+        t.say(f"{key}=''", "(nothing: the default)")
+        return
     t.out.append(f"training.init_from_ckpt={value}")
     t.say(key, "training.init_from_ckpt")
 
@@ -691,6 +857,7 @@ HANDLERS: dict[str, Handler] = {
     "model.length": _model_length,
     "training.resample": _resample,
     "training.from_pretrained": _from_pretrained,
+    "training.finetune_path": _from_pretrained,
     "wandb": _wandb_off,
 }
 PREFIX_HANDLERS: dict[str, Handler] = {
@@ -727,6 +894,10 @@ def _mdlm_defaults(t: _Translation) -> list[tuple[str, str]]:
     if "eval.compute_generative_perplexity" not in given:
         defaults.append(("eval.compute_generative_perplexity", "false"))
     if mode == "train":
+        duo = DUO_TRAIN_DEFAULTS.get(given.get("algo", ""), {})
+        for theirs, (ours, value) in duo.items():
+            if theirs not in given:  # DUO's default of `theirs`
+                defaults.append((ours, value))
         unset = (
             ("training.ema", "0.9999"),
             ("loader.global_batch_size", "512"),
@@ -744,7 +915,8 @@ def _sampler_accepts(sampler: str, arg: str) -> bool:
 
     module = {"ddpm": "samplers.ddpm", "ddpm_cache": "samplers.ddpm_cache",
               "analytic": "samplers.analytic", "semi_ar": "samplers.semi_ar",
-              "block": "samplers.block", "ar": "samplers.ar"}[sampler]  # fmt: skip
+              "block": "samplers.block", "ar": "samplers.ar",
+              "uniform": "samplers.uniform"}[sampler]  # fmt: skip
     mod = importlib.import_module(module)
     classes = [c for c in vars(mod).values() if inspect.isclass(c) and c.__module__ == module]
     return any(arg in inspect.signature(c.__init__).parameters for c in classes)

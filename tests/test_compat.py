@@ -391,9 +391,121 @@ def test_bd3lm_training_switches_and_unported_names():
     assert cfg.training.init_from_ckpt == "kuleshov-group/bd3lm-owt-block_size1024-pretrain"
     assert cfg.parameterization.block_size == 16 and cfg.logger._target_.endswith("WandbLogger")
     for bad, hint in [
-        ("algo=duo", r"algo=duo: ours ports"),
+        ("algo=ot-finetune", r"algo=ot-finetune: ours ports"),
         ("algo.fix_clipping=True", r"algo.fix_clipping is not ported"),
         ("data.insert_test_eos=False", r"data.insert_<train\|valid>"),
     ]:
         with pytest.raises(ConfigError, match=hint):
             translate(["algo=bd3lm", bad])
+
+
+# ---- DUO's command lines (s-sahoo/duo README.md and scripts/, `srun python -u -m main` dropped,
+# its shell variables filled in) ---------------------------------------------------------------
+DUO_README_SAMPLE = """mode=sample_eval loader.batch_size=2 loader.eval_batch_size=8
+data=openwebtext-split algo=duo_base algo.backbone=hf_dit eval.checkpoint_path=s-sahoo/duo-distilled
+sampling.steps=8 sampling.num_sample_batches=1 sampling.noise_removal=greedy +wandb.offline=true"""
+DUO_EVAL_OWT = """mode=ppl_eval loader.batch_size=8 loader.eval_batch_size=8 data=openwebtext-split
+model=small algo=duo_base eval.checkpoint_path=/ckpts/last.ckpt sampling.num_sample_batches=0
++wandb.offline=true"""
+DUO_GENPPL = """mode=sample_eval seed=1 loader.batch_size=2 loader.eval_batch_size=8
+data=openwebtext-split algo=duo_base model=small eval.checkpoint_path=/ckpts/0-50000.ckpt
+sampling.num_sample_batches=100 sampling.steps=32 +wandb.offline=true
+eval.generated_samples_path=/ckpts/samples_ancestral/1-32-ckpt-0-50000.json"""
+DUO_GENPPL_LM1B = """mode=sample_eval loader.batch_size=2 loader.eval_batch_size=64 data=lm1b-wrap
+algo=duo_base model=small model.length=128 eval.checkpoint_path=/ckpts/last.ckpt
+sampling.num_sample_batches=15 sampling.steps=32 +wandb.offline=true sampling.noise_removal=greedy"""
+DUO_ZERO_SHOT = """mode=ppl_eval loader.batch_size=16 loader.eval_batch_size=16
+loader.eval_global_batch_size=128 data=ag_news data.insert_valid_eos=False model=small
+algo=duo_base model.length=1024 eval.checkpoint_path=/ckpts/last.ckpt
+sampling.num_sample_batches=0 +wandb.offline=true"""
+DUO_TRAIN_OWT = """loader.batch_size=32 loader.eval_batch_size=32 data=openwebtext-split
+wandb.name=duo-owt model=small algo=duo model.length=1024 algo.curriculum.mode=simple
+algo.curriculum.gumbel_tau_log10_start=-3.0 algo.curriculum.gumbel_tau_log10_end=-3.0
+algo.curriculum.gamma_min=-3.55 algo.curriculum.gamma_max=-1.85 algo.curriculum.start=0
+algo.curriculum.end=500000"""
+DUO_DISTILL = """mode=train loader.batch_size=2 loader.eval_batch_size=2 data=openwebtext-split
+model=small algo=distillation training.finetune_path=/ckpts/duo.ckpt sampling.num_sample_batches=10
+sampling.steps=32 eval.compute_generative_perplexity=True algo.T=512
+lr_scheduler.num_warmup_steps=500 trainer.val_check_interval=1000 trainer.max_steps=50000
+loader.global_batch_size=128 training.ema=0.999 algo.update_teacher_every=10000 optim.lr=6e-5
+trainer.limit_val_batches=8 algo.teacher_ema=False algo.linear_growth_dt=false
++wandb.offline=true"""
+
+# command, steps, num_samples, greedy_tail, parameterization
+DUO_CASES = [
+    ("readme_sample", DUO_README_SAMPLE, 8, 8, True, "DUO"),
+    ("eval_owt", DUO_EVAL_OWT, 1000, None, False, "DUO"),
+    ("genppl_owt", DUO_GENPPL, 32, 800, False, "DUO"),
+    ("genppl_lm1b", DUO_GENPPL_LM1B, 32, 960, True, "DUO"),
+    ("zero_shot", DUO_ZERO_SHOT, 1000, None, False, "DUO"),
+    ("train_owt", DUO_TRAIN_OWT, 1000, 64, False, "DUO"),
+    ("distill_owt", DUO_DISTILL, 32, 20, False, "DUODistill"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command,steps,num_samples,greedy,param",
+    [c[1:] for c in DUO_CASES],
+    ids=[c[0] for c in DUO_CASES],
+)
+def test_duo_command_composes(command, steps, num_samples, greedy, param):
+    theirs = command.split()
+    assert is_mdlm_command(theirs)
+    ours, lines = translate(theirs)
+    cfg = composed(ours)
+    assert cfg.sampler._target_.rsplit(".", 1)[-1] == "UniformSampler"
+    assert int(cfg.sampler.steps) == steps
+    if num_samples is None:  # sampling.num_sample_batches=0 (ppl_eval): ours draws none either
+        assert not any(o.startswith("sampler.num_samples") for o in ours)
+    else:
+        assert int(cfg.sampler.num_samples) == num_samples
+    assert cfg.sampler.greedy_tail is greedy
+    assert cfg.parameterization._target_.rsplit(".", 1)[-1] == param
+    assert cfg.time_conditioning is True and int(cfg.T) == 0
+    assert cfg.logger._target_.endswith("WandbLogger")
+    if "algo.backbone" in command or "mode=train" in command or "mode" not in command:
+        assert cfg.backbone._target_ == "models.mdlm_dit.MDLMDiT"
+
+
+def test_duo_training_names_and_defaults():
+    cfg = composed(translate(DUO_TRAIN_OWT.split())[0])
+    p = cfg.parameterization
+    assert p.curriculum is True and (p.curriculum_start, p.curriculum_end) == (0, 500000)
+    assert (p.gumbel_tau_log10_start, p.gumbel_tau_log10_end) == (-3.0, -3.0)
+    assert (p.gamma_min, p.gamma_max) == (-3.55, -1.85) and cfg.model.length == 1024
+    # algo=duo alone: DUO's own curriculum defaults (configs/algo/duo.yaml), not ours
+    ours, lines = translate(["algo=duo", "model=small"])
+    p = composed(ours).parameterization
+    assert (p.curriculum_start, p.curriculum_end) == (100000, 200000)
+    assert (p.gumbel_tau_log10_start, p.gumbel_tau_log10_end) == (-1.0, -2.0)
+    assert any("curriculum_end=200000" in line for line in lines)
+    distill = composed(translate(DUO_DISTILL.split())[0])
+    d = distill.parameterization
+    assert (d.distill_T, d.update_teacher_every, d.loss_type) == (512, 10000, "kl-bwd")
+    assert distill.training.init_from_ckpt == "/ckpts/duo.ckpt" and distill.training.ema == 0.999
+    assert composed(translate(["algo=distillation"])[0]).parameterization.distill_T == 64
+
+
+@pytest.mark.parametrize(
+    "bad,hint",
+    [
+        ("sampling.predictor=psi", r"psi .* ours has the ancestral one"),
+        ("sampling.noise_removal=none", r"noise_removal=none .* ours always ends at t = 0"),
+        ("sampling.psi.high_mode=pure-pc", r"Psi-samplers are not ported"),
+        ("sampling.guid_weight=2.0", r"classifier-free guidance"),
+        ("algo.teacher_ema=True", r"teacher_ema=True is not implemented"),
+        ("algo.loss_type=low_var", r"loss_type=low_var is not ported"),
+        ("algo.posterior_loss_weight=0.5", r"posterior loss is not ported"),
+    ],
+)
+def test_duo_names_we_cannot_honour_say_so(bad, hint):
+    with pytest.raises(ConfigError, match=hint):
+        translate(["algo=duo_base", "mode=sample_eval", bad])
+
+
+def test_duo_mdlm_baseline_noise_removal_maps_to_ours():
+    """DUO's algo=mdlm with its string noise_removal: greedy -> MDLM's final argmax step."""
+    ours, _ = translate(["algo=mdlm", "mode=sample_eval", "sampling.predictor=ancestral_cache",
+                         "sampling.noise_removal=greedy"])  # fmt: skip
+    cfg = composed(ours)
+    assert cfg.sampler._target_.endswith("DDPMCacheSampler") and cfg.sampler.noise_removal is True

@@ -372,6 +372,7 @@ def test_bd3lm_lightning_checkpoint_parity_ema_raw_and_rows(tmp_path):
     assert load_checkpoint(str(mdlm))["unmask_config"]["parameterization"]["_target_"].endswith(
         "SUBS"
     )
-    duo = write_lightning(tmp_path / "duo.ckpt", raw, shadow, bd3lm_lightning_config(name="duo"))
-    with pytest.raises(FormatError, match=r"duo\.ckpt: algo\.name='duo'"):
-        load_checkpoint(str(duo))
+    other = bd3lm_lightning_config(name="ot-finetune")
+    ot = write_lightning(tmp_path / "ot.ckpt", raw, shadow, other)
+    with pytest.raises(FormatError, match=r"ot\.ckpt: algo\.name='ot-finetune'"):
+        load_checkpoint(str(ot))

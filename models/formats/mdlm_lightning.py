@@ -1,4 +1,4 @@
-"""MDLM's own Lightning checkpoints (mdlm.ckpt, sedd.ckpt, ar.ckpt), and BD3-LM's.
+"""MDLM's own Lightning checkpoints (mdlm.ckpt, sedd.ckpt, ar.ckpt), and BD3-LM's and DUO's.
 
 Layout, as MDLM's `Diffusion` module saves it:
 - `state_dict`: `backbone.*` in MDLM's DiT layout (the AR baseline: `DDIT`, causal, no
@@ -15,6 +15,15 @@ BD3-LM's repository (a fork of MDLM's) saves the same layout with its model desc
 `algo.var_min`), the block size at the top (`block_size`), its rows' switches in `data`
 (`insert_train_special`, `insert_train_eos`) and, with var_min, the learned clipping as two
 scalar buffers `sampling_eps_min` / `sampling_eps_max` beside `backbone.*`.
+
+DUO's repository (s-sahoo/duo, also MDLM's fork) saves the same layout with `algo.*` too:
+`algo.name: duo_base | duo | distillation` (uniform-state diffusion, the student of a
+distillation; its teacher is dropped on save) and its baselines `mdlm | ar | sedd`; the AR
+baseline is its DiT with `algo.causal_attention` (no sigma map, no adaLN: MDLM's AR layout).
+DUO's uniform noise ranges over every id of its tokenizer, `len(tokenizer)`: GPT-2's 50 257
+ids plus the [PAD] its get_tokenizer adds (50 258, [PAD] = 50 257 where ours holds [MASK]),
+BERT's 30 522 with its [MASK]; so a DUO checkpoint is rebuilt with
+`parameterization.states=vocab` (the mask id one more state, K = V), exactly its process.
 """
 
 from __future__ import annotations
@@ -33,8 +42,26 @@ from models.formats.mdlm_hf import check_inv_freq, dit_layout, model_overrides
 from models.formats.safe_pickle import load_restricted, plain
 
 NAME = "mdlm_ckpt"
+DUO_OVERRIDES = [
+    "parameterization=duo",
+    "parameterization.states=vocab",
+    "sampler=uniform",
+    "noise=loglinear",
+    "T=0",
+    "time_conditioning=true",
+]
 PARAMETERIZATIONS = {"subs": "subs", "sedd": "sedd", "d3pm": "d3pm", "ar": "ar"}
-BD3LM_ALGOS = {"bd3lm": "bd3lm", "mdlm": "subs"}  # BD3-LM's algo.name -> the parameterization
+# BD3-LM's and DUO's algo.name -> the parameterization (DUO's distillation: its student)
+ALGOS = {
+    "bd3lm": "bd3lm",
+    "mdlm": "subs",
+    "ar": "ar",
+    "sedd": "sedd",
+    "duo_base": "duo",
+    "duo": "duo",
+    "distillation": "duo",
+}
+LOGLINEAR = ("loglinear", "log-linear")  # MDLM's / BD3-LM's name, DUO's
 INV_FREQ = "backbone.rotary_emb.inv_freq"
 
 
@@ -128,7 +155,7 @@ def architecture(cfg: dict[str, Any], source: str) -> Architecture:
     """The model MDLM's config describes; a backbone, parameterization or schedule we have
     not ported is refused."""
     if isinstance(cfg.get("algo"), dict):
-        return bd3lm_architecture(cfg, source)
+        return algo_architecture(cfg, source)
     kind = str(get(cfg, "backbone", source))
     if kind not in ("dit", "ar"):
         raise FormatError(f"{source}: backbone={kind!r}; only MDLM's dit and ar load")
@@ -149,32 +176,47 @@ def architecture(cfg: dict[str, Any], source: str) -> Architecture:
     return Architecture(kind, param, C, N, H, cond, length, tc, T)
 
 
-def bd3lm_architecture(cfg: dict[str, Any], source: str) -> Architecture:
-    """The model of a BD3-LM config (`algo.*`): its bd3lm or mdlm algorithm on MDLM's DiT."""
+def algo_architecture(cfg: dict[str, Any], source: str) -> Architecture:
+    """The model of a BD3-LM or DUO config (`algo.*`) on MDLM's DiT (the AR baseline: its
+    causal DiT); an algorithm, backbone or schedule we have not ported is refused."""
     name = str(get(cfg, "algo.name", source))
-    if name not in BD3LM_ALGOS:
+    if name not in ALGOS:
         raise FormatError(
-            f"{source}: algo.name={name!r}; of BD3-LM's (and DUO's) algorithms only "
-            f"{sorted(BD3LM_ALGOS)} load"
+            f"{source}: algo.name={name!r}; of BD3-LM's and DUO's algorithms only "
+            f"{sorted(ALGOS)} load"
         )
+    param = ALGOS[name]
     kind = str(get(cfg, "algo.backbone", source))
     if kind not in ("dit", "hf_dit"):
-        raise FormatError(f"{source}: algo.backbone={kind!r}; only BD3-LM's dit loads")
+        raise FormatError(f"{source}: algo.backbone={kind!r}; only the DiT (dit) loads")
     noise = str(get(cfg, "noise.type", source, "loglinear"))
-    if noise != "loglinear":
+    if param != "ar" and noise not in LOGLINEAR:
         raise FormatError(f"{source}: noise.type={noise!r}; only the loglinear schedule is ported")
-    if bool(get(cfg, "algo.time_conditioning", source, False)):
-        raise FormatError(f"{source}: algo.time_conditioning=True; BD3-LM's models are not")
+    causal = bool(get(cfg, "algo.causal_attention", source, param == "ar"))
+    if causal != (param == "ar"):
+        raise FormatError(
+            f"{source}: algo.causal_attention={causal} with algo.name={name!r}; only the AR "
+            "baseline is causal"
+        )
+    tc = bool(get(cfg, "algo.time_conditioning", source, False))
+    need = {"bd3lm": False, "ar": False, "duo": True}.get(param)
+    if need is not None and tc != need:
+        raise FormatError(
+            f"{source}: algo.time_conditioning={tc}; {name} models are "
+            f"{'' if need else 'not '}time-conditioned"
+        )
     C, N, H = (int(get(cfg, f"model.{k}", source)) for k in ("hidden_size", "n_blocks", "n_heads"))
     cond, length = int(get(cfg, "model.cond_dim", source)), int(get(cfg, "model.length", source))
     block = int(get(cfg, "block_size", source, length))
     if name == "bd3lm" and (block < 1 or length % block):
         raise FormatError(f"{source}: block_size={block} must divide model.length={length}")
     T = int(get(cfg, "algo.T", source, 0))
-    if name == "bd3lm" and T != 0:
-        raise FormatError(f"{source}: algo.T={T}; ours trains BD3-LM in continuous time only")
-    param = BD3LM_ALGOS[name]
-    return Architecture("dit", param, C, N, H, cond, length, False, T, block)
+    if name == "distillation":
+        T = 0  # its algo.T is the distillation's grid; the student is a continuous-time DUO
+    if param in ("bd3lm", "duo") and T != 0:
+        raise FormatError(f"{source}: algo.T={T}; ours has {name} in continuous time only")
+    kind = "ar" if param == "ar" else "dit"
+    return Architecture(kind, param, C, N, H, cond, length, tc, T, block)
 
 
 def backbone_weights(
@@ -227,6 +269,8 @@ def config_overrides(
     if arch.param == "bd3lm":
         var_min = bool(get(cfg, "algo.var_min", source, True))
         model = objective_overrides(int(arch.block_size or arch.length), var_min)
+    elif arch.param == "duo":  # DUO's process: every id a state (see the module docstring)
+        model = DUO_OVERRIDES
     else:
         model = [
             f"parameterization={PARAMETERIZATIONS[arch.param]}",

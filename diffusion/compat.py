@@ -65,6 +65,10 @@ MDLM_TRAIN_NAMES = {
     "scientific_papers_arxiv": "scientific_papers_arxiv",
     "scientific_papers_pubmed": "scientific_papers_pubmed",
 }
+# corpora the MDLM line scores its OWT models on zero-shot (BD3-LM's and DUO's zero_shot
+# scripts: `mode=ppl_eval data=<corpus> eval.checkpoint_path=...`): ours eval.datasets=[...]
+ZERO_SHOT_DATA = ("ag_news", "scientific_papers_pubmed", "scientific_papers_arxiv", "lambada",
+                  "wikitext2", "wikitext103", "ptb", "lm1b-gpt2")  # fmt: skip
 REFUSED_DATA = {
     "openwebtext": "MDLM's data=openwebtext validates on wikitext103; use data=openwebtext-split "
     "(held-out OWT, as in MDLM's paper) and eval.datasets=[wikitext103] for that table",
@@ -579,11 +583,27 @@ def _model(t: _Translation, prefix: str, key: str, value: str) -> None:
     t.say(f"model={value}", MDLM_MODELS[value])
 
 
+def _zero_shot_corpus(t: _Translation) -> str | None:
+    """Our data option of the corpus a zero-shot command scores (ppl_eval of a checkpoint on
+    one of ZERO_SHOT_DATA), else None."""
+    value = t.given.get("data", "")
+    if _mode(t) != "ppl_eval" or not t.given.get("eval.checkpoint_path"):
+        return None
+    if value not in ZERO_SHOT_DATA:
+        return None
+    return MDLM_DATA[value][0][0].removeprefix("data=")
+
+
 def _data(t: _Translation, prefix: str, key: str, value: str) -> None:
     if value in REFUSED_DATA:
         raise ConfigError(f"MDLM name data={value}: {REFUSED_DATA[value]}")
     if value not in MDLM_DATA:
         raise ConfigError(f"MDLM name data={value}: not an MDLM data option ({sorted(MDLM_DATA)})")
+    corpus = _zero_shot_corpus(t)
+    if corpus is not None:  # the model and its data are the checkpoint's: score another corpus
+        t.out.append(f"eval.datasets=[{corpus}]")
+        t.say(f"data={value} (ppl_eval of a checkpoint: zero-shot)", f"eval.datasets=[{corpus}]")
+        return
     t.out += MDLM_DATA[value][0]
     t.say(f"data={value}", MDLM_DATA[value][0])
 
@@ -793,6 +813,9 @@ def _insert(t: _Translation, prefix: str, key: str, value: str) -> None:
         t.say(key, f"(nothing: ours cuts every split like the {other} one)")
         return
     ours = f"data.layout.{INSERT_FLAGS[flag]}"
+    corpus = _zero_shot_corpus(t)
+    if corpus is not None:  # the zero-shot corpus's rows
+        ours = f"eval.dataset_overrides.{corpus}.layout.{INSERT_FLAGS[flag]}"
     if not _truthy(value, key):
         t.out.append(f"++{ours}=false")
     t.say(key, ours)

@@ -509,3 +509,27 @@ def test_duo_mdlm_baseline_noise_removal_maps_to_ours():
                          "sampling.noise_removal=greedy"])  # fmt: skip
     cfg = composed(ours)
     assert cfg.sampler._target_.endswith("DDPMCacheSampler") and cfg.sampler.noise_removal is True
+
+
+BD3LM_ZERO_SHOT = """loader.eval_batch_size=16 model=small algo=bd3lm algo.backbone=hf_dit
+data=lm1b-gpt2 +data.insert_valid_eos=False model.length=1024 block_size=4
+eval.checkpoint_path=kuleshov-group/bd3lm-owt-block_size4 wandb=null mode=ppl_eval
+model.attn_backend=flex"""
+
+
+@pytest.mark.parametrize(
+    "command,corpus",
+    [(DUO_ZERO_SHOT, "ag_news"), (BD3LM_ZERO_SHOT, "lm1b_wrap")],
+    ids=["duo", "bd3lm"],
+)
+def test_zero_shot_scripts_score_the_corpus_with_the_checkpoints_model(command, corpus):
+    """BD3-LM's ppl_zs_owt_*.sh and DUO's zero_shot_*.sh: `data=<corpus>` in a ppl_eval of a
+    checkpoint is the zero-shot table's corpus (the model and its own data stay the
+    checkpoint's), the EOS switch goes onto that corpus's rows."""
+    ours, lines = translate(command.split())
+    cfg = composed(ours)
+    assert list(cfg.eval.datasets) == [corpus] and not any(o.startswith("data=") for o in ours)
+    assert cfg.eval.dataset_overrides[corpus].layout.doc_eos is False
+    # the same corpus in training, or sampled, is the run's data
+    train, _ = translate(["algo=bd3lm", "data=lm1b-gpt2", "mode=train"])
+    assert "data=lm1b_wrap" in train and not any(o.startswith("eval.datasets") for o in train)

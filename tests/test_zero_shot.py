@@ -52,3 +52,31 @@ def test_zero_shot_overrides_of_a_corpus_not_scored_are_refused(tiny_lm, tmp_pat
         tiny_lm.evaluate(
             tmp_path, "ppl_eval", "eval.datasets=ptb", "++eval.dataset_overrides.ptbb.name=x"
         )
+
+
+def test_the_mdlm_lines_zero_shot_scripts_score_the_corpus_zero_shot(tiny_lm, tmp_path):
+    """BD3-LM's and DUO's zero_shot scripts say `mode=ppl_eval data=ptb
+    data.insert_valid_eos=False eval.checkpoint_path=...`: translated to eval.datasets=[ptb]
+    with the switch on that corpus's rows, they score what our own command scores."""
+    from diffusion.compat import translate
+    from tests.tiny_lm import main_in_process
+
+    ptb = [
+        "++eval.dataset_overrides.ptb.source.path=json",
+        f"++eval.dataset_overrides.ptb.source.data_files.validation={FIX / 'ptb.jsonl'}",
+    ]
+    theirs = ["mode=ppl_eval", "data=ptb", "data.insert_valid_eos=False",
+              f"eval.checkpoint_path={tiny_lm.ckpt}", "sampling.num_sample_batches=0"]  # fmt: skip
+    ours, lines = translate(theirs)
+    assert "eval.datasets=[ptb]" in ours and not any(o.startswith("data=") for o in ours)
+    main_in_process(tmp_path / "theirs", *tiny_lm.overrides, *ours, *ptb)
+    tiny_lm.evaluate(tmp_path / "ours", "ppl_eval", "eval.datasets=[ptb]", *ptb,
+                     "++eval.dataset_overrides.ptb.layout.doc_eos=false")  # fmt: skip
+    tiny_lm.evaluate(tmp_path / "eos", "ppl_eval", "eval.datasets=[ptb]", *ptb)
+    row = {
+        run: json.loads((tmp_path / run / "ppl_eval.json").read_text())["zero_shot"][0]
+        for run in ("theirs", "ours", "eos")
+    }
+    assert row["theirs"]["nelbo"] == pytest.approx(row["ours"]["nelbo"], rel=1e-9)
+    assert row["theirs"]["tokens"] == row["ours"]["tokens"]
+    assert row["eos"]["nelbo"] != pytest.approx(row["ours"]["nelbo"], rel=1e-6)  # the switch

@@ -99,7 +99,8 @@ def zero_shot_datamodule(cfg: DictConfig, dm: Any, name: str) -> Any:
         raise ConfigError(f"eval.datasets: {name!r} is not a data option ({err})") from err
     data_cfg = composed.data
     extra = (cfg.eval.get("dataset_overrides") or {}).get(name)
-    if extra:
+    if extra:  # may add keys the corpus's yaml leaves out (a layout switch: doc_eos)
+        OmegaConf.set_struct(data_cfg, False)
         data_cfg = OmegaConf.merge(data_cfg, extra)
     target = instantiate(
         data_cfg,

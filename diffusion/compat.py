@@ -127,6 +127,7 @@ ALGOS: dict[str, tuple[list[str], str | None]] = {  # algo -> (ours, its sampler
     "distillation": (["parameterization=duo_distill", "parameterization.states=vocab"], "uniform"),
 }
 DUO_ALGOS = ("duo_base", "duo", "distillation")
+DUO_T_MIN = 1e-5  # eps of DUO's generate_samples: its grid ends there, then noise removal
 # DUO's defaults where ours differ (its configs/algo/*.yaml), added in mode=train
 DUO_TRAIN_DEFAULTS = {
     "duo": {
@@ -379,6 +380,9 @@ def _sampler_choice(t: _Translation) -> list[str]:
     if algo_sampler is not None and (predictor is None or algo in DUO_ALGOS):
         t.sampler = algo_sampler
         t.lines.append(f"algo={algo} samples with sampler={algo_sampler}")
+        if algo in DUO_ALGOS:  # DUO's grid: steps to eps = 1e-5, then its noise-removal step
+            t.lines.append(f"DUO's schedule -> sampler.t_min={DUO_T_MIN} (steps + 1 calls)")
+            return [f"sampler={algo_sampler}", f"sampler.t_min={DUO_T_MIN}"]
         return [f"sampler={algo_sampler}"]
     predictor = predictor or "ddpm_cache"
     if predictor not in SAMPLERS:
@@ -421,8 +425,7 @@ def _sampler_steps(t: _Translation) -> list[str]:
     steps = t.given.get("sampling.steps", "1000" if duo else "128")  # DUO's default / MDLM's
     ov = [f"sampler.steps={_int(steps, 'sampling.steps')}"]
     if "sampling.steps" in t.given:
-        note = " (DUO: steps to t = eps, then one noise-removal step; ours: to t = 0)"
-        t.say("sampling.steps" + (note if duo else ""), "sampler.steps")
+        t.say("sampling.steps", "sampler.steps")
     elif duo:
         t.lines.append(f"MDLM default sampling.steps=1000 (DUO's) -> sampler.steps={steps}")
     return ov

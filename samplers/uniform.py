@@ -10,6 +10,10 @@ p(x0 | x_t) / q_t(x_t | x0)) this is the exact one-token reverse marginal, so th
 exact as the steps shrink. `greedy_tail` replaces the last step by the argmax of x_theta
 (DUO's greedy noise removal). The model sees t (uniform noise does not reveal it), so there
 is no ddpm_cache-style reuse: one network call per step.
+
+`t_min > 0` is DUO's own schedule: `steps` steps on the grid 1 -> t_min, then one more
+noise-removal step at t_min (to t = 0, or its argmax with `greedy_tail`): steps + 1 calls, as
+DUO's `sampling.steps` (its t_min, 1e-5, is `eps` of its generate_samples).
 """
 
 from __future__ import annotations
@@ -63,11 +67,14 @@ class UniformSampler(Sampler):
         self,
         steps: int = 128,
         greedy_tail: bool = False,
+        t_min: float = 0.0,
         **common: Any,
     ) -> None:
         super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler=uniform: steps must be >= 1, got {steps}")
+        if not 0.0 <= t_min < 1.0:
+            raise ValueError(f"sampler.t_min={t_min} must lie in [0, 1)")
         if self.cfg_scale != 0.0:
             raise ValueError(
                 "sampler=uniform: cfg_scale must be 0 (SMDM's CFG masks the prompt, and a "
@@ -75,6 +82,7 @@ class UniformSampler(Sampler):
             )
         self.steps = steps
         self.greedy_tail = greedy_tail
+        self.t_min = float(t_min)
 
     def _generate(
         self,
@@ -95,10 +103,15 @@ class UniformSampler(Sampler):
         if record is not None:
             record(x.clone())
         ts = time_grid(self.steps)
-        for i in range(self.steps):
+        calls = self.steps
+        if self.t_min > 0:  # DUO's grid 1 -> t_min, then its noise-removal step at t_min
+            ts = torch.cat([torch.linspace(1.0, self.t_min, self.steps + 1, dtype=ts.dtype),
+                            ts.new_zeros(1)])  # fmt: skip
+            calls += 1
+        for i in range(calls):
             t = torch.full((batch,), float(ts[i]), device=x.device)
             log_x = self.filter(model.log_p_x0(x, t))  # (B, L, V)
-            last = i == self.steps - 1
+            last = i == calls - 1
             if last and self.greedy_tail:
                 new = log_x.argmax(-1)
             else:

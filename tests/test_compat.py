@@ -459,7 +459,7 @@ def test_duo_command_composes(command, steps, num_samples, greedy, param):
         assert not any(o.startswith("sampler.num_samples") for o in ours)
     else:
         assert int(cfg.sampler.num_samples) == num_samples
-    assert cfg.sampler.greedy_tail is greedy
+    assert cfg.sampler.greedy_tail is greedy and cfg.sampler.t_min == 1e-5  # DUO's grid
     assert cfg.parameterization._target_.rsplit(".", 1)[-1] == param
     assert cfg.time_conditioning is True and int(cfg.T) == 0
     assert cfg.logger._target_.endswith("WandbLogger")

@@ -335,13 +335,17 @@ class UniformToyDenoiser:
         return torch.cat([log_x, torch.full_like(log_x[..., :1], -torch.inf)], -1)
 
 
-def chain_distribution(denoiser: UniformToyDenoiser, steps: int) -> Tensor:
+def chain_distribution(
+    denoiser: UniformToyDenoiser, steps: int, grid: Tensor | None = None
+) -> Tensor:
     """(81,) the exact output distribution of `steps` ancestral steps (the 81 x 81 transition
-    of each step is the product of the per-position posteriors), from the uniform prior."""
+    of each step is the product of the per-position posteriors), from the uniform prior;
+    `grid`: the times visited (default steps + 1 uniform ones from 1 to 0)."""
     seqs = denoiser.seqs  # (S, L)
     S = len(seqs)
     dist = torch.full((S,), 1.0 / S, dtype=torch.float64)
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64) if grid is None else grid
+    steps = len(ts) - 1
     real = torch.tensor([True] * K_TOY + [False])
     for i in range(steps):
         t = torch.full((S,), float(ts[i]))
@@ -388,6 +392,22 @@ def test_uniform_sampler_draws_its_exact_chain_distribution() -> None:
     assert den.calls == steps and bool((out.tokens != MASK).all())
     assert tv(empirical(out.tokens), exact) < tv_bound(exact, n)
     assert tv(empirical(out.tokens), p) < tv_bound(p, n, bias=tv(exact, p))
+
+
+def test_uniform_sampler_on_duos_grid_draws_its_chain() -> None:
+    """t_min > 0: DUO's schedule, `steps` steps from 1 to t_min and one more from t_min to 0
+    (steps + 1 calls). t_min = 0.5 makes it far from ours; the samples follow DUO's chain."""
+    steps, n, t_min = 3, 40_000, 0.5
+    duo_grid = torch.cat([torch.linspace(1.0, t_min, steps + 1), torch.zeros(1)]).double()
+    theirs = chain_distribution(UniformToyDenoiser(), steps, duo_grid)
+    ours = chain_distribution(UniformToyDenoiser(), steps)
+    assert tv(theirs, ours) > 2 * tv_bound(theirs, n)  # the two schedules differ here
+    den = UniformToyDenoiser()
+    out = UniformSampler(steps=steps, t_min=t_min).sample(den, n, L_TOY, generator=gen(2))
+    assert den.calls == steps + 1 and out.nfe == steps + 1
+    assert tv(empirical(out.tokens), theirs) < tv_bound(theirs, n)
+    with pytest.raises(ValueError, match=r"sampler.t_min=1.0 must lie in \[0, 1\)"):
+        UniformSampler(t_min=1.0)
 
 
 def test_uniform_sampler_greedy_tail_and_prompt() -> None:

@@ -231,4 +231,5 @@ def test_duos_commands_run_on_a_duo_trained_with_its_states(tmp_path):
              "sampling.noise_removal=greedy")  # fmt: skip
     report = json.loads((tmp_path / "sample" / "sample_eval.json").read_text())
     assert report["sampler"] == "UniformSampler" and report["steps"] == 8
-    assert report["num_samples"] == 2 and report["nfe"] == 8 and report["entropy"] > 0
+    # DUO's schedule: 8 steps to t = 1e-5, then its greedy noise-removal step
+    assert report["num_samples"] == 2 and report["nfe"] == 9 and report["entropy"] > 0

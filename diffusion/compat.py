@@ -127,7 +127,8 @@ ALGOS: dict[str, tuple[list[str], str | None]] = {  # algo -> (ours, its sampler
     "distillation": (["parameterization=duo_distill", "parameterization.states=vocab"], "uniform"),
 }
 DUO_ALGOS = ("duo_base", "duo", "distillation")
-DUO_T_MIN = 1e-5  # eps of DUO's generate_samples: its grid ends there, then noise removal
+DUO_T_MIN = 1e-5  # eps of DUO's (and MDLM's) _sample: the grid ends there, then noise removal
+MDLM_GRID = f"sampler.t_min={DUO_T_MIN}"  # MDLM's own grid with its noise-removal step
 # DUO's defaults where ours differ (its configs/algo/*.yaml), added in mode=train
 DUO_TRAIN_DEFAULTS = {
     "duo": {
@@ -487,15 +488,21 @@ def _semi_ar_strides(t: _Translation) -> list[str]:
 def _noise_removal(t: _Translation) -> list[str]:
     """sampling.noise_removal -> sampler.noise_removal where the sampler has it; True refused
     elsewhere, False dropped."""
-    if "sampling.noise_removal" not in t.given:
-        return []
-    value = t.given["sampling.noise_removal"].strip().lower()
+    given = "sampling.noise_removal" in t.given
+    value = t.given.get("sampling.noise_removal", "True").strip().lower()  # MDLM's default
     if value in DUO_NOISE_REMOVAL:
         return _duo_noise_removal(t, value)
-    flag = _truthy(t.given["sampling.noise_removal"], "sampling.noise_removal")
+    flag = _truthy(value, "sampling.noise_removal")
     if _sampler_accepts(t.sampler, "noise_removal"):
-        t.say("sampling.noise_removal", "sampler.noise_removal")
-        return [f"sampler.noise_removal={str(flag).lower()}"]
+        # MDLM's: steps to t = 1e-5, then the argmax fills what is still masked there
+        ov = [f"sampler.noise_removal={str(flag).lower()}"] + ([MDLM_GRID] if flag else [])
+        if given:
+            t.say("sampling.noise_removal", ov)
+        else:
+            t.lines.append(f"MDLM default sampling.noise_removal=True -> {' '.join(ov)}")
+        return ov
+    if not given:
+        return []
     if flag:
         raise ConfigError(
             f"MDLM name sampling.noise_removal=True: sampler={t.sampler} has no final greedy "

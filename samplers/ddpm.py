@@ -59,9 +59,20 @@ def ddpm_step(
     return x_s
 
 
-def time_grid(steps: int) -> Tensor:
-    """t_0 = 1 > t_1 > ... > t_steps = 0, uniform (float64, never below zero)."""
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+def time_grid(steps: int, t_min: float = 0.0) -> Tensor:
+    """t_0 = 1 > t_1 > ... > t_steps = 0, uniform (float64, never below zero). With
+    t_min > 0, MDLM's and DUO's own grid: `steps` steps from 1 to t_min, then 0 (their
+    noise-removal step at t_min): steps + 2 times, steps + 1 network calls."""
+    if t_min <= 0:
+        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    ts = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
+    return torch.cat([ts, ts.new_zeros(1)])
+
+
+def check_t_min(t_min: float) -> float:
+    if not 0.0 <= t_min < 1.0:
+        raise ValueError(f"sampler.t_min={t_min} must lie in [0, 1)")
+    return float(t_min)
 
 
 class DDPMSampler(Sampler):
@@ -73,16 +84,20 @@ class DDPMSampler(Sampler):
         self,
         steps: int = 128,
         noise_removal: bool = False,
+        t_min: float = 0.0,
         **common: Any,
     ) -> None:
-        """`common`: the settings every sampler shares (`Sampler.__init__`). `noise_removal`
-        (MDLM's `sampling.noise_removal`): the last step fills every token still masked with
-        the argmax of p(x0 | x_t), MDLM's final greedy denoising, instead of a draw from it."""
+        """`common`: the settings every sampler shares (`Sampler.__init__`). `noise_removal`:
+        the last step fills every token still masked with the argmax of p(x0 | x_t) instead
+        of a draw from it. On our grid (t_min = 0) the last step unmasks about 1 / steps of
+        the tokens; on MDLM's own (`t_min=1e-5`: `steps` steps to t_min, then one more) it is
+        MDLM's `sampling.noise_removal`, which fills only the ~steps x 1e-5 still masked."""
         super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler={self.name}: steps must be >= 1, got {steps}")
         self.steps = steps
         self.noise_removal = bool(noise_removal)
+        self.t_min = check_t_min(t_min)
 
     def _rows_to_call(self, changed: Tensor, has_mask: Tensor) -> Tensor:
         """(B,) bool: the rows the network runs on this step; ddpm: every row, every step
@@ -97,20 +112,21 @@ class DDPMSampler(Sampler):
         record: Callable[[Tensor], None] | None,
     ) -> Tensor:
         batch = x.shape[0]
-        ts = time_grid(self.steps)
+        ts = time_grid(self.steps, self.t_min)
+        calls = len(ts) - 1
         log_p_x0 = None  # (B, L, V) the last output of every row
         changed = torch.ones(batch, dtype=torch.bool, device=x.device)  # (B,)
-        for i in range(self.steps):
+        for i in range(calls):
             t = torch.full((batch,), float(ts[i]), device=x.device)  # (B,)
             s = torch.full((batch,), float(ts[i + 1]), device=x.device)  # (B,)
             alpha_t = model.alpha(t)
             # the last step goes to alpha(0) = 1 exactly, so no mask survives it
-            alpha_s = torch.ones_like(alpha_t) if i == self.steps - 1 else model.alpha(s)
+            alpha_s = torch.ones_like(alpha_t) if i == calls - 1 else model.alpha(s)
             if log_p_x0 is None:
                 log_p_x0 = self.filter(model.log_p_x0(x, t))  # (B, L, V)
             else:
                 log_p_x0 = self._refresh(model, x, t, log_p_x0, changed)
-            if self.noise_removal and i == self.steps - 1:  # MDLM's final greedy step
+            if self.noise_removal and i == calls - 1:  # the final greedy step
                 x_s = torch.where(x == model.mask_id, log_p_x0.argmax(-1), x)
             else:
                 x_s = ddpm_step(log_p_x0, x, alpha_t, alpha_s, generator, model.mask_id)

@@ -83,6 +83,8 @@ class ReMDMSampler(DDPMSampler):
         """schedule / eta: the remasking probability (module docstring); t_on > t_off: the
         loop phase of schedule=loop; cache: per-row reuse as ddpm_cache (time-agnostic only)."""
         super().__init__(steps, **common)
+        if self.t_min:
+            raise ValueError("sampler=remdm: t_min is not supported (its schedule ends at t = 0)")
         if schedule not in SCHEDULES:
             raise ValueError(f"sampler.schedule={schedule!r}; choose one of {SCHEDULES}")
         if eta < 0 or (schedule == "rescale" and eta > 1):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from samplers.base import GuidedDenoiser, Sampler, sample_categorical, uniform
-from samplers.ddpm import time_grid
+from samplers.ddpm import check_t_min, time_grid
 
 
 def uniform_posterior(
@@ -73,8 +73,6 @@ class UniformSampler(Sampler):
         super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler=uniform: steps must be >= 1, got {steps}")
-        if not 0.0 <= t_min < 1.0:
-            raise ValueError(f"sampler.t_min={t_min} must lie in [0, 1)")
         if self.cfg_scale != 0.0:
             raise ValueError(
                 "sampler=uniform: cfg_scale must be 0 (SMDM's CFG masks the prompt, and a "
@@ -82,7 +80,7 @@ class UniformSampler(Sampler):
             )
         self.steps = steps
         self.greedy_tail = greedy_tail
-        self.t_min = float(t_min)
+        self.t_min = check_t_min(t_min)
 
     def _generate(
         self,
@@ -102,12 +100,8 @@ class UniformSampler(Sampler):
         x = torch.where(free, prior, x)
         if record is not None:
             record(x.clone())
-        ts = time_grid(self.steps)
-        calls = self.steps
-        if self.t_min > 0:  # DUO's grid 1 -> t_min, then its noise-removal step at t_min
-            ts = torch.cat([torch.linspace(1.0, self.t_min, self.steps + 1, dtype=ts.dtype),
-                            ts.new_zeros(1)])  # fmt: skip
-            calls += 1
+        ts = time_grid(self.steps, self.t_min)  # t_min > 0: DUO's grid, one more step
+        calls = len(ts) - 1
         for i in range(calls):
             t = torch.full((batch,), float(ts[i]), device=x.device)
             log_x = self.filter(model.log_p_x0(x, t))  # (B, L, V)

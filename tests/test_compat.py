@@ -294,10 +294,52 @@ def test_noise_removal_fills_the_last_masks_greedily(cls_name):
         )
     assert any(not torch.equal(d, greedy.expand(2, -1)) for d in draws)
     ours, lines = translate(["sampling.predictor=ddpm", "sampling.noise_removal=True"])
+    assert "sampler.noise_removal=true" in ours and "sampler.t_min=1e-05" in ours
     assert (
-        "sampler.noise_removal=true" in ours
-        and "MDLM name sampling.noise_removal -> sampler.noise_removal" in lines
+        "MDLM name sampling.noise_removal -> sampler.noise_removal=true sampler.t_min=1e-05"
+        in lines
     )
+    # MDLM's default is True: the same, said as a default; False: our grid
+    ours, lines = translate(["sampling.predictor=ddpm", "sampling.steps=8"])
+    assert "sampler.t_min=1e-05" in ours and any(
+        "default sampling.noise_removal" in x for x in lines
+    )
+    ours, _ = translate(["sampling.predictor=ddpm", "sampling.noise_removal=False"])
+    assert "sampler.noise_removal=false" in ours and "sampler.t_min=1e-05" not in ours
+
+
+@pytest.mark.parametrize("cls_name", ["DDPMSampler", "DDPMCacheSampler"])
+def test_mdlms_grid_and_noise_removal_are_its_loop(cls_name):
+    """sampler.t_min (MDLM's `_sample`): `steps` steps on linspace(1, t_min, steps + 1), then
+    the argmax of p(x0 | x_t) at t_min fills what is still masked; MDLM's loop is written out
+    here with the same uniforms (t_min = 0.3 so that many masks are left for the argmax)."""
+    import samplers.ddpm
+    import samplers.ddpm_cache
+    from samplers.base import sample_categorical, uniform
+    from tests.test_samplers import random_denoiser
+
+    cls = getattr(samplers.ddpm, cls_name, None) or getattr(samplers.ddpm_cache, cls_name)
+    steps, t_min, B, L = 2, 0.3, 3, 12
+    model = random_denoiser(L, vocab=6, seed=4)
+    out = cls(steps=steps, noise_removal=True, t_min=t_min, num_samples=B, batch_size=B).sample(
+        model, B, L, generator=torch.Generator().manual_seed(7)
+    )
+    g = torch.Generator().manual_seed(7)
+    log_p = model.probs.log().expand(B, -1, -1)  # (B, L, V - 1) at masked positions
+    x = torch.full((B, L), model.mask_id)
+    ts = torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
+    for i in range(steps):  # alpha = 1 - t: unmask with (a_s - a_t) / (1 - a_t) = (t - s) / t
+        u = uniform((2, B, L), g, x.device)
+        moves = (x == model.mask_id) & (u[0] < (ts[i] - ts[i + 1]) / ts[i])
+        x[moves] = sample_categorical(log_p[moves], u[1][moves])
+    left = x == model.mask_id
+    assert int(left.sum()) > 0  # t_min = 0.3 leaves masks for the final argmax
+    x[left] = log_p.argmax(-1)[left]
+    assert torch.equal(out.tokens, x)
+    if cls_name == "DDPMSampler":  # every step calls, the removal step too
+        assert out.nfe == steps + 1
+    else:  # the cache skips a call when no row changed (this model ignores t)
+        assert 1 <= out.nfe <= steps + 1
 
 
 # ---- BD3-LM's command lines (kuleshov-group/bd3lms README.md and scripts/, `srun python -u

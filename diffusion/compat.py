@@ -273,17 +273,39 @@ class _Translation:
     sampler: str = ""
     semi_ar: bool = False
     backbone_set: bool = False
+    origin: str = "MDLM"  # whose command it is (MDLM's, BD3-LM's, DUO's): the lines say so
 
     def say(self, mdlm: str, ours: list[str] | str) -> None:
-        """Record the line `MDLM name <mdlm> -> <ours>`."""
+        """Record the line `<origin> name <mdlm> -> <ours>`."""
         target = ours if isinstance(ours, str) else " ".join(ours) or "(nothing)"
-        self.lines.append(f"MDLM name {mdlm} -> {target}")
+        self.lines.append(f"{self.origin} name {mdlm} -> {target}")
+
+    def default(self, text: str) -> None:
+        """Record the line `<origin> default <text>` (a default of theirs where ours differs)."""
+        self.lines.append(f"{self.origin} default {text}")
+
+
+DUO_ONLY_NAMES = ("training.finetune_path", "sampling.p_nucleus", "sampling.use_float64",
+                  "sampling.guid_weight")  # fmt: skip
+
+
+def _origin(given: dict[str, str]) -> str:
+    """DUO's command (its algo or one of its names), BD3-LM's (`algo=`, a BD3-LM name: its
+    MDLM / AR / SEDD baselines are also DUO's, read as BD3-LM's), else MDLM's."""
+    if given.get("algo") in DUO_ALGOS or any(k in given for k in DUO_ONLY_NAMES):
+        return "DUO"
+    if given.get("sampling.noise_removal", "").strip().lower() in DUO_NOISE_REMOVAL:
+        return "DUO"
+    if any(k.startswith(BD3LM_ONLY_PREFIXES) or k in BD3LM_ONLY_NAMES for k in given):
+        return "BD3-LM"
+    return "MDLM"
 
 
 def _translate(overrides: list[str]) -> tuple[list[str], list[str]]:
     """An MDLM command's overrides -> (ours, printed lines): the sampler first, then every
     other name in order, then MDLM's defaults where ours differ."""
     t = _Translation(given={_split(o)[1]: _split(o)[2] for o in overrides})
+    t.origin = _origin(t.given)
     t.out += _sampler_overrides(t)
     for o in overrides:
         _translate_one(t, o)
@@ -291,7 +313,7 @@ def _translate(overrides: list[str]) -> tuple[list[str], list[str]]:
         t.out.insert(0, "logger=wandb")
     for key, value in _mdlm_defaults(t):
         t.out.append(f"{key}={value}")
-        t.lines.append(f"MDLM default {key}={value} (ours differs)")
+        t.default(f"{key}={value} (ours differs)")
     return t.out, t.lines
 
 
@@ -351,7 +373,7 @@ def _bd3lm_sampling(t: _Translation) -> list[str]:
         if "sampling.var_length" in g:
             t.say("sampling.var_length", "sampler.stop_at_eos")
         else:
-            t.lines.append("MDLM default sampling.var_length=False -> sampler.stop_at_eos=false")
+            t.default("sampling.var_length=False -> sampler.stop_at_eos=false")
     elif "sampling.var_length" in g and _truthy(g["sampling.var_length"], "sampling.var_length"):
         raise ConfigError("BD3-LM name sampling.var_length=True needs algo=bd3lm (sampler=block)")
     notes = {
@@ -406,7 +428,7 @@ def _sampler_choice(t: _Translation) -> list[str]:
     if "sampling.predictor" in t.given or t.semi_ar:
         t.say(f"{source}={predictor}", ov)
     else:
-        t.lines.append(f"MDLM default sampling.predictor=ddpm_cache -> {' '.join(ov)}")
+        t.default(f"sampling.predictor=ddpm_cache -> {' '.join(ov)}")
     return ov
 
 
@@ -428,7 +450,7 @@ def _sampler_steps(t: _Translation) -> list[str]:
     if "sampling.steps" in t.given:
         t.say("sampling.steps", "sampler.steps")
     elif duo:
-        t.lines.append(f"MDLM default sampling.steps=1000 (DUO's) -> sampler.steps={steps}")
+        t.default(f"sampling.steps=1000 -> sampler.steps={steps}")
     return ov
 
 
@@ -468,7 +490,7 @@ def _sample_count(t: _Translation) -> list[str]:
     if "sampling.num_sample_batches" in t.given:
         t.say(f"sampling.num_sample_batches={batches}", what)
     else:
-        t.lines.append(f"MDLM default sampling.num_sample_batches={default} -> {what}")
+        t.default(f"sampling.num_sample_batches={default} -> {what}")
     return [f"sampler.num_samples={num}", "sampler.batch_size='${loader.eval_batch_size}'"]
 
 
@@ -499,7 +521,7 @@ def _noise_removal(t: _Translation) -> list[str]:
         if given:
             t.say("sampling.noise_removal", ov)
         else:
-            t.lines.append(f"MDLM default sampling.noise_removal=True -> {' '.join(ov)}")
+            t.default(f"sampling.noise_removal=True -> {' '.join(ov)}")
         return ov
     if not given:
         return []

@@ -520,7 +520,13 @@ def test_duo_training_names_and_defaults():
     p = composed(ours).parameterization
     assert (p.curriculum_start, p.curriculum_end) == (100000, 200000)
     assert (p.gumbel_tau_log10_start, p.gumbel_tau_log10_end) == (-1.0, -2.0)
-    assert any("curriculum_end=200000" in line for line in lines)
+    assert "DUO default parameterization.curriculum_end=200000 (ours differs)" in lines
+    assert (
+        "DUO name algo=duo -> parameterization=duo parameterization.states=vocab "
+        "parameterization.curriculum=true" in lines
+    )  # each line names whose name it is
+    _, bd3lm = translate(["algo=bd3lm", "block_size=4"])
+    assert "BD3-LM name block_size -> parameterization.block_size" in bd3lm
     distill = composed(translate(DUO_DISTILL.split())[0])
     d = distill.parameterization
     assert (d.distill_T, d.update_teacher_every, d.loss_type) == (512, 10000, "kl-bwd")

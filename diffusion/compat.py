@@ -864,13 +864,15 @@ def _model_length(t: _Translation, prefix: str, key: str, value: str) -> None:
 
 
 def _resample(t: _Translation, prefix: str, key: str, value: str) -> None:
-    if _truthy(value, key):
-        raise ConfigError(
-            "BD3-LM name training.resample=True (redraw masks until each block's masked "
-            "fraction lies in the clipping interval) is not implemented: ours draws the mask "
-            "rate from [noise.beta, noise.omega] (noise=clipped) and masks with it once"
-        )
-    t.say(f"{key}=False", "(nothing: the default)")
+    """training.resample: redraw a block's masks until its masked fraction lies in the
+    clipping interval (bd3lm only; BD3-LM's default False)."""
+    if not _truthy(value, key):
+        t.say(f"{key}=False", "(nothing: the default)")
+        return
+    if t.given.get("algo", "bd3lm") != "bd3lm":
+        raise ConfigError(f"BD3-LM name {key}=True needs algo=bd3lm (its blocks' masks)")
+    t.out.append("parameterization.resample=true")
+    t.say(key, "parameterization.resample")
 
 
 def _from_pretrained(t: _Translation, prefix: str, key: str, value: str) -> None:

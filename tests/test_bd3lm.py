@@ -229,6 +229,39 @@ def test_clipped_training_evaluates_on_the_full_schedule() -> None:
     assert float(frac.min()) < 0.1 and float(frac.max()) > 0.9
 
 
+def test_resample_keeps_every_block_inside_the_interval_with_its_conditional_law() -> None:
+    """BD3-LM's training.resample: with [0.4, 0.6] and blocks of 4, every training block has
+    exactly 2 of 4 tokens masked (the only fraction inside), the 6 arrangements equally
+    often (rejection sampling keeps the rate's law given the count); without it the counts
+    vary. An interval no fraction k / 4 reaches is refused; evaluation never resamples."""
+    L, B = 16, 600
+    x0 = torch.randint(0, V - 1, (B, L), generator=gen(0))
+    fake = FixedLogits(torch.zeros(B, 2 * L, V))
+
+    def block_counts(bd3) -> Tensor:
+        bd3.loss(fake, x0, torch.ones_like(x0), gen(1))
+        masked = (fake.seen[:, :L] == V - 1).view(B, L // 4, 4)
+        return masked
+
+    bd3 = BD3LM(Clipped(beta=0.4, omega=0.6), V - 1, V, block_size=4, resample=True).train()
+    masked = block_counts(bd3)
+    assert bool((masked.sum(-1) == 2).all())
+    patterns = (masked.long() * torch.tensor([8, 4, 2, 1])).sum(-1).flatten()
+    freq = torch.bincount(patterns, minlength=16)[[3, 5, 6, 9, 10, 12]].double() / len(patterns)
+    assert float((freq - 1 / 6).abs().max()) < 0.03  # 2400 blocks: sd of a share ~ 0.008
+    plain = BD3LM(Clipped(beta=0.4, omega=0.6), V - 1, V, block_size=4).train()
+    assert len(set(block_counts(plain).sum(-1).flatten().tolist())) > 2
+    # an upper bound only (beta at sampling_eps, BD3-LM's edge rule): no block above 1 / 2
+    upper = BD3LM(Clipped(beta=1e-3, omega=0.5), V - 1, V, block_size=4, resample=True).train()
+    counts = block_counts(upper).sum(-1)
+    assert int(counts.max()) <= 2 and int((counts == 0).sum()) > 0
+    narrow = BD3LM(Clipped(beta=0.3, omega=0.45), V - 1, V, block_size=4, resample=True).train()
+    with pytest.raises(ValueError, match=r"no masked fraction k / 4 .* \[0.3, 0.45\]"):
+        block_counts(narrow)
+    bd3.eval()  # evaluation: the full schedule, nothing redrawn
+    assert len(set(block_counts(bd3).sum(-1).flatten().tolist())) > 2
+
+
 def test_clip_search_grid_by_hand() -> None:
     eps = 1e-3
     assert clip_search_grid([0.5], 0.25, eps) == [(eps, 1.0), (eps, 0.5), (0.25, 0.75), (0.5, 1.0)]

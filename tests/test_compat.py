@@ -422,10 +422,11 @@ def test_bd3lm_sample_length_is_the_generated_length():
 
 def test_bd3lm_training_switches_and_unported_names():
     theirs = BD3LM_TRAIN.split()
-    with pytest.raises(ConfigError, match=r"training.resample=True .* not implemented"):
-        translate(theirs)
-    ours, lines = translate([o for o in theirs if not o.startswith("training.resample")])
+    ours, lines = translate(theirs)
     cfg = composed(ours)
+    assert cfg.parameterization.resample is True  # training.resample=True
+    with pytest.raises(ConfigError, match=r"training.resample=True needs algo=bd3lm"):
+        translate(["algo=mdlm", "training.resample=True"])
     assert cfg.data.layout.special_tokens is False  # the training split's switch
     assert "doc_eos" not in cfg.data.layout  # insert_train_eos: BD3-LM's default True
     assert any("insert_valid_eos" in line and "training one" in line for line in lines)

@@ -18,6 +18,12 @@ picks [beta, omega] from data as BD3-LM does: during validation the per-block lo
 measured for a grid of intervals and the next training step uses the lowest-variance one.
 Evaluation always integrates over the full schedule, so perplexities stay upper bounds (exact
 at block_size = 1, where the model is AR and t = 1 is used).
+
+`resample=true` is BD3-LM's `training.resample`: with a clipping interval in training, a block
+whose masked fraction (masked tokens / block_size) falls outside [beta, omega] has its mask
+redrawn until it lies inside (a bound at the full schedule's edge, beta = sampling_eps or
+omega = 1, is not enforced, as BD3-LM): rejection sampling, so each accepted block's masks
+follow the rate's distribution conditioned on that count range.
 """
 
 from __future__ import annotations
@@ -110,6 +116,7 @@ class BD3LM(AbsorbingDiffusion):
         clip_search_batches: int = 10,
         attn_backend: str = "auto",
         length: int | None = None,
+        resample: bool = False,
     ) -> None:
         """`length`: the model's sequence length (model.length); with block_size >= length the
         model is MDLM and whole-canvas samplers are exact (`provided`)."""
@@ -144,6 +151,7 @@ class BD3LM(AbsorbingDiffusion):
         self.provides = self.provided({"block_size": self.block_size}, self.length)
         self.exact_likelihood = self.block_size == 1  # t = 1: every token masked, next-token NLL
         self.attn_backend = attn_backend
+        self.resample = bool(resample)
         self.var_min = var_min
         self.clip_search_batches = clip_search_batches
         self.clip_grid = clip_search_grid(clip_search_widths, clip_search_delta, sampling_eps)
@@ -264,17 +272,62 @@ class BD3LM(AbsorbingDiffusion):
         else:
             t = self.sample_block_t(B, num_blocks, x0.device, generator, rows)  # (B, nb)
             rate, weight = self.rate_and_weight(t, clip)
-        x_t = self.q_xt(
-            x0,
-            rate[:, blk],  # (B, L) each token's block masking rate
-            generator,
-            noisable=scored if loss_mask is not None else None,
-            rows=rows,
-        )
+        noisable = scored if loss_mask is not None else None
+        x_t = self.q_xt(x0, rate[:, blk], generator, noisable=noisable, rows=rows)  # (B, L)
+        if self.resample and clip is not None and self.training:
+            x_t = self.resample_blocks(x_t, x0, rate[:, blk], clip, generator, noisable, rows)
         logits = self.backbone_logits(backbone, x_t, x0, attention_mask)  # (B, L, V)
         log_p = subs_log_p_x0(logits, x_t, self.mask_id)
         log_p_true = log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L); 0 where unmasked
         return -log_p_true * weight[:, blk].to(log_p_true.dtype), scored
+
+    def resample_blocks(
+        self,
+        x_t: Tensor,
+        x0: Tensor,
+        rate: Tensor,
+        clip: tuple[float, float],
+        generator=None,
+        noisable: Tensor | None = None,
+        rows: Rows = None,
+        max_rounds: int = 10_000,
+    ) -> Tensor:
+        """Redraw the masks of every block whose masked fraction lies outside `clip` until it
+        lies inside (BD3-LM's training.resample; its edge rule: a bound at the full interval's
+        edge is not checked). `rate` (B, L): each token's masking rate."""
+        lo, hi = clip
+        check_lo, check_hi = abs(lo - self.sampling_eps) > 1e-9, hi < 1.0
+        if not (check_lo or check_hi):
+            return x_t
+        size = self.block_size
+        counts = range(size + 1)
+        if not any(
+            (not check_lo or k / size >= lo) and (not check_hi or k / size <= hi) for k in counts
+        ):
+            raise ValueError(
+                f"parameterization.resample=true: no masked fraction k / {size} of a block lies "
+                f"in the clipping interval [{lo}, {hi}] (noise.beta / noise.omega): widen it"
+            )
+        B, L = x0.shape
+        blk = block_ids(L, size, x0.device)
+        for _ in range(max_rounds):
+            masked = (x_t == self.mask_id) & (x0 != self.mask_id)
+            frac = (
+                torch.zeros(B, int(blk[-1]) + 1, device=x0.device).index_add_(
+                    1, blk, masked.float()
+                )
+                / size
+            )  # (B, nb)
+            bad = torch.zeros_like(frac, dtype=torch.bool)
+            if check_lo:
+                bad |= frac < lo - 1e-9
+            if check_hi:
+                bad |= frac > hi + 1e-9
+            if not bool(bad.any()):
+                return x_t
+            redraw = self.q_xt(x0, rate, generator, noisable=noisable, rows=rows)
+            x_t = torch.where(bad[:, blk], redraw, x_t)
+        raise RuntimeError(f"parameterization.resample: blocks still outside [{lo}, {hi}]")
 
     def loss(
         self,

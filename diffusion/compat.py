@@ -782,7 +782,8 @@ ALGO_FALSE_ONLY = {  # DUO's switches ours has no implementation of
     "algo.linear_growth_dt": "dt doubles every round (DUO's default schedule)",
 }
 # algo.loss_type values: ours (None: the objective's NELBO, nothing to set)
-ALGO_LOSS_TYPES = {"elbo": None, "kl-bwd": "kl-bwd", "kl-fwd": "kl-fwd"}
+# (low_var: DUO's duo and mdlm losses never read it, its d3pm / sedd refuse it)
+ALGO_LOSS_TYPES = {"elbo": None, "low_var": None, "kl-bwd": "kl-bwd", "kl-fwd": "kl-fwd"}
 
 
 def _algo_key(t: _Translation, prefix: str, key: str, value: str) -> None:
@@ -798,7 +799,11 @@ def _algo_key(t: _Translation, prefix: str, key: str, value: str) -> None:
         ours = ALGO_LOSS_TYPES[value]
         if ours is not None:
             t.out.append(f"parameterization.loss_type={ours}")
-        t.say(key, "parameterization.loss_type" if ours else "(nothing: the NELBO)")
+        if value == "low_var" and t.given.get("algo") not in ("duo_base", "duo", "mdlm"):
+            raise ConfigError(
+                f"DUO name {key}=low_var: DUO itself accepts it for duo and mdlm only"
+            )
+        t.say(key, "parameterization.loss_type" if ours else "(nothing: the NELBO either way)")
     elif key == "algo.posterior_loss_weight":
         if float(value) != 0.0:
             raise ConfigError(f"DUO name {key}={value}: the posterior loss is not ported")

@@ -543,7 +543,7 @@ def test_duo_training_names_and_defaults():
         ("sampling.psi.high_mode=pure-pc", r"Psi-samplers are not ported"),
         ("sampling.guid_weight=2.0", r"classifier-free guidance"),
         ("algo.teacher_ema=True", r"teacher_ema=True is not implemented"),
-        ("algo.loss_type=low_var", r"loss_type=low_var is not ported"),
+        ("algo.loss_type=posterior", r"loss_type=posterior is not ported"),
         ("algo.posterior_loss_weight=0.5", r"posterior loss is not ported"),
     ],
 )

@@ -548,9 +548,10 @@ def _duo_noise_removal(t: _Translation, value: str) -> list[str]:
     if _sampler_accepts(t.sampler, "greedy_tail"):
         t.say(f"sampling.noise_removal={value}", f"sampler.greedy_tail={greedy}")
         return [f"sampler.greedy_tail={greedy}"]
-    if _sampler_accepts(t.sampler, "noise_removal"):
-        t.say(f"sampling.noise_removal={value}", f"sampler.noise_removal={greedy}")
-        return [f"sampler.noise_removal={greedy}"]
+    if _sampler_accepts(t.sampler, "noise_removal"):  # DUO's MDLM: MDLM's grid and removal
+        ov = [f"sampler.noise_removal={greedy}"] + ([MDLM_GRID] if value == "greedy" else [])
+        t.say(f"sampling.noise_removal={value}", ov)
+        return ov
     if value == "greedy":
         raise ConfigError(
             f"DUO name sampling.noise_removal=greedy: sampler={t.sampler} has no final greedy "

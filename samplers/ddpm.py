@@ -70,6 +70,7 @@ def time_grid(steps: int, t_min: float = 0.0) -> Tensor:
 
 
 def check_t_min(t_min: float) -> float:
+    """`sampler.t_min` as a float in [0, 1) (a clear error otherwise)."""
     if not 0.0 <= t_min < 1.0:
         raise ValueError(f"sampler.t_min={t_min} must lie in [0, 1)")
     return float(t_min)

@@ -558,6 +558,7 @@ def test_duo_mdlm_baseline_noise_removal_maps_to_ours():
                          "sampling.noise_removal=greedy"])  # fmt: skip
     cfg = composed(ours)
     assert cfg.sampler._target_.endswith("DDPMCacheSampler") and cfg.sampler.noise_removal is True
+    assert cfg.sampler.t_min == 1e-5  # MDLM's grid, then its removal step
 
 
 BD3LM_ZERO_SHOT = """loader.eval_batch_size=16 model=small algo=bd3lm algo.backbone=hf_dit

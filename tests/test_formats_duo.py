@@ -208,6 +208,9 @@ def test_duo_lightning_strict_errors(tmp_path):
         r"causal\.ckpt: algo\.causal_attention=True with algo\.name='duo_base'",
     )
     _expect(write("discrete", duo_config(T=1000)), r"discrete\.ckpt: algo\.T=1000")
+    other_eps = duo_config()
+    other_eps.noise.eps = 1e-4
+    _expect(write("eps", other_eps), r"eps\.ckpt: noise\.eps=0\.0001")
 
 
 def test_duos_commands_run_on_a_duo_trained_with_its_states(tmp_path):

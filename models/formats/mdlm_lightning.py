@@ -192,6 +192,12 @@ def algo_architecture(cfg: dict[str, Any], source: str) -> Architecture:
     noise = str(get(cfg, "noise.type", source, "loglinear"))
     if param != "ar" and noise not in LOGLINEAR:
         raise FormatError(f"{source}: noise.type={noise!r}; only the loglinear schedule is ported")
+    eps = float(get(cfg, "noise.eps", source, 1e-3))  # DUO's noise.eps; BD3-LM's: fixed 1e-3
+    if param != "ar" and abs(eps - 1e-3) > 1e-12:
+        raise FormatError(
+            f"{source}: noise.eps={eps}; the loglinear schedule is ported at eps = 1e-3 "
+            "(alpha_1 = 1e-3), which every released model uses"
+        )
     causal = bool(get(cfg, "algo.causal_attention", source, param == "ar"))
     if causal != (param == "ar"):
         raise FormatError(

@@ -236,3 +236,18 @@ def test_duos_commands_run_on_a_duo_trained_with_its_states(tmp_path):
     assert report["sampler"] == "UniformSampler" and report["steps"] == 8
     # DUO's schedule: 8 steps to t = 1e-5, then its greedy noise-removal step
     assert report["num_samples"] == 2 and report["nfe"] == 9 and report["entropy"] > 0
+
+
+def test_duos_hugging_face_release_is_named_not_guessed(tmp_path):
+    """A folder laid out as DUO's HF release (config.json model_type duo) is refused with what
+    to load instead, not as an unknown format."""
+    import json
+
+    from models.formats import detect_format
+
+    folder = tmp_path / "duo-distilled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "duo", "vocab_size": 50258}))
+    with pytest.raises(FormatError, match=r"model_type='duo': DUO's Hugging Face releases .* "
+                       r"Lightning \.ckpt"):  # fmt: skip
+        detect_format(folder)

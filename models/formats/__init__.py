@@ -26,7 +26,7 @@ from models.formats import (
     modernbert_ldm,
     smdm,
 )
-from models.formats.common import FormatError
+from models.formats.common import FormatError, read_json
 
 # format name -> module with detect(path) and load(path, use_ema, overrides)
 FORMATS: dict[str, Any] = {
@@ -40,6 +40,12 @@ FORMATS: dict[str, Any] = {
     modernbert_ldm.NAME: modernbert_ldm,
 }
 OURS = "unmask"
+# releases we know of but do not load (config.json model_type -> what to use instead)
+UNPORTED = {
+    "duo": "DUO's Hugging Face releases (s-sahoo/duo, s-sahoo/duo-distilled) are not ported "
+    "(their modeling file is not available to verify the layout against); load DUO's "
+    "Lightning .ckpt files (its Google Drive folder), which mdlm_ckpt reads",
+}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
 __all__ = ["FORMATS", "FormatError", "as_ckpt_file", "detect_format", "load_checkpoint", "resolve"]
@@ -78,6 +84,15 @@ def detect_format(path: str | Path) -> str:
             return name
     if path.is_file() and path.suffix == ".ckpt":
         return OURS  # let our own reader explain what is wrong with it
+    model_type = (
+        str(read_json(path / "config.json").get("model_type", ""))
+        if (path / "config.json").is_file()
+        else ""
+    )
+    if model_type.lower() in UNPORTED:
+        raise FormatError(
+            f"{path / 'config.json'}: model_type={model_type!r}: {UNPORTED[model_type.lower()]}"
+        )
     raise FormatError(
         f"{path}: no known checkpoint format found (known: {[OURS, *FORMATS]}); "
         "name it with eval.checkpoint_format=..."

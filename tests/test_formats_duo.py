@@ -251,3 +251,41 @@ def test_duos_hugging_face_release_is_named_not_guessed(tmp_path):
     with pytest.raises(FormatError, match=r"model_type='duo': DUO's Hugging Face releases .* "
                        r"Lightning \.ckpt"):  # fmt: skip
         detect_format(folder)
+
+
+def test_an_lm1b_duo_checkpoint_keeps_berts_mask_id_as_a_state(tmp_path):
+    """DUO's LM1B runs (bert-base-uncased, 30,522 ids, [MASK] = 103 among them, lm1b-wrap):
+    rebuilt on lm1b_wrap with the mask id 103 a state; the NELBO over all 30,522 ids matches
+    DUO's written out, a token drawn as 103 included."""
+    from diffusion.build import build_module
+
+    Vb, mask = 30522, 103
+    raw, shadow = ({k: v[:Vb] if v.shape[0] == V else v for k, v in mdlm_params(seed=s).items()}
+                   for s in (21, 22))  # fmt: skip
+    cfg = duo_config()
+    cfg.data = {"train": "lm1b", "valid": "lm1b", "tokenizer_name_or_path": "bert-base-uncased",
+                "wrap": True, "insert_train_eos": True, "insert_valid_eos": True}  # fmt: skip
+    ckpt = load_checkpoint(str(write_lightning(tmp_path / "lm1b.ckpt", raw, shadow, cfg)))
+    conf = ckpt["unmask_config"]
+    assert conf["data"]["name"] == "lm1b_wrap" and ckpt["unmask_format"]["mask_id"] == mask
+
+    class Vocab:  # bert-base-uncased as the data module reports it
+        vocab_size, mask_id = Vb, mask
+
+    module = build_module(OmegaConf.create(conf), Vocab())
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.eval()
+    obj = module.objective
+    assert obj.K == Vb and obj.mask_id == mask
+    x0 = torch.tensor(
+        [[101, 7, 2000, 3, 102, 55, 9, 8, 30000, 4], [101, 1, 2, 3, 4, 5, 6, 7, 8, 102]]
+    )
+    x_t = x0.clone()
+    x_t[0, 2], x_t[1, 4], x_t[1, 6] = mask, 29999, mask
+    obj.sample_t = lambda n, device, generator=None, rows=None: T_FIXED
+    obj.q_xt = lambda x0, alpha, generator=None, rows=None: x_t
+    with torch.no_grad():
+        got = obj.loss(module.eval_backbone, x0, torch.ones_like(x0)).nll.double()
+    sigma = -torch.log(1 - (1 - EPS) * T_FIXED)
+    log_x = reference_logits(shadow, x_t, sigma, time_conditioning=True).log_softmax(-1)
+    torch.testing.assert_close(got, duo_nelbo(log_x, x0, x_t, T_FIXED) + prior_kl(Vb), **TOL)

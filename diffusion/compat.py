@@ -394,11 +394,13 @@ def _sampler_choice(t: _Translation) -> list[str]:
     algo = t.given.get("algo", "")
     algo_sampler = ALGOS.get(algo, ([], None))[1]
     predictor = t.given.get("sampling.predictor")
+    if predictor == "psi":
+        return _psi_sampler(t, algo)
     if algo in DUO_ALGOS and predictor not in (None, "ancestral", "ancestral_cache"):
         raise ConfigError(
             f"DUO name sampling.predictor={predictor} with algo={algo}: of DUO's samplers "
-            "ours has the ancestral one (sampler=uniform); its analytic and psi samplers "
-            "are not ported"
+            "ours has the ancestral one (sampler=uniform) and the Psi-samplers "
+            "(sampling.predictor=psi); its analytic sampler is not ported"
         )
     if algo_sampler is not None and (predictor is None or algo in DUO_ALGOS):
         t.sampler = algo_sampler
@@ -429,6 +431,28 @@ def _sampler_choice(t: _Translation) -> list[str]:
         t.say(f"{source}={predictor}", ov)
     else:
         t.default(f"sampling.predictor=ddpm_cache -> {' '.join(ov)}")
+    return ov
+
+
+PSI_NAMES = ("time_profile", "high_mode", "middle_mode", "low_mode", "high_frac", "middle_frac")
+
+
+def _psi_sampler(t: _Translation, algo: str) -> list[str]:
+    """DUO's sampling.predictor=psi (+ sampling.psi.*) -> sampler=psi on its grid; uniform-state
+    models only (its masked variant: our sampler=remdm)."""
+    if algo not in DUO_ALGOS:
+        raise ConfigError(
+            f"DUO name sampling.predictor=psi with algo={algo or 'mdlm'}: ours has the "
+            "Psi-samplers for uniform-state models (algo=duo_base); for masked models use "
+            "sampler=remdm (ReMDM's cap / rescale / loop schedules)"
+        )
+    t.sampler = "psi"
+    ov = ["sampler=psi", f"sampler.t_min={DUO_T_MIN}"]
+    for name in PSI_NAMES:
+        key = f"sampling.psi.{name}"
+        if key in t.given:
+            ov.append(f"sampler.{name}={t.given[key]}")
+    t.say("sampling.predictor=psi (+ sampling.psi.*)", ov)
     return ov
 
 
@@ -572,10 +596,12 @@ def _translate_one(t: _Translation, override: str) -> None:
         if key in SAMPLING_NAMES:
             return
         if key.startswith("sampling.psi."):
-            raise ConfigError(
-                f"DUO name {key}: its Psi-samplers are not ported (ours: sampler=uniform, "
-                "DUO's ancestral sampler; sampler=remdm for masked models)"
-            )
+            if t.sampler != "psi" or key.removeprefix("sampling.psi.") not in PSI_NAMES:
+                raise ConfigError(
+                    f"DUO name {key} needs sampling.predictor=psi and is one of "
+                    f"sampling.psi.{{{','.join(PSI_NAMES)}}}"
+                )
+            return
         if key not in DROPPED:
             raise ConfigError(f"MDLM name {key} is not one MDLM's main.py reads")
         t.say(key, f"(nothing: {DROPPED[key]})")
@@ -642,6 +668,8 @@ def _data(t: _Translation, prefix: str, key: str, value: str) -> None:
 
 
 def _noise(t: _Translation, prefix: str, key: str, value: str) -> None:
+    if value == "log-linear":  # DUO's name of it
+        value = "loglinear"
     if value != "loglinear":
         raise ConfigError(
             f"MDLM name noise={value} is not ported: use noise=loglinear (MDLM's default) "
@@ -979,7 +1007,7 @@ def _sampler_accepts(sampler: str, arg: str) -> bool:
     module = {"ddpm": "samplers.ddpm", "ddpm_cache": "samplers.ddpm_cache",
               "analytic": "samplers.analytic", "semi_ar": "samplers.semi_ar",
               "block": "samplers.block", "ar": "samplers.ar",
-              "uniform": "samplers.uniform"}[sampler]  # fmt: skip
+              "uniform": "samplers.uniform", "psi": "samplers.psi"}[sampler]  # fmt: skip
     mod = importlib.import_module(module)
     classes = [c for c in vars(mod).values() if inspect.isclass(c) and c.__module__ == module]
     return any(arg in inspect.signature(c.__init__).parameters for c in classes)

@@ -46,6 +46,13 @@ def uniform_posterior(
     return post / post.sum(-1, keepdim=True)
 
 
+def forward_noised(q0: Tensor, alpha: Tensor, real: Tensor) -> Tensor:
+    """(B, L, V) a distribution over clean tokens noised forward to level alpha (B,):
+    alpha q0 + (1 - alpha) / K on the K states."""
+    a = alpha.to(torch.float64)[:, None, None]
+    return a * q0 + (1 - a) * real.to(torch.float64) / int(real.sum())
+
+
 def states(model: GuidedDenoiser, device: torch.device) -> Tensor:
     """(V,) bool: the ids a uniform-state denoiser's noise ranges over, from its `states`
     (DUO's own checkpoints: every id); a denoiser without one: every id but the mask id."""
@@ -82,6 +89,15 @@ class UniformSampler(Sampler):
         self.greedy_tail = greedy_tail
         self.t_min = check_t_min(t_min)
 
+    def times(self) -> Tensor:
+        """The times visited, 1 -> 0 (float64): our grid, or DUO's with t_min > 0."""
+        return time_grid(self.steps, self.t_min)
+
+    def kappas(self, ts: Tensor, model: GuidedDenoiser) -> Tensor:
+        """(len(ts) - 1,) the weight of the posterior in each step: 1, plain ancestral
+        sampling (the Psi-samplers of samplers/psi.py mix in a corrector)."""
+        return torch.ones(len(ts) - 1, dtype=torch.float64)
+
     def _generate(
         self,
         model: GuidedDenoiser,
@@ -100,8 +116,9 @@ class UniformSampler(Sampler):
         x = torch.where(free, prior, x)
         if record is not None:
             record(x.clone())
-        ts = time_grid(self.steps, self.t_min)  # t_min > 0: DUO's grid, one more step
+        ts = self.times()  # (calls + 1,) float64
         calls = len(ts) - 1
+        kappas = self.kappas(ts, model)  # (calls,) posterior weight of each step (1: ancestral)
         for i in range(calls):
             t = torch.full((batch,), float(ts[i]), device=x.device)
             log_x = self.filter(model.log_p_x0(x, t))  # (B, L, V)
@@ -113,6 +130,13 @@ class UniformSampler(Sampler):
                 alpha_t = model.alpha(t).clamp_min(torch.finfo(torch.float64).tiny)
                 alpha_s = torch.ones_like(alpha_t) if last else model.alpha(s)
                 post = uniform_posterior(log_x, x, alpha_t, alpha_s, real)  # (B, L, V)
+                kappa = float(kappas[i])
+                if kappa < 1.0:  # predictor-corrector: mix in q_0 noised forward to s
+                    post = kappa * post + (1 - kappa) * forward_noised(
+                        uniform_posterior(log_x, x, alpha_t, torch.ones_like(alpha_t), real),
+                        alpha_s,
+                        real,
+                    )
                 draw = uniform((batch * length,), generator, x.device)
                 new = sample_categorical(post.clamp_min(0).log().flatten(0, 1), draw)
                 new = new.view(batch, length)

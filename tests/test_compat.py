@@ -538,9 +538,9 @@ def test_duo_training_names_and_defaults():
 @pytest.mark.parametrize(
     "bad,hint",
     [
-        ("sampling.predictor=psi", r"psi .* ours has the ancestral one"),
+        ("sampling.predictor=analytic", r"analytic .* ours has the ancestral one"),
         ("sampling.noise_removal=none", r"noise_removal=none .* ours always ends at t = 0"),
-        ("sampling.psi.high_mode=pure-pc", r"Psi-samplers are not ported"),
+        ("sampling.psi.high_mode=pure-pc", r"needs sampling.predictor=psi"),
         ("sampling.guid_weight=2.0", r"classifier-free guidance"),
         ("algo.teacher_ema=True", r"teacher_ema=True is not implemented"),
         ("algo.loss_type=posterior", r"loss_type=posterior is not ported"),
@@ -583,3 +583,37 @@ def test_zero_shot_scripts_score_the_corpus_with_the_checkpoints_model(command, 
     # the same corpus in training, or sampled, is the run's data
     train, _ = translate(["algo=bd3lm", "data=lm1b-gpt2", "mode=train"])
     assert "data=lm1b_wrap" in train and not any(o.startswith("eval.datasets") for o in train)
+
+
+DUO_PSI_LOOP = """mode=sample_eval data=openwebtext-split data.cache_dir=/data model=small algo=duo_base
+noise=log-linear sampling.predictor=psi sampling.steps=256 sampling.p_nucleus=0.95
+sampling.num_sample_batches=32 eval.checkpoint_path=/ckpts/duo.ckpt loader.eval_batch_size=16
+sampling.psi.time_profile=linear-constant-linear-0.9-inv sampling.psi.high_mode=pure-posterior
+sampling.psi.middle_mode=constant-remdm-0.01 sampling.psi.low_mode=pure-posterior
+sampling.psi.high_frac=0.45 sampling.psi.middle_frac=0.5"""
+DUO_PSI_CAPPED = """mode=sample_eval data=openwebtext-split model=small algo=duo_base noise=log-linear
+sampling.predictor=psi sampling.steps=256 sampling.p_nucleus=0.9 sampling.num_sample_batches=32
+eval.checkpoint_path=/ckpts/duo.ckpt loader.eval_batch_size=16 sampling.psi.time_profile=linear
+sampling.psi.high_mode=max-capped-0.01 sampling.psi.middle_mode=max-capped-0.01
+sampling.psi.low_mode=max-capped-0.01 sampling.psi.high_frac=0.0 sampling.psi.middle_frac=0.0"""
+
+
+@pytest.mark.parametrize("command", [DUO_PSI_LOOP, DUO_PSI_CAPPED], ids=["loop", "capped"])
+def test_duo_psi_sampler_scripts_compose(command):
+    """DUO's scripts/psi_samplers/owt/duo_*.sh: sampler=psi with its phases, modes, profile."""
+    cfg = composed(translate(command.split())[0])
+    s = cfg.sampler
+    assert s._target_ == "samplers.psi.PsiSampler" and s.steps == 256 and s.t_min == 1e-5
+    assert s.num_samples == 32 * 16 and s.top_p in (0.95, 0.9)
+    if "constant-remdm" in command:
+        assert (s.time_profile, s.middle_mode, s.high_frac) == (
+            "linear-constant-linear-0.9-inv", "constant-remdm-0.01", 0.45,
+        )  # fmt: skip
+    else:
+        assert s.high_mode == s.low_mode == "max-capped-0.01" and s.middle_frac == 0.0
+    ours, _ = translate([*command.split(), "sampling.noise_removal=greedy"])
+    assert composed(ours).sampler.greedy_tail is True
+    with pytest.raises(ConfigError, match=r"predictor=psi with algo=mdlm: .* sampler=remdm"):
+        translate(command.replace("algo=duo_base", "algo=mdlm").split())
+    with pytest.raises(ConfigError, match=r"sampling.psi.kappa needs sampling.predictor=psi"):
+        translate(["algo=duo_base", "sampling.psi.kappa=0.5"])

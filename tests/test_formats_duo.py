@@ -236,6 +236,14 @@ def test_duos_commands_run_on_a_duo_trained_with_its_states(tmp_path):
     assert report["sampler"] == "UniformSampler" and report["steps"] == 8
     # DUO's schedule: 8 steps to t = 1e-5, then its greedy noise-removal step
     assert report["num_samples"] == 2 and report["nfe"] == 9 and report["entropy"] > 0
+    # its Psi-sampler scripts (scripts/psi_samplers/owt/duo_max_capped_remdm.sh's names)
+    run_main(tmp_path / "psi", "mode=sample_eval", "algo=duo_base", "noise=log-linear",
+             f"eval.checkpoint_path={ckpt}", "loader.eval_batch_size=2",
+             "sampling.num_sample_batches=1", "sampling.predictor=psi", "sampling.steps=4",
+             "sampling.psi.high_mode=max-capped-0.01", "sampling.psi.middle_mode=pure-pc",
+             "sampling.psi.low_mode=max-capped-0.01")  # fmt: skip
+    psi = json.loads((tmp_path / "psi" / "sample_eval.json").read_text())
+    assert psi["sampler"] == "PsiSampler" and psi["nfe"] == 5 and psi["entropy"] > 0
 
 
 def test_duos_hugging_face_release_is_named_not_guessed(tmp_path):

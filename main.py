@@ -18,6 +18,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffusion.build import (
@@ -30,7 +31,7 @@ from diffusion.build import (
 )
 from diffusion.checkpoint import init_weights
 from diffusion.compat import translate_argv
-from diffusion.config import register_resolvers, validate_config
+from diffusion.config import check_appended, register_resolvers, validate_config
 from diffusion.evaluation.likelihood import evaluate_ppl, ppl_eval
 from diffusion.evaluation.output import run_dir, write_json
 from diffusion.evaluation.prompted import answer_prompts
@@ -73,6 +74,7 @@ MODES = {
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    check_appended(HydraConfig.get().overrides.task)  # `+training.lernrate=3` is refused
     if cfg.mode != "train" and cfg.eval.get("checkpoint_path"):  # the model is the checkpoint's
         cfg = eval_config(cfg, command_line_baseline())
     validate_config(cfg)

@@ -12,6 +12,7 @@ sampler, objective or backbone is one class + one yaml; nothing here names one.
 
 from __future__ import annotations
 
+import difflib
 import types
 import typing
 from collections.abc import Iterable
@@ -434,3 +435,61 @@ def sampler_options(provides: Iterable[str], folder: Path = CONFIGS / "sampler")
         if cls.requirements(node) <= have:
             names.append(path.stem)
     return names
+
+
+# ---- keys appended on the command line ------------------------------------------------------------
+# Sections whose every key some yaml of configs/ sets: a key appended there with `+` / `++` that no
+# yaml has is read by nothing (`+training.lernrate=3`), so it is refused instead of ignored. The
+# part groups (sampler, backbone, ...) and the trainer reject unknown keys when they are built;
+# data, hydra and the free-form subtrees below take keys of their own.
+CLOSED_SECTIONS = ("loader", "training", "eval", "generate", "checkpointing", "model")
+OPEN_SUBTREES = ("eval.dataset_overrides",)
+
+
+def _leaf_keys(node: Any, prefix: str = "") -> set[str]:
+    """Every dotted path of a plain (unresolved) yaml tree, inner nodes included."""
+    keys: set[str] = set()
+    if isinstance(node, dict):
+        for name, value in node.items():
+            path = f"{prefix}{name}"
+            keys.add(path)
+            keys |= _leaf_keys(value, f"{path}.")
+    return keys
+
+
+def known_keys(folder: Path = CONFIGS) -> set[str]:
+    """The dotted keys the root config, a global yaml (experiment, debug) or a model yaml sets."""
+    keys = _leaf_keys(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
+    for path in sorted(folder.glob("*/*.yaml")):
+        text = path.read_text()
+        tree = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        if "@package _global_" in text:
+            keys |= _leaf_keys(tree)
+        elif path.parent.name == "model":
+            keys |= _leaf_keys(tree, "model.")
+    return keys
+
+
+def check_appended(overrides: Iterable[str], folder: Path = CONFIGS) -> None:
+    """Refuse `+section.key=value` in a CLOSED_SECTIONS section when no yaml has that key, with
+    the section's keys (and the nearest one) named: a misspelt setting must not run silently."""
+    known: set[str] | None = None
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").partition("=")[0]
+        if key.split(".", 1)[0] not in CLOSED_SECTIONS or "." not in key:
+            continue
+        if any(key == o or key.startswith(f"{o}.") for o in OPEN_SUBTREES):
+            continue
+        known = known_keys(folder) if known is None else known
+        if key in known:
+            continue
+        parent = key.rsplit(".", 1)[0]
+        siblings = sorted(k[len(parent) + 1 :] for k in known if k.rpartition(".")[0] == parent)
+        near = difflib.get_close_matches(key.rsplit(".", 1)[1], siblings, n=1)
+        hint = f" (did you mean {parent}.{near[0]}?)" if near else ""
+        has = f"{parent} has {', '.join(siblings)}" if siblings else f"{parent} is no section"
+        raise ConfigError(
+            f"{override.partition('=')[0]}: no part of unmask reads {key}{hint}; {has}"
+        )

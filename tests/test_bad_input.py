@@ -34,7 +34,13 @@ from diffusion.checkpoint import (
     read_checkpoint,
     safe_config,
 )
-from diffusion.config import ConfigError, register_resolvers, validate_config
+from diffusion.config import (
+    ConfigError,
+    check_appended,
+    known_keys,
+    register_resolvers,
+    validate_config,
+)
 from diffusion.rundir import (
     LOCK_NAME,
     GracefulStop,
@@ -162,6 +168,67 @@ def test_bad_setting_fails_train_before_any_work(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
     assert "Traceback" not in proc.stderr.split("sampler.steps=0")[-1]
     print(f"failed after {time.perf_counter() - start:.1f}s (imports included)")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "+training.lernrate=3",
+            r"^\+training\.lernrate: no part of unmask reads .* training has ",
+        ),
+        ("++eval.sampel_seed=3", r"\(did you mean eval\.sample_seed\?\)"),
+        (
+            "+loader.bsz=4",
+            r"loader has batch_size, eval_batch_size, global_batch_size, num_workers",
+        ),
+        ("+model.foo.bar=1", r"model\.foo is no section"),
+        ("+checkpointing.every_n_steps=5", r"did you mean checkpointing\.every_n_train_steps"),
+    ],
+)
+def test_appended_key_nothing_reads_is_refused_by_name(override, message):
+    """`+section.key` in a section whose keys the yamls set is a misspelling, not a new setting."""
+    with pytest.raises(ConfigError, match=message):
+        check_appended(["debug=tiny_cpu", override])
+
+
+def test_appended_keys_some_yaml_or_part_reads_pass():
+    """A key some yaml sets (an experiment's, a model's), a free-form subtree, the data / trainer /
+    part groups (their constructors reject unknown keys) and group appends are left alone."""
+    keys = known_keys()
+    assert {"training.ema", "eval.dataset_overrides", "model.length", "model.cond_dim"} <= keys
+    check_appended(
+        [
+            "++training.ema=0.5",
+            "+model.dropout=0.1",
+            "+eval.dataset_overrides.ptb.source.path=json",
+            "+data.insert_valid_eos=false",
+            "+trainer.max_epochs=1",
+            "++logger.offline=true",
+            "+experiment=mdlm_owt",
+            "eval.sampel_seed=3",  # without +: Hydra's own struct error names it
+        ]
+    )
+
+
+def test_misspelt_appended_key_fails_the_run_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "debug=tiny_cpu",
+            f"hydra.run.dir={tmp_path}",
+            "+training.sampling_epsilon=0.01",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "did you mean training.sampling_eps?" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
 
 
 # ---- checkpoints never run code ----------------------------------------------------------------

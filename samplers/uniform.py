@@ -129,14 +129,13 @@ class UniformSampler(Sampler):
                 s = torch.full((batch,), float(ts[i + 1]), device=x.device)
                 alpha_t = model.alpha(t).clamp_min(torch.finfo(torch.float64).tiny)
                 alpha_s = torch.ones_like(alpha_t) if last else model.alpha(s)
-                post = uniform_posterior(log_x, x, alpha_t, alpha_s, real)  # (B, L, V)
                 kappa = float(kappas[i])
-                if kappa < 1.0:  # predictor-corrector: mix in q_0 noised forward to s
-                    post = kappa * post + (1 - kappa) * forward_noised(
-                        uniform_posterior(log_x, x, alpha_t, torch.ones_like(alpha_t), real),
-                        alpha_s,
-                        real,
-                    )
+                post = 0.0  # (B, L, V) the step's distribution, built from its two parts
+                if kappa > 0.0:  # the ancestral posterior q(x_s | x_t, x_theta)
+                    post = kappa * uniform_posterior(log_x, x, alpha_t, alpha_s, real)
+                if kappa < 1.0:  # predictor-corrector: q_0 (aimed at t = 0) noised forward to s
+                    q0 = uniform_posterior(log_x, x, alpha_t, torch.ones_like(alpha_t), real)
+                    post = post + (1 - kappa) * forward_noised(q0, alpha_s, real)
                 draw = uniform((batch * length,), generator, x.device)
                 new = sample_categorical(post.clamp_min(0).log().flatten(0, 1), draw)
                 new = new.view(batch, length)

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models.dit as dit_module  # noqa: E402
-from diffusion.config import register_resolvers  # noqa: E402
+from diffusion.config import check_appended, register_resolvers  # noqa: E402
 from diffusion.flops import flops_per_token  # noqa: E402  (6N + attention)
 from models.dit import DiT, TimestepEmbedder  # noqa: E402
 
@@ -593,9 +593,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="every section at toy sizes (CPU)")
     p.add_argument("--child-loss-memory", choices=["full", "lean"], help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.dry_run:  # the toy sizes first, so that options given after them still win
-        args = p.parse_args([*DRY_RUN, *argv])
+        args = p.parse_intermixed_args([*DRY_RUN, *argv])
     args.argv = argv
     args.autocast = torch.bfloat16 if args.precision == "bf16" else None
     return args
@@ -608,6 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.attention == "sdpa":
         dit_module.flash_attn_func = None  # the DiT's attention() then always takes SDPA
     register_resolvers()
+    check_appended(args.overrides)  # a misspelt `+` key is refused, as by main.py
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")

@@ -71,3 +71,20 @@ def test_benchmark_references_apply_the_dropout_they_are_given():
             sigma = torch.zeros(2)
             a, b = model(x, sigma), model(x, sigma)
             assert torch.equal(a, b) == (p == 0.0), (name, p)
+
+
+def test_benchmark_overrides_go_anywhere_and_misspelt_appends_are_refused():
+    """Hydra overrides after the options (and after --dry-run's toy sizes, which they
+    override) reach the config; a `+` key nothing reads stops the run by name."""
+    from tests.tiny_lm import load_script
+
+    bench = load_script("benchmark")
+    args = bench.parse(["--dry-run", "model.hidden_size=64", "--sections", "loss"])
+    assert args.overrides[-1] == "model.hidden_size=64" and args.sections == ["loss"]
+    assert "model.length=32" in args.overrides  # the toy sizes still come first
+    args = bench.parse(
+        ["--sections", "loss", "--threads", "2", "model.length=1024", "--warmup", "1"]
+    )
+    assert args.overrides == ["model.length=1024"] and (args.threads, args.warmup) == (2, 1)
+    with pytest.raises(ValueError, match="training.lernrate"):
+        bench.main(["--dry-run", "+training.lernrate=3", "--sections", "loss"])

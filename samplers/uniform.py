@@ -54,13 +54,11 @@ def forward_noised(q0: Tensor, alpha: Tensor, real: Tensor) -> Tensor:
 
 
 def states(model: GuidedDenoiser, device: torch.device) -> Tensor:
-    """(V,) bool: the ids a uniform-state denoiser's noise ranges over, from its `states`
-    (DUO's own checkpoints: every id); a denoiser without one: every id but the mask id."""
-    declared = getattr(model.denoiser, "states", None)
-    if declared is not None:
-        return declared(device)
+    """(V,) bool: the ids a uniform-state denoiser's noise ranges over: every id but the mask
+    id, or every id where the denoiser declares `mask_is_state` (DUO's own checkpoints)."""
     real = torch.ones(model.vocab_size, dtype=torch.bool, device=device)
-    real[model.mask_id] = False
+    if not getattr(model.denoiser, "mask_is_state", False):
+        real[model.mask_id] = False
     return real
 
 

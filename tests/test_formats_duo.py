@@ -154,13 +154,16 @@ def test_the_converted_duo_samples_over_every_id(tmp_path):
     """sampler=uniform on the converted checkpoint: its states are all V ids (the mask id,
     DUO's [PAD], included; tests/test_duo.py checks the sampler draws them), one network call
     per step."""
-    from samplers.uniform import UniformSampler
+    from samplers.base import GuidedDenoiser
+    from samplers.uniform import UniformSampler, states
 
     raw, shadow = mdlm_params(seed=15), mdlm_params(seed=16)
     path = write_lightning(tmp_path / "duo.ckpt", raw, shadow, duo_config())
     module = converted_module(load_checkpoint(str(path)))
     denoiser = module.objective.denoiser(module.eval_backbone)
-    assert bool(denoiser.states(torch.device("cpu")).all())
+    assert denoiser.mask_is_state
+    everything = states(GuidedDenoiser(denoiser, torch.zeros(1, LEN, dtype=torch.bool)), "cpu")
+    assert bool(everything.all())
     out = UniformSampler(steps=3).sample(
         denoiser, 4, LEN, generator=torch.Generator().manual_seed(0)
     )

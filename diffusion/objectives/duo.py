@@ -433,7 +433,8 @@ class DUODistill(DUO):
 
 class UniformDenoiser:
     """What the uniform-state samplers call: log x_theta over the vocabulary (the mask column
-    -inf unless it is a state) and the discrete schedule; `states` the ids the noise draws."""
+    -inf unless it is a state) and the discrete schedule; `mask_is_state`: the noise draws the
+    mask id too (states=vocab; samplers.uniform.states builds the set of ids from it)."""
 
     def __init__(self, backbone: nn.Module, objective: DUO) -> None:
         self.backbone = backbone
@@ -442,16 +443,10 @@ class UniformDenoiser:
         self.vocab_size = objective.vocab_size
         self.time_conditioned = True
         self.capabilities = objective.capabilities
+        self.mask_is_state = objective.states == "vocab"
 
     def alpha(self, t: Tensor) -> Tensor:
         return self.objective.noise.alpha(t)
-
-    def states(self, device: torch.device) -> Tensor:
-        """(V,) bool: the ids the uniform noise ranges over (all but the mask id, or all)."""
-        real = torch.ones(self.vocab_size, dtype=torch.bool, device=device)
-        if self.objective.states == "real":
-            real[self.mask_id] = False
-        return real
 
     @torch.no_grad()
     def log_p_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -461,7 +456,7 @@ class UniformDenoiser:
         alpha = self.objective.noise.alpha(t.to(torch.float64))  # as the loss: float64 alpha_t
         logits = self.backbone(x_t, -torch.log(alpha).float(), None)
         log_x = self.objective.log_x_theta(logits)  # (B, L, K)
-        if self.objective.states == "vocab":
+        if self.mask_is_state:
             return log_x
         col = torch.full_like(log_x[..., :1], NEG_INF)
         m = self.mask_id

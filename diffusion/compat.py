@@ -128,7 +128,7 @@ ALGOS: dict[str, tuple[list[str], str | None]] = {  # algo -> (ours, its sampler
 }
 DUO_ALGOS = ("duo_base", "duo", "distillation")
 DUO_T_MIN = 1e-5  # eps of DUO's (and MDLM's) _sample: the grid ends there, then noise removal
-MDLM_GRID = f"sampler.t_min={DUO_T_MIN}"  # MDLM's own grid with its noise-removal step
+REFERENCE_GRID = f"sampler.t_min={DUO_T_MIN}"  # MDLM's and DUO's grid: steps end at t = eps
 # DUO's defaults where ours differ (its configs/algo/*.yaml), added in mode=train
 DUO_TRAIN_DEFAULTS = {
     "duo": {
@@ -407,7 +407,7 @@ def _sampler_choice(t: _Translation) -> list[str]:
         t.lines.append(f"algo={algo} samples with sampler={algo_sampler}")
         if algo in DUO_ALGOS:  # DUO's grid: steps to eps = 1e-5, then its noise-removal step
             t.lines.append(f"DUO's schedule -> sampler.t_min={DUO_T_MIN} (steps + 1 calls)")
-            return [f"sampler={algo_sampler}", f"sampler.t_min={DUO_T_MIN}"]
+            return [f"sampler={algo_sampler}", REFERENCE_GRID]
         return [f"sampler={algo_sampler}"]
     predictor = predictor or "ddpm_cache"
     if predictor not in SAMPLERS:
@@ -447,7 +447,7 @@ def _psi_sampler(t: _Translation, algo: str) -> list[str]:
             "sampler=remdm (ReMDM's cap / rescale / loop schedules)"
         )
     t.sampler = "psi"
-    ov = ["sampler=psi", f"sampler.t_min={DUO_T_MIN}"]
+    ov = ["sampler=psi", REFERENCE_GRID]
     for name in PSI_NAMES:
         key = f"sampling.psi.{name}"
         if key in t.given:
@@ -541,7 +541,7 @@ def _noise_removal(t: _Translation) -> list[str]:
     flag = _truthy(value, "sampling.noise_removal")
     if _sampler_accepts(t.sampler, "noise_removal"):
         # MDLM's: steps to t = 1e-5, then the argmax fills what is still masked there
-        ov = [f"sampler.noise_removal={str(flag).lower()}"] + ([MDLM_GRID] if flag else [])
+        ov = [f"sampler.noise_removal={str(flag).lower()}"] + ([REFERENCE_GRID] if flag else [])
         if given:
             t.say("sampling.noise_removal", ov)
         else:
@@ -573,7 +573,7 @@ def _duo_noise_removal(t: _Translation, value: str) -> list[str]:
         t.say(f"sampling.noise_removal={value}", f"sampler.greedy_tail={greedy}")
         return [f"sampler.greedy_tail={greedy}"]
     if _sampler_accepts(t.sampler, "noise_removal"):  # DUO's MDLM: MDLM's grid and removal
-        ov = [f"sampler.noise_removal={greedy}"] + ([MDLM_GRID] if value == "greedy" else [])
+        ov = [f"sampler.noise_removal={greedy}"] + ([REFERENCE_GRID] if value == "greedy" else [])
         t.say(f"sampling.noise_removal={value}", ov)
         return ov
     if value == "greedy":

@@ -54,6 +54,31 @@ def test_zero_shot_overrides_of_a_corpus_not_scored_are_refused(tiny_lm, tmp_pat
         )
 
 
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        (
+            "sourse.path=json",
+            "TextDataModule.__init__() got an unexpected keyword argument 'sourse'",
+        ),
+        ("source.data_fils.validation=x", "unexpected keyword argument 'data_fils'"),
+        ("layout.doc_eoss=false", "unexpected keyword argument 'doc_eoss'"),
+    ],
+)
+def test_zero_shot_misspelt_override_key_is_a_config_error_naming_it(tiny_lm, tmp_path, key, named):
+    """A misspelt key under eval.dataset_overrides.<corpus> reached the corpus's constructor
+    and came back as Hydra's InstantiationException; now a ConfigError naming the subtree."""
+    ptb = [
+        "++eval.dataset_overrides.ptb.source.path=json",
+        f"++eval.dataset_overrides.ptb.source.data_files.validation={FIX / 'ptb.jsonl'}",
+    ]
+    with pytest.raises(ConfigError, match=r"eval.dataset_overrides.ptb: ") as err:
+        tiny_lm.evaluate(
+            tmp_path, "ppl_eval", "eval.datasets=ptb", *ptb, f"++eval.dataset_overrides.ptb.{key}"
+        )
+    assert named in str(err.value)
+
+
 def test_the_mdlm_lines_zero_shot_scripts_score_the_corpus_zero_shot(tiny_lm, tmp_path):
     """BD3-LM's and DUO's zero_shot scripts say `mode=ppl_eval data=ptb
     data.insert_valid_eos=False eval.checkpoint_path=...`: translated to eval.datasets=[ptb]

@@ -11,10 +11,9 @@ import logging
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.build import build_trainer
+from diffusion.build import build_trainer, built
 from diffusion.checkpoint import load_weights
 from diffusion.config import ConfigError, as_names
 from diffusion.evaluation.output import run_dir, write_json
@@ -102,7 +101,9 @@ def zero_shot_datamodule(cfg: DictConfig, dm: Any, name: str) -> Any:
     if extra:  # may add keys the corpus's yaml leaves out (a layout switch: doc_eos)
         OmegaConf.set_struct(data_cfg, False)
         data_cfg = OmegaConf.merge(data_cfg, extra)
-    target = instantiate(
+    where = f"eval.dataset_overrides.{name}" if extra else f"eval.datasets: {name}"
+    target = built(  # a misspelt override key: the constructor's complaint, naming `where`
+        where,
         data_cfg,
         length=cfg.model.length,
         batch_size=cfg.loader.eval_batch_size,

@@ -562,6 +562,24 @@ SECTIONS = {
 }
 
 
+def overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with its Hydra overrides (`key=value` tokens that are not an option's own value)
+    moved ahead, in order: an nargs="+" option (`--sections`, `--samplers`) would otherwise
+    take an override written right after it as one of its values."""
+    single = {  # options whose next token is their value, whatever it looks like
+        name
+        for action in parser._actions
+        if action.nargs is None and action.option_strings
+        for name in action.option_strings
+    }
+    overrides, rest = [], []
+    for i, token in enumerate(argv):
+        is_value = i > 0 and argv[i - 1] in single
+        is_override = "=" in token and not token.startswith("-") and not is_value
+        (overrides if is_override else rest).append(token)
+    return [*overrides, *rest]
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=small")
@@ -593,9 +611,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="every section at toy sizes (CPU)")
     p.add_argument("--child-loss-memory", choices=["full", "lean"], help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(overrides_first(p, argv))
     if args.dry_run:  # the toy sizes first, so that options given after them still win
-        args = p.parse_intermixed_args([*DRY_RUN, *argv])
+        args = p.parse_intermixed_args(overrides_first(p, [*DRY_RUN, *argv]))
     args.argv = argv
     args.autocast = torch.bfloat16 if args.precision == "bf16" else None
     return args

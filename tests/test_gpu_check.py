@@ -86,5 +86,11 @@ def test_benchmark_overrides_go_anywhere_and_misspelt_appends_are_refused():
         ["--sections", "loss", "--threads", "2", "model.length=1024", "--warmup", "1"]
     )
     assert args.overrides == ["model.length=1024"] and (args.threads, args.warmup) == (2, 1)
+    # an override right after an nargs="+" option is not taken as one of its values
+    args = bench.parse(["--samplers", "ddpm", "model.length=64", "--sample-steps", "8", "seed=3"])
+    assert args.overrides == ["model.length=64", "seed=3"]
+    assert (args.samplers, args.sample_steps) == (["ddpm"], [8])
+    args = bench.parse(["--json", "out=1.json", "--sections", "loss", "seed=1"])
+    assert str(args.json) == "out=1.json" and args.overrides == ["seed=1"]  # an option's value
     with pytest.raises(ValueError, match="training.lernrate"):
         bench.main(["--dry-run", "+training.lernrate=3", "--sections", "loss"])

@@ -310,8 +310,9 @@ def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
     the checkpoint (its saved config, or a published format's metadata), everything else
     (mode, eval, sampler, loader, trainer, ...) from `cfg`. `baseline` is the config composed
     without the command line: a run-defining key where `cfg` differs from it was set by the user,
-    and must then equal the checkpoint's (or be one of EVAL_MAY_CHANGE); a sampler the user
-    did not choose is the checkpoint's."""
+    and must then equal the checkpoint's (or be one of EVAL_MAY_CHANGE); unless the user chose
+    a sampler (`sampler=<option>`), the sampler is the checkpoint's with the `sampler.*` keys
+    the user set."""
     path = cfg.eval.checkpoint_path
     where = f"eval.checkpoint_path={path}"
     fmt, raw = cfg.eval.get("checkpoint_format"), bool(cfg.eval.get("disable_ema", False))
@@ -346,8 +347,10 @@ def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
         for key in RUN_DEFINING:
             if key in saved:
                 out[key] = saved[key]
-        if "sampler" in saved and not any(k.startswith("sampler.") for k in given):
-            out.sampler = saved.sampler  # the sampler it was trained to be sampled with
+        if "sampler" in saved and "sampler._target_" not in given:  # no sampler=<option> named
+            out.sampler = saved.sampler  # the sampler it was trained to be sampled with,
+            for key in sorted(k for k in given if k.startswith("sampler.")):  # + sampler.steps=
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)
         for key in EVAL_MAY_CHANGE:
             if key in given or (key in MACHINE_LOCAL and key in ours):
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)

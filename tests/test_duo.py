@@ -575,3 +575,10 @@ def test_duo_end_to_end_train_ppl_eval_sample_eval_and_distill(tmp_path) -> None
     )
     stats = json.loads((tmp_path / "distill" / "ppl_eval.json").read_text())
     assert stats["ppl"] > 1  # the student's DUO NELBO
+    # the README's line: the checkpoint's sampler (uniform) with the steps named
+    student = tmp_path / "distill" / "checkpoints" / "last.ckpt"
+    run_main(
+        tmp_path / "few", "mode=sample_eval", f"eval.checkpoint_path={student}", "sampler.steps=2"
+    )
+    report = json.loads((tmp_path / "few" / "sample_eval.json").read_text())
+    assert (report["sampler"], report["steps"]) == ("UniformSampler", 2)

@@ -301,15 +301,16 @@ def test_bd3lm_on_mdlms_dit_trains_evaluates_and_samples(tmp_path):
     overrides = ["parameterization=bd3lm", "parameterization.block_size=4", "backbone=hf_dit"]
     run_main(tmp_path / "train", *overrides, "sampler=block")
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
-    # debug=tiny_cpu names sampler keys, so the checkpoint's sampler is not restored: name it
-    run_main(tmp_path / "ppl", "mode=ppl_eval", f"eval.checkpoint_path={ckpt}", "sampler=block")
+    # the checkpoint's sampler (block) is restored under debug=tiny_cpu's sampler keys
+    run_main(tmp_path / "ppl", "mode=ppl_eval", f"eval.checkpoint_path={ckpt}")
     stats = json.loads((tmp_path / "ppl" / "ppl_eval.json").read_text())
     assert stats["bound"] is True and stats["parameterization"] == "BD3LM"
     assert 1 < stats["ppl"] < 1e4  # 4 steps from a uniform start (ours: ~2.1e3 either DiT)
     run_main(tmp_path / "sample", "mode=sample_eval", f"eval.checkpoint_path={ckpt}",
-             "sampler=block", "sampler.steps=4", "sampler.max_length=40")  # fmt: skip
+             "sampler.steps=4", "+sampler.max_length=40")  # fmt: skip
     report = json.loads((tmp_path / "sample" / "sample_eval.json").read_text())
     assert report["num_samples"] == 2 and report["entropy"] > 0 and 4 <= report["length"] <= 40
+    assert report["sampler"] == "BlockSampler"  # the checkpoint's, with the steps named
     # BD3-LM's own sampling command (README / genppl_bd3lm.sh names) on the same checkpoint
     run_main(tmp_path / "theirs", "mode=sample_eval", f"eval.checkpoint_path={ckpt}",
              "algo=bd3lm", "algo.T=50", "algo.backbone=hf_dit", "block_size=4", "wandb=null",

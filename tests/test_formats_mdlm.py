@@ -604,6 +604,36 @@ def test_restating_the_model_option_of_a_release_is_no_contradiction(tmp_path):
         eval_config(medium, base)
 
 
+def test_an_evaluation_keeps_the_checkpoints_sampler_under_sampler_keys(tmp_path):
+    """A run trained with sampler=semi_ar, evaluated with `sampler.steps=5`: the semi_ar
+    sampler with 5 steps (before, naming any sampler key dropped the checkpoint's sampler for
+    the default one); `sampler=ddpm` chooses another."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.build import eval_config
+    from diffusion.config import register_resolvers
+
+    register_resolvers()
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    fixed = ["checkpointing.save_dir=x", "trainer.default_root_dir=x", "logger=none"]
+    path = tmp_path / "run.ckpt"
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        base = compose("config", overrides=fixed)
+        saved = compose("config", overrides=[*fixed, "sampler=semi_ar", "sampler.steps=64"])
+        run = [*fixed, "mode=sample_eval", f"eval.checkpoint_path={path}"]
+        plain = compose("config", overrides=run)
+        steps = compose("config", overrides=[*run, "sampler.steps=5"])
+        chosen = compose("config", overrides=[*run, "sampler=ddpm", "sampler.steps=5"])
+    torch.save({"state_dict": {}, "unmask_config": OmegaConf.to_container(saved)}, path)
+    semi_ar = "samplers.semi_ar.SemiARSampler"
+    out = eval_config(plain, base).sampler
+    assert (out._target_, out.steps) == (semi_ar, 64)
+    out = eval_config(steps, base).sampler
+    assert (out._target_, out.steps, out.stride_length) == (semi_ar, 5, 64)
+    out = eval_config(chosen, base).sampler
+    assert (out._target_, out.steps) == ("samplers.ddpm.DDPMSampler", 5)
+
+
 def test_an_evaluation_uses_this_machines_cache_not_the_checkpoints(tmp_path, monkeypatch):
     """A checkpoint trained elsewhere names that machine's cache folder and worker count: the
     evaluation runs with this machine's (UNMASK_CACHE, its num_proc), unless the command line

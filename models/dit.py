@@ -223,6 +223,16 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """Moves and upcasts apply to `inv_freq`; a cast to a half type does not (Lightning's
+        `bf16-true`, `model.half()`): in bf16 the positions above 256 round to even numbers
+        and the angles p * inv_freq at p ~ 1000 are off by radians."""
+        kept = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype in (torch.float16, torch.bfloat16):
+            self.inv_freq = kept.to(device=self.inv_freq.device)
+        return self
+
     def _angles(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         freqs = torch.outer(pos, self.inv_freq)  # (L, D/2) in inv_freq's dtype
         return freqs.cos(), freqs.sin()

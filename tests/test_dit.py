@@ -63,6 +63,20 @@ def test_too_long_sequence_is_a_clear_error():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_angles_stay_float32_when_the_model_is_cast_to_half(dtype):
+    """`model.to(bf16)` (Lightning's bf16-true) cast the rotary table: at p = 1000 a bf16
+    position and inv_freq put the angles radians off. They stay float32 (float64 upcasts)."""
+    model = tiny()
+    want = model.rotary(1024, torch.device("cpu"))
+    model.to(dtype)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    assert model.embed.weight.dtype == dtype  # the rest of the model is cast
+    got = model.rotary(1024, torch.device("cpu"))
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert model.double().rotary.inv_freq.dtype == torch.float64
+
+
 # ---- the fused forward equals a slow reference (rotary, adaLN modulate, gated residuals) ----
 def slow_forward(model: DiT, x: Tensor, sigma=None, attention_mask=None) -> Tensor:
     """The DiT written out op by op in the classic form: separate q / k rotations by

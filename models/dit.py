@@ -379,11 +379,12 @@ class TimestepEmbedder(nn.Module):
     def forward(self, sigma: Tensor) -> Tensor:
         half = self.freq_dim // 2
         dtype = self.mlp[0].weight.dtype  # float32 params: features in float32 even under autocast
+        exact = torch.promote_types(dtype, torch.float32)  # bf16-true: computed in float32, cast
         freqs = torch.exp(
-            -math.log(10_000) * torch.arange(half, device=sigma.device, dtype=dtype) / half
+            -math.log(10_000) * torch.arange(half, device=sigma.device, dtype=exact) / half
         )
-        args = sigma.to(dtype)[:, None] * freqs[None]  # (B, half)
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, cond_dim)
+        args = sigma.to(exact)[:, None] * freqs[None]  # (B, half)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(dtype))  # (B, cond_dim)
 
 
 def _per_row(m: Tensor, x: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from models.dit import (
     KVCache,
     Rotary,
     Span,
+    TimestepEmbedder,
     block_attention,
     check_span,
     empty_cache,
@@ -74,26 +75,6 @@ class EmbeddingLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embedding[x]  # (B, L, C)
-
-
-class TimestepEmbedder(nn.Module):
-    """sigma (B,) -> cos/sin features of 256 frequencies -> Linear, SiLU, Linear."""
-
-    def __init__(self, cond_dim: int, freq_dim: int = 256) -> None:
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
-        )
-
-    def forward(self, sigma: Tensor) -> Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(
-            -math.log(10_000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half
-        )
-        args = sigma.float()[:, None] * freqs[None]  # (B, half)
-        feats = torch.cat([args.cos(), args.sin()], dim=-1)
-        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # (B, cond_dim)
 
 
 class DDiTBlock(nn.Module):

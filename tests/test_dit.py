@@ -1,5 +1,7 @@
 """The DiT backbone: shapes, bidirectionality, the causal flag, padding, conditioning."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,23 @@ def test_rotary_angles_stay_float32_when_the_model_is_cast_to_half(dtype):
     got = model.rotary(1024, torch.device("cpu"))
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     assert model.double().rotary.inv_freq.dtype == torch.float64
+
+
+def test_sigma_features_are_computed_in_float32_when_the_model_is_cast_to_bf16():
+    """Under bf16-true the sinusoidal features of sigma were computed in bf16 (sigma * freq
+    rounded to 3 digits before cos / sin); now in float32, then cast for the MLP."""
+    model = tiny(time_conditioning=True).to(torch.bfloat16)
+    seen = []
+    model.sigma_embed.mlp[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    sigma = torch.tensor([0.3, 2.7, 6.9])
+    model.sigma_embed(sigma.to(torch.bfloat16))
+    half = model.sigma_embed.freq_dim // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float64) / half)
+    args = sigma.to(torch.bfloat16).double()[:, None] * freqs
+    want = torch.cat([args.cos(), args.sin()], -1)
+    assert seen[0].dtype == torch.bfloat16
+    err = (seen[0].double() - want).abs().max().item()
+    assert err <= 2**-9  # bf16's rounding of a float32 value in [-1, 1]: half an ulp at most
 
 
 # ---- the fused forward equals a slow reference (rotary, adaLN modulate, gated residuals) ----

@@ -28,6 +28,7 @@ from diffusion.build import (
     command_line_baseline,
     eval_config,
     eval_splits,
+    names_group,
 )
 from diffusion.checkpoint import init_weights
 from diffusion.compat import translate_argv
@@ -74,9 +75,10 @@ MODES = {
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    check_appended(HydraConfig.get().overrides.task)  # `+training.lernrate=3` is refused
+    task = HydraConfig.get().overrides.task
+    check_appended(task)  # `+training.lernrate=3` is refused
     if cfg.mode != "train" and cfg.eval.get("checkpoint_path"):  # the model is the checkpoint's
-        cfg = eval_config(cfg, command_line_baseline())
+        cfg = eval_config(cfg, command_line_baseline(), names_group(task, "sampler"))
     validate_config(cfg)
     with run_guard(run_dir(), cfg.checkpointing.save_dir):  # lock, orphans, exit codes
         L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -305,14 +305,20 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
-def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
+def names_group(overrides: Sequence[str], group: str) -> bool:
+    """Whether Hydra overrides choose an option of config group `group` (`sampler=ddpm`, also
+    when it restates the default, which a comparison with the defaults cannot see)."""
+    return any(o.split("=", 1)[0].lstrip("+~") == group for o in overrides)
+
+
+def eval_config(cfg: DictConfig, baseline: DictConfig, sampler_named: bool = False) -> DictConfig:
     """The config an evaluation of `eval.checkpoint_path` runs with: the run-defining keys from
     the checkpoint (its saved config, or a published format's metadata), everything else
     (mode, eval, sampler, loader, trainer, ...) from `cfg`. `baseline` is the config composed
     without the command line: a run-defining key where `cfg` differs from it was set by the user,
     and must then equal the checkpoint's (or be one of EVAL_MAY_CHANGE); unless the user chose
-    a sampler (`sampler=<option>`), the sampler is the checkpoint's with the `sampler.*` keys
-    the user set."""
+    a sampler (`sampler=<option>`: `sampler_named`, or a sampler other than the default's), the
+    sampler is the checkpoint's with the `sampler.*` keys the user set."""
     path = cfg.eval.checkpoint_path
     where = f"eval.checkpoint_path={path}"
     fmt, raw = cfg.eval.get("checkpoint_format"), bool(cfg.eval.get("disable_ema", False))
@@ -347,7 +353,7 @@ def eval_config(cfg: DictConfig, baseline: DictConfig) -> DictConfig:
         for key in RUN_DEFINING:
             if key in saved:
                 out[key] = saved[key]
-        if "sampler" in saved and "sampler._target_" not in given:  # no sampler=<option> named
+        if "sampler" in saved and not (sampler_named or "sampler._target_" in given):
             out.sampler = saved.sampler  # the sampler it was trained to be sampled with,
             for key in sorted(k for k in given if k.startswith("sampler.")):  # + sampler.steps=
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)

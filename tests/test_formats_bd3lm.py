@@ -311,6 +311,13 @@ def test_bd3lm_on_mdlms_dit_trains_evaluates_and_samples(tmp_path):
     report = json.loads((tmp_path / "sample" / "sample_eval.json").read_text())
     assert report["num_samples"] == 2 and report["entropy"] > 0 and 4 <= report["length"] <= 40
     assert report["sampler"] == "BlockSampler"  # the checkpoint's, with the steps named
+    # naming the default sampler is a choice too: refused for this block model, not replaced
+    from diffusion.config import ConfigError
+    from tests.tiny_lm import main_in_process
+
+    with pytest.raises(ConfigError, match="sampler=block"):
+        main_in_process(tmp_path / "named", "debug=tiny_cpu", "mode=sample_eval",
+                        f"eval.checkpoint_path={ckpt}", "sampler=ddpm_cache")  # fmt: skip
     # BD3-LM's own sampling command (README / genppl_bd3lm.sh names) on the same checkpoint
     run_main(tmp_path / "theirs", "mode=sample_eval", f"eval.checkpoint_path={ckpt}",
              "algo=bd3lm", "algo.T=50", "algo.backbone=hf_dit", "block_size=4", "wandb=null",

@@ -610,7 +610,7 @@ def test_an_evaluation_keeps_the_checkpoints_sampler_under_sampler_keys(tmp_path
     the default one); `sampler=ddpm` chooses another."""
     from hydra import compose, initialize_config_dir
 
-    from diffusion.build import eval_config
+    from diffusion.build import eval_config, names_group
     from diffusion.config import register_resolvers
 
     register_resolvers()
@@ -624,6 +624,7 @@ def test_an_evaluation_keeps_the_checkpoints_sampler_under_sampler_keys(tmp_path
         plain = compose("config", overrides=run)
         steps = compose("config", overrides=[*run, "sampler.steps=5"])
         chosen = compose("config", overrides=[*run, "sampler=ddpm", "sampler.steps=5"])
+        restated = compose("config", overrides=[*run, "sampler=ddpm_cache"])
     torch.save({"state_dict": {}, "unmask_config": OmegaConf.to_container(saved)}, path)
     semi_ar = "samplers.semi_ar.SemiARSampler"
     out = eval_config(plain, base).sampler
@@ -632,6 +633,11 @@ def test_an_evaluation_keeps_the_checkpoints_sampler_under_sampler_keys(tmp_path
     assert (out._target_, out.steps, out.stride_length) == (semi_ar, 5, 64)
     out = eval_config(chosen, base).sampler
     assert (out._target_, out.steps) == ("samplers.ddpm.DDPMSampler", 5)
+    # sampler=ddpm_cache restates the default: only the command line's names show the choice
+    assert names_group(["x=1", "sampler=ddpm_cache"], "sampler")
+    assert not names_group(["sampler.steps=5", "samplers=1"], "sampler")
+    out = eval_config(restated, base, sampler_named=True).sampler
+    assert out._target_ == "samplers.ddpm_cache.DDPMCacheSampler"
 
 
 def test_an_evaluation_uses_this_machines_cache_not_the_checkpoints(tmp_path, monkeypatch):

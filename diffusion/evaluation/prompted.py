@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.text import Text
 from torch import Tensor
 
-from diffusion.build import build_sampler
+from diffusion.build import build_sampler, names_group
 from diffusion.checkpoint import load_weights
 from diffusion.config import ConfigError, validate_config
 from diffusion.data import chat
@@ -93,7 +93,7 @@ def sampler_config(cfg: DictConfig) -> DictConfig:
     experiment), else the `generate.sampler` file with the same overrides, validated."""
     hc = HydraConfig.get()
     task = list(hc.overrides.task)
-    on_command_line = any(o.split("=", 1)[0].lstrip("+~") == "sampler" for o in task)
+    on_command_line = names_group(task, "sampler")
     default = compose(hc.job.config_name, return_hydra_config=True).hydra.runtime.choices.sampler
     if on_command_line or hc.runtime.choices.get("sampler") != default or not cfg.generate.sampler:
         return cfg.sampler

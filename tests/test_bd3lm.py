@@ -294,6 +294,9 @@ def test_var_min_trains_on_the_lowest_variance_interval() -> None:
     bd3.train()
     assert bd3.training_clip() == pytest.approx(best)
     assert "clip" in dict(bd3.named_buffers())  # saved with the checkpoint
+    bd3.clip.copy_(torch.tensor([0.3, 0.8], dtype=torch.float64))
+    bd3.to(torch.bfloat16)  # Lightning's bf16-true: the interval is not rounded
+    assert bd3.clip.dtype == torch.float64 and bd3.clip.tolist() == [0.3, 0.8]
 
 
 # ----------------------------------------------------------------------------- the block sampler

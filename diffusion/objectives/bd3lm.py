@@ -163,6 +163,15 @@ class BD3LM(AbsorbingDiffusion):
         self._trained = False  # the search serves training: only after a training step
         self._masks: dict[tuple, object] = {}
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """Moves apply to the clip interval, casts do not: Lightning's bf16-true casts the
+        whole module, and a bf16 interval is [0.3008, 0.8008] for [0.3, 0.8] (checkpoint too)."""
+        kept = self.clip
+        super()._apply(fn, recurse)
+        if self.clip.dtype != torch.float64:
+            self.clip = kept.to(device=self.clip.device)
+        return self
+
     @classmethod
     def provided(cls, settings: Mapping[str, Any], length: int | None) -> frozenset[str]:
         """Block-causal always; whole-canvas too when one block spans the sequence (MDLM).

@@ -100,6 +100,29 @@ def test_nll_meter_stays_float64_under_bf16_true():
     assert meter.tokens.sum_value.dtype == torch.float64
 
 
+def test_ema_stays_float32_and_keeps_moving_under_bf16_true():
+    """bf16-true cast the EMA too: at decay 0.9999 each update is under half a bf16 step, and
+    the average stood still (0.7% of its float32 move over 1,000 steps)."""
+    precision = HalfPrecision("bf16-true")
+    module = precision.convert_module(tiny_module(ema_decay=0.9999))
+    assert module.backbone.embed.weight.dtype == torch.bfloat16
+    assert module.ema.module.embed.weight.dtype == torch.float32
+    module.ema.update_parameters(module.backbone)
+    module.ema.n_averaged.fill_(10**6)  # late in training: the decay is 0.9999
+    start = module.ema.module.embed.weight.clone()
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            p.add_(0.01)
+    for _ in range(1000):
+        module.ema.update_parameters(module.backbone)
+    moved = (module.ema.module.embed.weight - start).mean().item()
+    assert moved == pytest.approx(0.01 * (1 - 0.9999**1000), rel=0.02)
+    with precision.forward_context():  # the evaluation forward: float32 weights, bf16 context
+        x = torch.randint(0, V - 1, (2, 8))
+        out = module.eval_backbone(x, torch.zeros(2))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_ppl_excl_bos_leaves_out_bos_and_the_first_position():
     meter = NLLMeter(bos_id=1)
     x0 = torch.tensor([[1, 5, 6, 2, 1, 7]])  # [BOS] a b [EOS] [BOS] c

@@ -177,7 +177,8 @@ class DiffusionModule(L.LightningModule):
         random prefix length in [2, length] (the same on every rank), the rest on all of it."""
         if self.random_length_fraction <= 0:
             return length
-        coin, u = torch.rand(2, generator=generator, device=generator.device).tolist()
+        draws = torch.rand(2, generator=generator, device=generator.device, dtype=torch.float32)
+        coin, u = draws.tolist()  # float32 also under bf16-true's default dtype
         if coin >= self.random_length_fraction:
             return length
         return 2 + int(u * (length - 1))

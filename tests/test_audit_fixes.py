@@ -123,6 +123,40 @@ def test_ema_stays_float32_and_keeps_moving_under_bf16_true():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["subs", "duo_curriculum", "bd3lm_resample", "subs_T"])
+def test_the_losses_random_draws_are_float32_under_bf16_trues_default_dtype(name):
+    """bf16-true runs the step with torch's default dtype set to bf16: the time, mask and
+    Gumbel draws came out bf16 (t on a 1/256 grid near 1, masking rates off by up to 0.4%;
+    BD3-LM's resample stopped on a dtype clash). On a float32 backbone the loss under that
+    default now equals the loss outside it, draw for draw."""
+    from diffusion.objectives.bd3lm import BD3LM
+    from diffusion.objectives.duo import DUO
+
+    objective = {
+        "subs": lambda: SUBS(LogLinear(), mask_id=V - 1, vocab_size=V),
+        "subs_T": lambda: SUBS(LogLinear(), mask_id=V - 1, vocab_size=V, T=10),
+        "duo_curriculum": lambda: DUO(LogLinear(), V - 1, V, curriculum=True, curriculum_end=9),
+        "bd3lm_resample": lambda: BD3LM(LogLinear(), V - 1, V, block_size=4, resample=True),
+    }[name]()
+    objective.train()
+    torch.manual_seed(0)
+    net = DiT(V, hidden_size=16, n_blocks=1, n_heads=2, max_length=8,
+              time_conditioning=name.startswith("duo"))  # fmt: skip
+    x0 = torch.randint(0, V - 1, (4, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(x0)
+
+    def loss() -> torch.Tensor:
+        out = objective.loss(net, x0, mask, torch.Generator().manual_seed(7))
+        return (out.nll * out.mask).sum()
+
+    want = loss()
+    with HalfPrecision("bf16-true").forward_context():
+        assert torch.rand(1).dtype == torch.bfloat16  # the context this step runs in
+        got = loss()
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
 def test_ppl_excl_bos_leaves_out_bos_and_the_first_position():
     meter = NLLMeter(bos_id=1)
     x0 = torch.tensor([[1, 5, 6, 2, 1, 7]])  # [BOS] a b [EOS] [BOS] c

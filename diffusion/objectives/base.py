@@ -253,7 +253,7 @@ class AbsorbingDiffusion(Objective):
         devices and accumulation steps. With T > 0 the time is snapped up to {1/T, ..., 1}.
         """
         total = n if rows is None else rows[1]
-        u = torch.rand(total, device=device, generator=generator)
+        u = torch.rand(total, device=device, generator=generator, dtype=torch.float32)
         if self.antithetic:
             u = (u + torch.arange(total, device=device)) / total  # stratum i holds one time
         if rows is not None:
@@ -276,7 +276,9 @@ class AbsorbingDiffusion(Objective):
         `sample_t` (the uniforms are drawn for the whole global batch and indexed).
         """
         total = x0.shape[0] if rows is None else rows[1]
-        u = torch.rand((total, x0.shape[1]), device=x0.device, generator=generator)
+        u = torch.rand(
+            (total, x0.shape[1]), device=x0.device, generator=generator, dtype=torch.float32
+        )
         if rows is not None:
             u = u[rows[0].to(u.device)]
         masked = u < move_chance

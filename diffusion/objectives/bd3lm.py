@@ -233,7 +233,7 @@ class BD3LM(AbsorbingDiffusion):
         """(n, num_blocks) times in [eps, 1], stratified over all blocks of the global batch
         (BD3-LM's antithetic sampling along blocks and rows)."""
         total = n if rows is None else rows[1]
-        u = torch.rand(total * num_blocks, device=device, generator=generator)
+        u = torch.rand(total * num_blocks, device=device, generator=generator, dtype=torch.float32)
         if self.antithetic:
             u = (u + torch.arange(total * num_blocks, device=device)) / (total * num_blocks)
         u = u.view(total, num_blocks)
@@ -276,7 +276,7 @@ class BD3LM(AbsorbingDiffusion):
         num_blocks = -(-L // self.block_size)
         blk = block_ids(L, self.block_size, x0.device)  # (L,)
         if all_masked:
-            rate = torch.ones(B, num_blocks, device=x0.device)
+            rate = torch.ones(B, num_blocks, device=x0.device, dtype=torch.float32)
             weight = torch.ones_like(rate)
         else:
             t = self.sample_block_t(B, num_blocks, x0.device, generator, rows)  # (B, nb)
@@ -322,7 +322,7 @@ class BD3LM(AbsorbingDiffusion):
         for _ in range(max_rounds):
             masked = (x_t == self.mask_id) & (x0 != self.mask_id)
             frac = (
-                torch.zeros(B, int(blk[-1]) + 1, device=x0.device).index_add_(
+                torch.zeros(B, int(blk[-1]) + 1, device=x0.device, dtype=torch.float32).index_add_(
                     1, blk, masked.float()
                 )
                 / size

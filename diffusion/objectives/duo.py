@@ -124,14 +124,14 @@ def per_row_normal(shape: tuple[int, ...], generator, device, rows: Rows, batch:
     """(B, ...) standard normals, one seeded stream per global row: the same row draws the same
     noise however the global batch is split (a (global B, L, K) draw would not fit)."""
     if generator is None:
-        return torch.randn((batch, *shape), device=device)
+        return torch.randn((batch, *shape), device=device, dtype=torch.float32)
     base = int(generator.initial_seed())
     index = rows[0].tolist() if rows is not None else list(range(batch))
     out = []
     for i in index:
         seed = int(np.random.SeedSequence([base, int(i)]).generate_state(1)[0])
         g = torch.Generator(device=generator.device).manual_seed(seed)
-        out.append(torch.randn(shape, generator=g, device=generator.device))
+        out.append(torch.randn(shape, generator=g, device=generator.device, dtype=torch.float32))
     return torch.stack(out).to(device)
 
 
@@ -246,7 +246,9 @@ class DUO(Objective):
     def q_xt(self, x0: Tensor, alpha: Tensor, generator=None, rows: Rows = None) -> Tensor:
         """Keep each token with probability alpha (B, 1), else a uniform real token."""
         total = x0.shape[0] if rows is None else rows[1]
-        u = torch.rand((total, x0.shape[1]), device=x0.device, generator=generator)
+        u = torch.rand(
+            (total, x0.shape[1]), device=x0.device, generator=generator, dtype=torch.float32
+        )
         new = torch.randint(0, self.K, (total, x0.shape[1]), device=x0.device, generator=generator)
         if rows is not None:
             index = rows[0].to(u.device)

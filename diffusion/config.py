@@ -446,27 +446,27 @@ CLOSED_SECTIONS = ("loader", "training", "eval", "generate", "checkpointing", "m
 OPEN_SUBTREES = ("eval.dataset_overrides",)
 
 
-def _leaf_keys(node: Any, prefix: str = "") -> set[str]:
+def _dotted_keys(node: Any, prefix: str = "") -> set[str]:
     """Every dotted path of a plain (unresolved) yaml tree, inner nodes included."""
     keys: set[str] = set()
     if isinstance(node, dict):
         for name, value in node.items():
             path = f"{prefix}{name}"
             keys.add(path)
-            keys |= _leaf_keys(value, f"{path}.")
+            keys |= _dotted_keys(value, f"{path}.")
     return keys
 
 
 def known_keys(folder: Path = CONFIGS) -> set[str]:
     """The dotted keys the root config, a global yaml (experiment, debug) or a model yaml sets."""
-    keys = _leaf_keys(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
+    keys = _dotted_keys(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
     for path in sorted(folder.glob("*/*.yaml")):
         text = path.read_text()
         tree = OmegaConf.to_container(OmegaConf.load(path)) or {}
         if "@package _global_" in text:
-            keys |= _leaf_keys(tree)
+            keys |= _dotted_keys(tree)
         elif path.parent.name == "model":
-            keys |= _leaf_keys(tree, "model.")
+            keys |= _dotted_keys(tree, "model.")
     return keys
 
 

@@ -139,6 +139,7 @@ DUO_TRAIN_DEFAULTS = {
     },
     "distillation": {"algo.T": ("parameterization.distill_T", "64")},
 }  # fmt: skip
+BD3LM_REDRAW_BELOW = 4.0  # nats over the last 256 tokens: BD3-LM's _check_stop_conds
 BD3LM_ONLY_PREFIXES = ("algo.", "data.insert_")
 BD3LM_ONLY_NAMES = {"algo", "block_size", "model.attn_backend", "training.resample",
                     "training.from_pretrained", "wandb", "training.finetune_path",
@@ -386,6 +387,14 @@ def _bd3lm_sampling(t: _Translation) -> list[str]:
     for key, note in notes.items():
         if key in g:
             t.say(key, f"(nothing: {note})")
+    var_length = _truthy(g.get("sampling.var_length", "false"), "sampling.var_length")
+    if t.origin == "BD3-LM" and _mode(t) == "sample_eval" and not var_length:
+        # its loop's rejection of samples (with var_length it cuts the low tail off instead)
+        ov.append(f"eval.redraw_entropy_below={BD3LM_REDRAW_BELOW}")
+        t.default(
+            "BD3-LM redraws a sample whose last 256 tokens have entropy < 4 -> "
+            f"eval.redraw_entropy_below={BD3LM_REDRAW_BELOW}"
+        )
     return ov
 
 

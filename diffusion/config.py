@@ -122,6 +122,8 @@ INT_SETTINGS: dict[str, tuple[int | None, bool]] = {
     "eval.samples_after_train": (0, False),
     "eval.gen_ppl_batch_size": (1, False),
     "eval.sample_seed": (None, False),
+    "eval.redraw_window": (1, False),
+    "eval.max_redraws": (0, False),
     "generate.max_new_tokens": (1, True),
     "sampler.num_samples": (1, False),
     "sampler.batch_size": (1, True),
@@ -147,6 +149,7 @@ FLOAT_SETTINGS: dict[str, tuple[float, bool, float | None, bool, bool]] = {
     "sampler.cfg_scale": (0.0, True, None, True, False),
     "trainer.gradient_clip_val": (0.0, True, None, True, True),
     "generate.live_delay": (0.0, True, None, True, False),
+    "eval.redraw_entropy_below": (0.0, False, None, True, True),
     "trainer.limit_val_batches": (0.0, True, None, True, True),
     "training.random_length_fraction": (0.0, True, 1.0, True, False),
     "optim.lr": (0.0, True, None, True, False),  # 0: frozen weights (tests, probes), as torch

@@ -408,6 +408,9 @@ def test_bd3lm_command_composes(command, sampler, steps, num_samples, top_p, sto
     if "attn_backend" in command and param == "BD3LM":
         assert cfg.parameterization.attn_backend in ("sdpa", "flex")
     assert any("sampling.logdir" in line for line in lines) == ("logdir" in command)
+    # BD3-LM's sampling loop redraws samples whose last 256 tokens have entropy < 4
+    sampling = "mode=sample_eval" in command and "var_length" not in command
+    assert cfg.eval.redraw_entropy_below == (4.0 if sampling else None)
 
 
 def test_bd3lm_sample_length_is_the_generated_length():

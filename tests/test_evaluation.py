@@ -14,6 +14,55 @@ def test_sample_entropy_by_hand():
     assert sample_entropy(tokens) == pytest.approx(math.log(2) / 2)
 
 
+def test_low_entropy_rows_by_hand():
+    """BD3-LM's check: the last 256 tokens after every block past 256, and at the end."""
+    from diffusion.evaluation.judges import low_entropy_rows
+
+    diverse = torch.arange(300)  # every window of 256 distinct ids: log 256 = 5.55 nats
+    tail = diverse.clone()
+    tail[100:] = 7  # the last window: 56 distinct ids and 200 sevens
+    want = 56 / 256 * math.log(256) + 200 / 256 * math.log(256 / 200)  # 1.41 nats
+    from diffusion.evaluation.judges import histogram_entropy
+
+    assert histogram_entropy(tail[-256:]) == pytest.approx(want)
+    assert low_entropy_rows(torch.stack([diverse, tail]), 4.0).tolist() == [False, True]
+    assert low_entropy_rows(torch.stack([tail]), want - 1e-9).tolist() == [False]
+    # low only at an earlier block's end: seen block-wise, not at the end alone
+    early = torch.arange(600)
+    early[:260] = 5  # the prefix ending at 260 has one id in its last 256 tokens
+    assert low_entropy_rows(early[None], 4.0).tolist() == [False]
+    assert low_entropy_rows(early[None], 4.0, block=4).tolist() == [True]
+    assert low_entropy_rows(early[None], 4.0, block=256).tolist() == [False]  # ends 512, 600
+    short = torch.tensor([[3] * 8])  # shorter than the window: the whole sample, at the end
+    assert low_entropy_rows(short, 0.5).tolist() == [True]
+    assert low_entropy_rows(short, 0.5, block=4).tolist() == [False]  # block-wise: unchecked
+
+
+def test_redraw_replaces_low_rows_counts_their_cost_and_keeps_the_rest():
+    from diffusion.evaluation.sampling import Redraw
+    from samplers.base import SampleOutput
+
+    low, high = torch.full((8,), 3), torch.arange(8)
+    calls = []
+
+    def draw(num_samples: int, rows=(low, high)) -> SampleOutput:
+        calls.append(num_samples)
+        fresh = rows[len(calls) % 2]  # the first redraw is high, the next low, ...
+        return SampleOutput(fresh.repeat(num_samples, 1), nfe=5, rows_evaluated=num_samples)
+
+    redraw = Redraw(below=1.0, window=256, max_redraws=3, block=None)
+    batch = torch.stack([high, low, low])
+    out, nfe, seqs = redraw(batch, draw)
+    assert torch.equal(out, high.repeat(3, 1)) and torch.equal(batch[1], low)  # a copy
+    assert (calls, nfe, seqs, redraw.redrawn, redraw.kept_low) == ([2], 5, 2, 2, 0)
+    always_low = Redraw(below=1.0, window=256, max_redraws=2, block=None)
+    out, nfe, seqs = always_low(low[None], lambda num_samples: SampleOutput(low[None], 4, 1))
+    assert (nfe, always_low.redrawn, always_low.kept_low) == (8, 2, 1)
+    assert always_low.report() == {
+        "redraw_entropy_below": 1.0, "redrawn": 2, "kept_below_entropy": 1,
+    }  # fmt: skip
+
+
 def test_gen_ppl_matches_a_direct_computation(tiny_judge):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,3 +188,21 @@ def test_the_judge_reads_its_context_from_the_config_key_its_family_uses(tmp_pat
 
     with pytest.raises(ConfigError, match="eval.gen_ppl_eval_model_name_or_path='x'"):
         judge_context(NoContext(), "x")
+
+
+def test_sample_eval_redraws_low_entropy_samples_and_says_so(tiny_lm, tmp_path):
+    """eval.redraw_entropy_below above any reachable entropy: every sample is redrawn
+    max_redraws times, then kept and counted; the redraws' network calls are in nfe."""
+    import json
+
+    off = ["eval.compute_generative_perplexity=false"]
+    tiny_lm.evaluate(tmp_path / "plain", "sample_eval", *off)
+    tiny_lm.evaluate(
+        tmp_path / "redraw", "sample_eval", *off,
+        "eval.redraw_entropy_below=100", "eval.max_redraws=1",
+    )  # fmt: skip
+    plain = json.loads((tmp_path / "plain" / "sample_eval.json").read_text())
+    report = json.loads((tmp_path / "redraw" / "sample_eval.json").read_text())
+    n = report["num_samples"]
+    assert (report["redrawn"], report["kept_below_entropy"]) == (n, n)
+    assert report["nfe"] > plain["nfe"] and "redrawn" not in plain

@@ -25,14 +25,35 @@ from torch import Tensor
 from diffusion.data.tokenizers import encode_text
 
 
+def histogram_entropy(row: Tensor) -> float:
+    """Entropy (nats) of the token histogram of one sequence (or window) of ids."""
+    counts = torch.bincount(row.long()).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
 def sample_entropy(tokens: Tensor) -> float:
     """Mean over samples of the entropy (nats) of each sample's token histogram."""
-    entropies = []
-    for row in tokens:
-        counts = torch.bincount(row.long()).double()
-        p = counts[counts > 0] / counts.sum()
-        entropies.append(float(-(p * p.log()).sum()))
+    entropies = [histogram_entropy(row) for row in tokens]
     return sum(entropies) / max(len(entropies), 1)
+
+
+def low_entropy_rows(
+    tokens: Tensor, below: float, window: int = 256, block: int | None = None
+) -> Tensor:
+    """(B,) bool: the samples BD3-LM's sampling loop redraws: the entropy (nats, of the token
+    histogram) of the last `window` tokens below `below` (its 4.0) at a check. A block-wise
+    model (`block`: its block size) is checked after every block once the sample is longer
+    than `window` (a shorter one never); any other at the end, on at most `window` tokens."""
+    n = tokens.shape[1]
+    ends = [e for e in (*range(block, n, block), n) if e > window] if block else [n]
+    return torch.tensor(
+        [
+            any(histogram_entropy(row[max(e - window, 0) : e]) < below for e in ends)
+            for row in tokens
+        ],
+        dtype=torch.bool,
+    )
 
 
 def judge_texts(

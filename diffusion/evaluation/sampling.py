@@ -8,17 +8,25 @@ tokenizer's special ids, the number of samples and the batch size); the loop dra
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from diffusion.build import build_sampler
 from diffusion.checkpoint import load_weights
-from diffusion.evaluation.judges import build_judge, judge_texts, sample_entropy
+from diffusion.evaluation.judges import (
+    build_judge,
+    judge_texts,
+    low_entropy_rows,
+    sample_entropy,
+)
 from diffusion.evaluation.output import (
     append_sweep_row,
     print_samples,
@@ -47,23 +55,26 @@ def generate(
     sampler.validate(denoiser)
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.sample_seed))
     tokens, nfe, rows, n_batches, trajectory = [], 0, 0, 0, None
+    redraw = Redraw.from_config(cfg, module)
     start = time.perf_counter()
     for first in range(0, sampler.num_samples, sampler.batch_size):
-        out = sampler.sample(
-            denoiser,
+        draw = functools.partial(
+            sampler.sample, denoiser, length=cfg.model.length, generator=generator
+        )
+        out = draw(
             num_samples=min(sampler.batch_size, sampler.num_samples - first),
-            length=cfg.model.length,
-            generator=generator,
             return_trajectory=with_trajectory and first == 0,
         )
-        tokens.append(out.tokens.cpu())
         trajectory = trajectory or out.trajectory
-        nfe += out.nfe
-        rows += out.rows_evaluated
+        batch, calls, seqs = redraw(out.tokens, draw) if redraw is not None else (out.tokens, 0, 0)
+        tokens.append(batch.cpu())
+        nfe += out.nfe + calls
+        rows += out.rows_evaluated + seqs
         n_batches += 1
     wall = time.perf_counter() - start
     tokens_t = torch.cat(tokens)
     return {
+        **(redraw.report() if redraw is not None else {}),
         "tokens": tokens_t,
         "texts": dm.decode(tokens_t),
         "nfe": nfe / max(n_batches, 1),  # network calls per batch
@@ -74,6 +85,58 @@ def generate(
         "steps": cfg.sampler.get("steps"),
         "trajectory": trajectory,
     }
+
+
+@dataclass
+class Redraw:
+    """BD3-LM's rejection of degenerate samples (`eval.redraw_entropy_below`, its 4.0 nats):
+    a sample whose last `window` tokens have a lower token-histogram entropy at a check
+    (`judges.low_entropy_rows`) is drawn again, up to `max_redraws` times; what is still low
+    then is kept and counted. Off (None) by default: every sample counts, as in MDLM."""
+
+    below: float
+    window: int
+    max_redraws: int
+    block: int | None
+    redrawn: int = 0
+    kept_low: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, module: DiffusionModule) -> Redraw | None:
+        below = cfg.eval.get("redraw_entropy_below")
+        if below is None:
+            return None
+        block = getattr(module.objective, "block_size", None)  # block-wise: checked per block
+        window, tries = int(cfg.eval.redraw_window), int(cfg.eval.max_redraws)
+        return cls(float(below), window, tries, int(block) if block else None)
+
+    def __call__(self, batch: Tensor, draw: Any) -> tuple[Tensor, int, int]:
+        """The batch with its low rows redrawn; the network calls and rows the redraws cost."""
+        batch, calls, seqs = batch.clone(), 0, 0
+        low = low_entropy_rows(batch, self.below, self.window, self.block)
+        for _ in range(self.max_redraws):
+            if not bool(low.any()):
+                break
+            again = draw(num_samples=int(low.sum()))  # the same length: samplers pad with EOS
+            batch[low.to(batch.device)] = again.tokens.to(batch.device)
+            calls, seqs = calls + again.nfe, seqs + again.rows_evaluated
+            self.redrawn += int(low.sum())
+            low = low_entropy_rows(batch, self.below, self.window, self.block)
+        self.kept_low += int(low.sum())
+        return batch, calls, seqs
+
+    def report(self) -> dict[str, Any]:
+        if self.kept_low:
+            log.warning(
+                "eval.redraw_entropy_below=%s: %d samples still below it after "
+                "eval.max_redraws=%d redraws are kept",
+                self.below, self.kept_low, self.max_redraws,
+            )  # fmt: skip
+        return {
+            "redraw_entropy_below": self.below,
+            "redrawn": self.redrawn,
+            "kept_below_entropy": self.kept_low,
+        }
 
 
 def samples_after_training(cfg: DictConfig, dm: Any, module: DiffusionModule) -> None:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from diffusion.precision import no_downcast
+
 
 def ema_avg_fn(decay: float):
     """`multi_avg_fn` for AveragedModel: averaged <- lerp(averaged, current, 1 - d_n) for
@@ -33,9 +35,6 @@ def ema_avg_fn(decay: float):
     return update
 
 
-HALF = (torch.float16, torch.bfloat16)
-
-
 class FloatAveragedModel(AveragedModel):
     """AveragedModel whose floating tensors stay at least float32 when the module around it is
     cast to a half type (Lightning's `bf16-true`): at decay 0.9999 a bf16 average moves by
@@ -43,13 +42,7 @@ class FloatAveragedModel(AveragedModel):
     Moves between devices and upcasts apply as usual; the evaluation forward runs in float32."""
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        def no_half(t: torch.Tensor) -> torch.Tensor:
-            moved = fn(t)
-            if t.is_floating_point() and moved.dtype in HALF and t.dtype not in HALF:
-                return t.to(device=moved.device)  # a move, never a cast down
-            return moved
-
-        return super()._apply(no_half, recurse)
+        return super()._apply(no_downcast(fn), recurse)
 
 
 def make_ema(model: nn.Module, decay: float) -> AveragedModel:

@@ -26,6 +26,7 @@ from torchmetrics import SumMetric
 from diffusion.denoiser import ModelDenoiser
 from diffusion.ema import make_ema
 from diffusion.objectives.base import LossOutput, Objective
+from diffusion.precision import no_downcast
 
 
 class Float64Sum(SumMetric):
@@ -38,13 +39,7 @@ class Float64Sum(SumMetric):
         self.set_dtype(torch.float64)
 
     def _apply(self, fn, exclude_state=""):  # type: ignore[override]
-        def device_only(t: Tensor) -> Tensor:
-            moved = fn(t)
-            if t.is_floating_point() and moved.dtype != torch.float64:
-                return t.to(device=moved.device, dtype=torch.float64)  # a move, never a cast down
-            return moved
-
-        this = super()._apply(device_only, exclude_state)
+        this = super()._apply(no_downcast(fn, torch.float64), exclude_state)
         this._dtype = torch.float64
         return this
 

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from diffusion.precision import no_downcast
+
 try:  # optional: used only on CUDA for unpadded half-precision batches
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the machine
@@ -227,11 +229,7 @@ class Rotary(nn.Module):
         """Moves and upcasts apply to `inv_freq`; a cast to a half type does not (Lightning's
         `bf16-true`, `model.half()`): in bf16 the positions above 256 round to even numbers
         and the angles p * inv_freq at p ~ 1000 are off by radians."""
-        kept = self.inv_freq
-        super()._apply(fn, recurse)
-        if self.inv_freq.dtype in (torch.float16, torch.bfloat16):
-            self.inv_freq = kept.to(device=self.inv_freq.device)
-        return self
+        return super()._apply(no_downcast(fn), recurse)
 
     def _angles(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         freqs = torch.outer(pos, self.inv_freq)  # (L, D/2) in inv_freq's dtype

@@ -39,6 +39,7 @@ from diffusion.denoiser import MaskedModelDenoiser
 from diffusion.noise import Clipped, NoiseSchedule
 from diffusion.objectives.base import AbsorbingDiffusion, LossOutput, Rows
 from diffusion.objectives.subs import subs_log_p_x0
+from diffusion.precision import no_downcast
 
 try:  # FlexAttention: the sparse mask on CUDA (optional, guarded)
     from torch.nn.attention.flex_attention import create_block_mask
@@ -166,11 +167,7 @@ class BD3LM(AbsorbingDiffusion):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """Moves apply to the clip interval, casts do not: Lightning's bf16-true casts the
         whole module, and a bf16 interval is [0.3008, 0.8008] for [0.3, 0.8] (checkpoint too)."""
-        kept = self.clip
-        super()._apply(fn, recurse)
-        if self.clip.dtype != torch.float64:
-            self.clip = kept.to(device=self.clip.device)
-        return self
+        return super()._apply(no_downcast(fn, torch.float64), recurse)
 
     @classmethod
     def provided(cls, settings: Mapping[str, Any], length: int | None) -> frozenset[str]:

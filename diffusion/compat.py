@@ -358,8 +358,8 @@ def _duo_sampling(t: _Translation) -> list[str]:
 
 def _bd3lm_sampling(t: _Translation) -> list[str]:
     """BD3-LM's sampling.* names: nucleus_p -> sampler.top_p, var_length -> stop_at_eos (its
-    default false: samples run to their full length); the KV cache, the log folder and
-    first-hitting need nothing (said in one line each)."""
+    default false: samples run to their full length), first_hitting -> the block sampler's
+    (its default true); the KV cache and the log folder need nothing (said in a line each)."""
     ov = []
     g = t.given
     for key in ("sampling.nucleus_p", "sampling.p_nucleus"):  # BD3-LM's name, DUO's
@@ -375,15 +375,20 @@ def _bd3lm_sampling(t: _Translation) -> list[str]:
             t.say("sampling.var_length", "sampler.stop_at_eos")
         else:
             t.default("sampling.var_length=False -> sampler.stop_at_eos=false")
+        hitting = _truthy(g.get("sampling.first_hitting", "true"), "sampling.first_hitting")
+        ov.append(f"sampler.first_hitting={str(hitting).lower()}")
+        if "sampling.first_hitting" in g:
+            t.say("sampling.first_hitting", "sampler.first_hitting")
+        else:
+            t.default("sampling.first_hitting=True -> sampler.first_hitting=true")
     elif "sampling.var_length" in g and _truthy(g["sampling.var_length"], "sampling.var_length"):
         raise ConfigError("BD3-LM name sampling.var_length=True needs algo=bd3lm (sampler=block)")
     notes = {
         "sampling.kv_cache": "sampler=block always decodes with its exact KV cache",
         "sampling.logdir": "samples.jsonl is written into the run directory (hydra.run.dir)",
-        "sampling.first_hitting": "ours takes sampler.steps ancestral steps per block; "
-        "first-hitting's draws are their many-step limit, and the cached network runs only "
-        "when a block changed",
     }
+    if t.sampler != "block":
+        notes["sampling.first_hitting"] = f"sampler={t.sampler} has its own schedule"
     for key, note in notes.items():
         if key in g:
             t.say(key, f"(nothing: {note})")

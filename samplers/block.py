@@ -23,8 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from samplers.base import GuidedDenoiser, Sampler
+from samplers.base import GuidedDenoiser, Sampler, sample_categorical, uniform
 from samplers.ddpm import ddpm_step, time_grid
+from samplers.first_hitting import masked_position
 
 
 class BlockSampler(Sampler):
@@ -39,10 +40,12 @@ class BlockSampler(Sampler):
         block_size: int | None = None,
         max_length: int | None = None,
         stop_at_eos: bool = True,
+        first_hitting: bool = False,
         **common: Any,
     ) -> None:
         """`steps`: ancestral steps per block; `block_size`: null = the model's own, else it
-        must equal it (a check); `max_length`: tokens to generate (null = the model's length)."""
+        must equal it (a check); `max_length`: tokens to generate (null = the model's length);
+        `first_hitting`: one token per call instead of the steps (BD3-LM's default)."""
         super().__init__(**common)
         if steps < 1:
             raise ValueError(f"sampler=block: steps must be >= 1, got {steps}")
@@ -54,6 +57,7 @@ class BlockSampler(Sampler):
         self.block_size = block_size
         self.max_length = max_length
         self.stop_at_eos = stop_at_eos
+        self.first_hitting = bool(first_hitting)
 
     @classmethod
     def requirements(cls, settings: Mapping[str, Any]) -> frozenset[str]:
@@ -113,25 +117,11 @@ class BlockSampler(Sampler):
             lo, hi = start - offset, end - offset  # the block in model positions
             window = x[:, offset:end]  # a view: steps below write into x
             model.cond_mask = fixed[:, offset:end]  # CFG masks the window's prompt / fixed tokens
-            log_p, changed = None, True
-            for i in range(self.steps):
-                span = window[:, lo:hi]
-                if not bool((span == mask_id).any()):
-                    break
-                t = torch.full((batch,), float(ts[i]), device=x.device)
-                alpha_t = model.alpha(t)
-                last = i == self.steps - 1
-                s = torch.full((batch,), float(ts[i + 1]), device=x.device)
-                alpha_s = torch.ones_like(alpha_t) if last else model.alpha(s)
-                if log_p is None or changed:  # ddpm_cache: the block's x_t changed
-                    log_p = self.filter(
-                        model.log_p_x0_span(window, t, lo, hi, cache, context="prefix", write=False)
-                    )
-                new = ddpm_step(log_p, span, alpha_t, alpha_s, generator, mask_id)
-                changed = not torch.equal(new, span)
-                window[:, lo:hi] = new
-                if record is not None:
-                    record(x.clone())
+            snap = None if record is None else (lambda canvas=x: record(canvas.clone()))
+            if self.first_hitting:
+                self._first_hitting_block(model, window, lo, hi, cache, one, generator, snap)
+            else:
+                self._ancestral_block(model, window, lo, hi, cache, ts, generator, snap)
             if self.stop_at_eos and self.eos_id is not None:
                 hit = ((x[:, start:end] == self.eos_id) & ~fixed[:, start:end]).any(1)
                 done |= hit
@@ -143,6 +133,73 @@ class BlockSampler(Sampler):
             if end < total:  # the finished block joins the cache (clean, as x_0 in training)
                 model.log_p_x0_span(window, one, lo, hi, cache, context="prefix", write=True)
         return self._finish(x, fixed)
+
+    def _ancestral_block(
+        self,
+        model: GuidedDenoiser,
+        window: Tensor,
+        lo: int,
+        hi: int,
+        cache: Any,
+        ts: Tensor,
+        generator: torch.Generator | None,
+        snap: Callable[[], None] | None,
+    ) -> None:
+        """`steps` ancestral steps on window[:, lo:hi] (in place), the ddpm_cache rule: the
+        network runs only when the block changed."""
+        batch, mask_id = window.shape[0], model.mask_id
+        log_p, changed = None, True
+        for i in range(self.steps):
+            span = window[:, lo:hi]
+            if not bool((span == mask_id).any()):
+                break
+            t = torch.full((batch,), float(ts[i]), device=window.device)
+            alpha_t = model.alpha(t)
+            last = i == self.steps - 1
+            s = torch.full((batch,), float(ts[i + 1]), device=window.device)
+            alpha_s = torch.ones_like(alpha_t) if last else model.alpha(s)
+            if log_p is None or changed:  # ddpm_cache: the block's x_t changed
+                log_p = self.filter(
+                    model.log_p_x0_span(window, t, lo, hi, cache, context="prefix", write=False)
+                )
+            new = ddpm_step(log_p, span, alpha_t, alpha_s, generator, mask_id)
+            changed = not torch.equal(new, span)
+            window[:, lo:hi] = new
+            if snap is not None:
+                snap()
+
+    def _first_hitting_block(
+        self,
+        model: GuidedDenoiser,
+        window: Tensor,
+        lo: int,
+        hi: int,
+        cache: Any,
+        t: Tensor,
+        generator: torch.Generator | None,
+        snap: Callable[[], None] | None,
+    ) -> None:
+        """BD3-LM's default (`sampling.first_hitting`, Zheng et al.): one network call per
+        token, which unmasks one masked position of the block chosen uniformly, its value drawn
+        from p(x0 | x_t). Exact for a time-agnostic model (the event times then do not
+        matter), whatever `steps`: a block of n masks takes n calls."""
+        rows = torch.arange(window.shape[0], device=window.device)
+        while True:
+            span = window[:, lo:hi]
+            is_mask = span == model.mask_id
+            if not bool(is_mask.any()):
+                return
+            u = uniform((2, window.shape[0]), generator, window.device)  # which position, value
+            pos, active = masked_position(is_mask, u[0])
+            log_p = self.filter(
+                model.log_p_x0_span(window, t, lo, hi, cache, context="prefix", write=False)
+            )
+            value = sample_categorical(log_p[rows, pos], u[1])
+            new = span.clone()
+            new[rows[active], pos[active]] = value[active]
+            window[:, lo:hi] = new
+            if snap is not None:
+                snap()
 
     @staticmethod
     def _capacity(cache) -> int:

@@ -30,6 +30,15 @@ def alpha_inverse(model: GuidedDenoiser, target: Tensor, t_hi: Tensor, iters: in
     return hi
 
 
+def masked_position(is_mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,) one masked position per row, uniform among its masked ones (u (B,) uniforms), and
+    (B,) whether the row has any (a row without masks gets position 0, inactive)."""
+    n = is_mask.sum(1)  # (B,)
+    rank = (u * n).long().clamp_max(n - 1)  # the (rank + 1)-th masked position, rank in [0, n)
+    pos = ((is_mask.cumsum(1) == (rank + 1)[:, None]) & is_mask).long().argmax(1)  # (B,)
+    return pos, n > 0
+
+
 class FirstHittingSampler(Sampler):
     """Unmask one token per event at the exact next event time."""
 
@@ -65,10 +74,7 @@ class FirstHittingSampler(Sampler):
             alpha_s = 1.0 - (1.0 - alpha_t) * u[0] ** (1.0 / n.clamp_min(1))
             alpha_s = torch.where(n > 0, alpha_s, alpha_t)
             s = alpha_inverse(model, alpha_s, t) if model.time_conditioned else t
-            # the (rank + 1)-th masked position, rank uniform in [0, n)
-            rank = (u[1] * n).long().clamp_max(n - 1)  # (B,)
-            pos = ((is_mask.cumsum(1) == (rank + 1)[:, None]) & is_mask).long().argmax(1)  # (B,)
-            active = n > 0
+            pos, active = masked_position(is_mask, u[1])
             # per-row skipping: finished rows (no mask left) are not evaluated
             live = rows if bool(active.all()) else rows[active]  # (B',)
             sub = None if live is rows else live

@@ -389,6 +389,52 @@ def test_block_sampler_matches_the_data_distribution() -> None:
     assert tv(empirical(wrong.tokens), p) > 2 * tv_bound(p, N_EXACT, bias)
 
 
+def test_first_hitting_block_sampler_is_exact_with_one_call_per_token() -> None:
+    """sampler.first_hitting (BD3-LM's default): one masked position per call, uniform, its
+    value from p(x0 | x_t): exact (no step bias), n calls for a block of n masks plus the
+    cache writes; a prefix-blind model is caught by the same bound."""
+    _, p = toy_distribution()
+    den = BlockToyDenoiser()
+    sampler = BlockSampler(steps=3, first_hitting=True)  # steps unused: 3 would bias ddpm
+    out = sampler.sample(den, N_EXACT, L_TOY, generator=gen(1))
+    assert tv(empirical(out.tokens), p) < tv_bound(p, N_EXACT)
+    blocks = L_TOY // BlockToyDenoiser.block_size
+    assert out.nfe == L_TOY + blocks - 1  # a call per token, a write per finished block
+
+    class Forgetful(BlockToyDenoiser):
+        def log_p_x0_span(self, x_t, t, start, end, cache, *, context="prefix", write=True):
+            if write:
+                return super().log_p_x0_span(x_t, t, start, end, cache, write=True)
+            saved = cache["prefix"].clone()
+            cache["prefix"][:] = MASK
+            out = super().log_p_x0_span(x_t, t, start, end, cache, write=False)
+            cache["prefix"][:] = saved
+            return out
+
+    wrong = sampler.sample(Forgetful(), N_EXACT, L_TOY, generator=gen(1))
+    assert tv(empirical(wrong.tokens), p) > 2 * tv_bound(p, N_EXACT)
+
+
+def test_masked_position_is_uniform_over_a_rows_masks() -> None:
+    from samplers.first_hitting import masked_position
+
+    is_mask = torch.tensor([[True, False, True, True], [False] * 4])
+    picks = [masked_position(is_mask, torch.tensor([(k + 0.5) / 3, 0.5]))[0][0] for k in range(3)]
+    assert [int(p) for p in picks] == [0, 2, 3]  # the k-th third of [0, 1): the k-th mask
+    assert masked_position(is_mask, torch.tensor([0.99, 0.5]))[1].tolist() == [True, False]
+
+
+def test_first_hitting_block_sampler_on_a_bd3lm_dit_unmasks_one_token_per_call() -> None:
+    L, block = 12, 4
+    denoiser = BD3LM(LogLinear(), V - 1, V, block_size=block).eval().denoiser(random_dit(L))
+    calls = recording(denoiser)
+    out = BlockSampler(first_hitting=True).sample(denoiser, 3, L, generator=gen(0))
+    assert bool((out.tokens != V - 1).all()) and len(calls) == L  # one noisy call per token
+    for k, (canvas, start, end, _) in enumerate(calls):  # each call sees one mask fewer
+        assert (start, end) == (k // block * block, k // block * block + block)
+        assert (canvas[:, start:end] == V - 1).sum(1).tolist() == [block - k % block] * 3
+
+
 def test_block_sampler_refuses_a_model_without_block_structure() -> None:
     with pytest.raises(ValueError, match="block_causal|block-causal"):
         BlockSampler(steps=4).sample(ExactDenoiser(), 2, L_TOY)

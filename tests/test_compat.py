@@ -397,6 +397,8 @@ def test_bd3lm_command_composes(command, sampler, steps, num_samples, top_p, sto
     assert cfg.sampler.get("top_p") == top_p
     if stop is not None:
         assert cfg.sampler.stop_at_eos is stop
+    if sampler == "BlockSampler":  # BD3-LM's default sampling.first_hitting=True
+        assert cfg.sampler.first_hitting is True
     assert cfg.parameterization._target_.rsplit(".", 1)[-1] == param
     if block is not None:
         assert cfg.parameterization.block_size == block
@@ -620,3 +622,9 @@ def test_duo_psi_sampler_scripts_compose(command):
         translate(command.replace("algo=duo_base", "algo=mdlm").split())
     with pytest.raises(ConfigError, match=r"sampling.psi.kappa needs sampling.predictor=psi"):
         translate(["algo=duo_base", "sampling.psi.kappa=0.5"])
+
+
+def test_bd3lm_first_hitting_false_keeps_the_ancestral_steps():
+    ours, lines = translate((BD3LM_README_SAMPLE + " sampling.first_hitting=False").split())
+    assert composed(ours).sampler.first_hitting is False
+    assert any("sampling.first_hitting -> sampler.first_hitting" in line for line in lines)

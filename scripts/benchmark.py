@@ -491,9 +491,11 @@ def section_modes(cfg, args, device, report) -> None:
 
 
 def bench_sampler(cfg, name, backbone, objective, device, steps, num_samples, batch_size, seed=0):
+    base, _, extra = name.partition(":")  # "block:first_hitting=true": a sampler's variant
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        overrides = [f"sampler={name}", f"sampler.steps={steps}"]
-        if name == "confidence":  # one block per `steps` slice of the canvas
+        overrides = [f"sampler={base}", f"sampler.steps={steps}"]
+        overrides += [f"sampler.{kv}" for kv in extra.split(",") if kv]
+        if base == "confidence":  # one block per `steps` slice of the canvas
             overrides.append(f"sampler.block_length={min(cfg.model.length, 32)}")
         scfg = compose("config", overrides=overrides).sampler
     sampler = instantiate(scfg)
@@ -575,7 +577,8 @@ def overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[st
     overrides, rest = [], []
     for i, token in enumerate(argv):
         is_value = i > 0 and argv[i - 1] in single
-        is_override = "=" in token and not token.startswith("-") and not is_value
+        key = token.split("=", 1)[0]  # a Hydra key has no ":" (a sampler variant's name has)
+        is_override = "=" in token and ":" not in key and not token.startswith("-") and not is_value
         (overrides if is_override else rest).append(token)
     return [*overrides, *rest]
 
@@ -589,7 +592,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sample-steps", type=int, nargs="+", default=[1000])
-    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddpm_cache", "confidence"])
+    p.add_argument(
+        "--samplers",
+        nargs="+",
+        default=["ddpm", "ddpm_cache", "confidence"],
+        help="sampler options; NAME:KEY=VALUE[,KEY=VALUE] a variant (block:first_hitting=true)",
+    )
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument(
         "--sample-batch-size",

@@ -90,6 +90,8 @@ def test_benchmark_overrides_go_anywhere_and_misspelt_appends_are_refused():
     args = bench.parse(["--samplers", "ddpm", "model.length=64", "--sample-steps", "8", "seed=3"])
     assert args.overrides == ["model.length=64", "seed=3"]
     assert (args.samplers, args.sample_steps) == (["ddpm"], [8])
+    args = bench.parse(["--samplers", "block", "block:first_hitting=true", "seed=2"])
+    assert args.samplers == ["block", "block:first_hitting=true"] and args.overrides == ["seed=2"]
     args = bench.parse(["--json", "out=1.json", "--sections", "loss", "seed=1"])
     assert str(args.json) == "out=1.json" and args.overrides == ["seed=1"]  # an option's value
     with pytest.raises(ValueError, match="training.lernrate"):

@@ -7,6 +7,8 @@ the network runs only when the block changed), each call seeing the block itself
 keys/values of the finished blocks (`forward_span(..., context="prefix", write=False)`). A
 finished block is run once more, clean, to write its keys/values (`write=True`): exactly what
 the x_0 half computes in training, so the cache is exact, not an approximation.
+`first_hitting=True` (BD3-LM's default) replaces the steps: one call per token, unmasking one
+uniformly chosen masked position of the block, so a block of n masks takes n calls.
 
 Generation stops when every row has produced `eos_id` (positions after a row's first generated
 EOS are filled with EOS, fixed tokens excepted; the canvas keeps its width), or at `max_length`

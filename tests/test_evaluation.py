@@ -206,3 +206,28 @@ def test_sample_eval_redraws_low_entropy_samples_and_says_so(tiny_lm, tmp_path):
     n = report["num_samples"]
     assert (report["redrawn"], report["kept_below_entropy"]) == (n, n)
     assert report["nfe"] > plain["nfe"] and "redrawn" not in plain
+
+
+def test_redraw_checks_each_model_where_bd3lms_loop_does():
+    """Block models after every block, AR after every token, the rest at the end."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from diffusion.evaluation.sampling import Redraw
+    from diffusion.noise import LogLinear
+    from diffusion.objectives.ar import AR
+    from diffusion.objectives.bd3lm import BD3LM
+    from diffusion.objectives.subs import SUBS
+
+    keys = {"redraw_entropy_below": 4.0, "redraw_window": 256, "max_redraws": 10}
+    cfg = OmegaConf.create({"eval": keys})
+    block = {
+        "ar": AR(9, 10),
+        "bd3lm": BD3LM(LogLinear(), 9, 10, block_size=4),
+        "subs": SUBS(LogLinear(), 9, 10),
+    }
+    got = {k: Redraw.from_config(cfg, SimpleNamespace(objective=o)).block for k, o in block.items()}
+    assert got == {"ar": 1, "bd3lm": 4, "subs": None}
+    off = OmegaConf.create({"eval": {**keys, "redraw_entropy_below": None}})
+    assert Redraw.from_config(off, SimpleNamespace(objective=block["subs"])) is None

@@ -107,6 +107,8 @@ class Redraw:
         if below is None:
             return None
         block = getattr(module.objective, "block_size", None)  # block-wise: checked per block
+        if "next_token" in module.objective.provides:  # AR: after every token, as BD3-LM's
+            block = 1
         window, tries = int(cfg.eval.redraw_window), int(cfg.eval.max_redraws)
         return cls(float(below), window, tries, int(block) if block else None)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -363,19 +363,32 @@ def check_parts(cfg: DictConfig) -> None:
     objective_cls = part_class(cfg.parameterization._target_, "parameterization._target_")
     sampler_cls = part_class(cfg.sampler._target_, "sampler._target_")
     backbone_cls = part_class(cfg.backbone._target_, "backbone._target_")
+    noise = _constructed("noise", lambda: instantiate(cfg.noise))
+    _constructed(
+        "parameterization",
+        lambda: instantiate(cfg.parameterization, noise=noise, mask_id=1, vocab_size=2),
+    )
+    special = {k: 0 if cfg.sampler.get(k) is None else cfg.sampler[k] for k in SPECIAL_IDS}
+    sampler = _constructed("sampler", lambda: instantiate(cfg.sampler, **special))  # ids: dummies
+    _constructed("sampler", lambda: sampler.canvas_length(int(cfg.model.length)))  # semi_ar
+    check_capabilities(objective_cls, sampler_cls, backbone_cls, cfg)
+
+
+def _constructed(key: str, build: Callable[[], Any]) -> Any:
+    """`build()`, a part's complaint raised as a ConfigError: its own ValueError message (which
+    names its keys) as it is, a TypeError (an unknown or missing key) prefixed by `key`;
+    Hydra's InstantiationException wrapping is taken off."""
     try:
-        instantiate(cfg.parameterization, noise=instantiate(cfg.noise), mask_id=1, vocab_size=2)
-        special = {k: 0 if cfg.sampler.get(k) is None else cfg.sampler[k] for k in SPECIAL_IDS}
-        sampler = instantiate(cfg.sampler, **special)  # placeholder ids (build_sampler: real)
-        sampler.canvas_length(int(cfg.model.length))  # semi_ar: the stride fits the window
-    except ValueError as err:  # the part's own message names its keys
+        return build()
+    except ValueError as err:
         raise ConfigError(str(err)) from err
     except Exception as err:  # Hydra wraps constructor errors in InstantiationException
-        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
-        if cause is None:
-            raise
-        raise ConfigError(str(cause)) from err
-    check_capabilities(objective_cls, sampler_cls, backbone_cls, cfg)
+        cause = err.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from err
+        if isinstance(cause, TypeError):
+            raise ConfigError(f"{key}: {cause}") from err
+        raise
 
 
 def check_capabilities(

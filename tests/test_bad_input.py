@@ -487,3 +487,17 @@ def test_signal_saves_the_current_step_and_exits_non_zero(tmp_path, signum, capl
     assert torch.load(last, weights_only=True)["global_step"] == 4
     assert f"at step 4: saved {last}" in caplog.text
     assert signal.getsignal(signum) == before  # Lightning's teardown restored the handler
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+sampler.noise_reomval=1", "sampler: .*unexpected keyword argument 'noise_reomval'"),
+        ("+parameterization.fooo=1", "parameterization: .*unexpected keyword argument 'fooo'"),
+    ],
+)
+def test_a_key_no_part_takes_is_a_config_error_naming_the_part(override, message):
+    """An appended key the sampler or objective does not take came back as Hydra's
+    InstantiationException around a TypeError; now a ConfigError naming the part."""
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_cfg([override]))

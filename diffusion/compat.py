@@ -369,18 +369,8 @@ def _bd3lm_sampling(t: _Translation) -> list[str]:
                 ov.append(f"sampler.top_p={p}")
             t.say(key, "sampler.top_p" if p < 1.0 else "(nothing: 1.0 keeps all)")
     if t.sampler == "block":
-        stop = _truthy(g.get("sampling.var_length", "false"), "sampling.var_length")
-        ov.append(f"sampler.stop_at_eos={str(stop).lower()}")
-        if "sampling.var_length" in g:
-            t.say("sampling.var_length", "sampler.stop_at_eos")
-        else:
-            t.default("sampling.var_length=False -> sampler.stop_at_eos=false")
-        hitting = _truthy(g.get("sampling.first_hitting", "true"), "sampling.first_hitting")
-        ov.append(f"sampler.first_hitting={str(hitting).lower()}")
-        if "sampling.first_hitting" in g:
-            t.say("sampling.first_hitting", "sampler.first_hitting")
-        else:
-            t.default("sampling.first_hitting=True -> sampler.first_hitting=true")
+        ov.append(_switch(t, "sampling.var_length", "sampler.stop_at_eos", default=False))
+        ov.append(_switch(t, "sampling.first_hitting", "sampler.first_hitting", default=True))
     elif "sampling.var_length" in g and _truthy(g["sampling.var_length"], "sampling.var_length"):
         raise ConfigError("BD3-LM name sampling.var_length=True needs algo=bd3lm (sampler=block)")
     notes = {
@@ -401,6 +391,16 @@ def _bd3lm_sampling(t: _Translation) -> list[str]:
             f"eval.redraw_entropy_below={BD3LM_REDRAW_BELOW}"
         )
     return ov
+
+
+def _switch(t: _Translation, theirs: str, ours: str, default: bool) -> str:
+    """A true/false name of theirs -> `ours=<value>`, their `default` when not given (said)."""
+    value = _truthy(t.given.get(theirs, str(default)), theirs)
+    if theirs in t.given:
+        t.say(theirs, ours)
+    else:
+        t.default(f"{theirs}={default} -> {ours}={str(value).lower()}")
+    return f"{ours}={str(value).lower()}"
 
 
 def _sampler_choice(t: _Translation) -> list[str]:

@@ -366,6 +366,19 @@ class BlockToyDenoiser(ExactDenoiser):
         return torch.cat([post, torch.full_like(post[..., :1], -torch.inf)], -1)
 
 
+class Forgetful(BlockToyDenoiser):
+    """A block model that ignores the prefix (independent blocks): the wrong twin."""
+
+    def log_p_x0_span(self, x_t, t, start, end, cache, *, context="prefix", write=True):
+        if write:
+            return super().log_p_x0_span(x_t, t, start, end, cache, write=True)
+        saved = cache["prefix"].clone()
+        cache["prefix"][:] = MASK
+        out = super().log_p_x0_span(x_t, t, start, end, cache, write=False)
+        cache["prefix"][:] = saved
+        return out
+
+
 def test_block_sampler_matches_the_data_distribution() -> None:
     """Exact block by block: each block's ddpm errs only when both tokens unmask in one step."""
     steps = 50
@@ -375,16 +388,6 @@ def test_block_sampler_matches_the_data_distribution() -> None:
     assert tv(empirical(out.tokens), p) < tv_bound(p, N_EXACT, bias)
 
     # a sampler that ignores the prefix (independent blocks) is caught by the same bound
-    class Forgetful(BlockToyDenoiser):
-        def log_p_x0_span(self, x_t, t, start, end, cache, *, context="prefix", write=True):
-            if write:
-                return super().log_p_x0_span(x_t, t, start, end, cache, write=True)
-            saved = cache["prefix"].clone()
-            cache["prefix"][:] = MASK
-            out = super().log_p_x0_span(x_t, t, start, end, cache, write=False)
-            cache["prefix"][:] = saved
-            return out
-
     wrong = BlockSampler(steps=steps).sample(Forgetful(), N_EXACT, L_TOY, generator=gen(1))
     assert tv(empirical(wrong.tokens), p) > 2 * tv_bound(p, N_EXACT, bias)
 
@@ -400,16 +403,6 @@ def test_first_hitting_block_sampler_is_exact_with_one_call_per_token() -> None:
     assert tv(empirical(out.tokens), p) < tv_bound(p, N_EXACT)
     blocks = L_TOY // BlockToyDenoiser.block_size
     assert out.nfe == L_TOY + blocks - 1  # a call per token, a write per finished block
-
-    class Forgetful(BlockToyDenoiser):
-        def log_p_x0_span(self, x_t, t, start, end, cache, *, context="prefix", write=True):
-            if write:
-                return super().log_p_x0_span(x_t, t, start, end, cache, write=True)
-            saved = cache["prefix"].clone()
-            cache["prefix"][:] = MASK
-            out = super().log_p_x0_span(x_t, t, start, end, cache, write=False)
-            cache["prefix"][:] = saved
-            return out
 
     wrong = sampler.sample(Forgetful(), N_EXACT, L_TOY, generator=gen(1))
     assert tv(empirical(wrong.tokens), p) > 2 * tv_bound(p, N_EXACT)

@@ -56,11 +56,9 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.sample_seed))
     tokens, nfe, rows, n_batches, trajectory = [], 0, 0, 0, None
     redraw = Redraw.from_config(cfg, module)
+    draw = functools.partial(sampler.sample, denoiser, length=cfg.model.length, generator=generator)
     start = time.perf_counter()
     for first in range(0, sampler.num_samples, sampler.batch_size):
-        draw = functools.partial(
-            sampler.sample, denoiser, length=cfg.model.length, generator=generator
-        )
         out = draw(
             num_samples=min(sampler.batch_size, sampler.num_samples - first),
             return_trajectory=with_trajectory and first == 0,
